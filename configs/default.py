@@ -1,0 +1,83 @@
+"""Base configuration: every field ddpm-jax reads, with its meaning.
+
+Setup files in this folder call `get_config()` from here and override fields.
+Any field can be overridden on the command line, e.g. `--config.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # ---- run length, optimisation -------------------------------------------------
+    config.seed = 0  # seeds init, data order, flips, timesteps, noise and dropout
+    config.num_train_steps = 100_000  # optimizer steps in the whole run
+    config.batch_size = 128  # global batch: split over all processes and devices
+    config.learning_rate = 2e-4  # peak learning rate
+    config.lr_schedule = "cosine"  # "cosine" (decay to 0 after warmup) or "constant"
+    config.warmup_steps = 5000  # linear warmup from 0 to learning_rate
+    config.weight_decay = 0.0  # AdamW decoupled decay; never applied to biases or norms
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.adam_eps = 1e-8
+    config.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+    config.ema_decay = 0.9999  # EMA of the weights used for samples; 0 disables
+    config.ema_warmup = False  # use min(ema_decay, (1 + step) / (10 + step))
+
+    # ---- logging, samples, checkpoints ---------------------------------------------
+    config.log_every_steps = 100  # loss, learning rate, grad norm, steps/s, images/s
+    config.sample_every_steps = 5000  # grid of EMA samples to TensorBoard and workdir/samples
+    config.save_every_steps = 5000  # Orbax checkpoint under workdir/checkpoints
+    config.keep_checkpoints = 3  # newest checkpoints kept
+
+    # ---- data ----------------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "tfds"  # "tfds", "folder" or "bundled" (offline LFW faces)
+    data.name = "celeb_a"  # TFDS dataset name (source="tfds")
+    data.split = "train"
+    data.image_key = "image"  # feature holding the image in each TFDS record
+    data.data_dir = ""  # TFDS data_dir; "" means TFDS's default (~/tensorflow_datasets)
+    data.manual_dir = ""  # folder with manually downloaded files TFDS builds from
+    data.download = True  # let TFDS try to download when the dataset is not prepared
+    data.path = ""  # image folder (source="folder")
+    data.image_size = 64  # square training resolution
+    data.crop = "none"  # "none" (resize whole image), "center" (crop_size square) or "box"
+    data.crop_size = 0  # side of the centre crop (crop="center")
+    data.crop_box = (0, 0, 0, 0)  # (top, left, height, width) (crop="box")
+    data.random_flip = True  # random horizontal flip per image
+    data.num_workers = 0  # grain worker processes; 0 reads in the training process
+
+    # ---- network ---------------------------------------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.base_channels = 128
+    model.channel_mults = (1, 2, 2, 2)  # width multiplier per resolution level
+    model.num_res_blocks = 2  # residual blocks per level on the down path
+    model.attention_resolutions = (16,)  # resolutions (pixels) that get self-attention
+    model.attention_type = "ddpm"  # "ddpm" (GroupNorm + attention) or "transformer"
+    model.num_heads = 1
+    model.mlp_ratio = 2.0  # MLP width ratio of "transformer" attention blocks
+    model.dropout = 0.1
+    model.norm_groups = 32  # GroupNorm groups
+    model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision); params stay float32
+
+    # ---- diffusion -----------------------------------------------------------------
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "linear"  # "linear", "cosine" or "quadratic" betas
+    diffusion.num_timesteps = 1000
+    diffusion.beta_start = 1e-4
+    diffusion.beta_end = 0.02
+    diffusion.prediction = "eps"  # network target: "eps", "x0" or "v"
+    diffusion.loss = "mse"  # "mse", "l1" or "huber"
+    diffusion.variance = "fixed_large"  # sampling variance: "fixed_large" (beta) or "fixed_small"
+    diffusion.clip_x0 = True  # clip the predicted x0 to [-1, 1] while sampling
+
+    # ---- sampling during training -----------------------------------------------------
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.num_images = 16  # images in each logged grid
+    sample.sampler = "ddpm"  # "ddpm" (all T steps) or "ddim"
+    sample.num_steps = 0  # sampler steps; 0 means all T
+    sample.eta = 0.0  # DDIM noise scale (0 deterministic, 1 ~ DDPM)
+    sample.num_snapshots = 0  # also log x_t at this many points along the chain
+
+    return config

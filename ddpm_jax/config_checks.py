@@ -1,0 +1,115 @@
+"""Validation of a config before any data is read or anything is compiled.
+
+Every message names the config field to change and how.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import ml_collections
+from etils import epath
+
+from ddpm_jax import diffusion, input_pipeline
+from ddpm_jax.models import unet
+
+
+class ConfigError(ValueError):
+    """A config that cannot train; raised before any expensive work."""
+
+
+def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {field}={value!r}; choose one of {', '.join(choices)}")
+
+
+def check_workdir_writable(workdir: str) -> None:
+    """Creates `workdir` if needed and proves a file can be written there."""
+    path = epath.Path(workdir)
+    probe = path / f".write_probe_{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as error:
+        raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); choose another folder") from error
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    device_count: int = 1,
+    process_count: int = 1,
+) -> None:
+    """Raises `ConfigError` naming the field to change if `config` cannot train."""
+    _positive(config, "num_train_steps", "batch_size", "log_every_steps", "sample_every_steps",
+              "save_every_steps", "keep_checkpoints", "data.image_size", "sample.num_images",
+              "diffusion.num_timesteps")
+    if config.batch_size % device_count or config.batch_size % process_count:
+        raise ConfigError(
+            f"batch_size={config.batch_size} must be divisible by the {device_count} devices "
+            f"over {process_count} processes; use a multiple of {device_count}"
+        )
+    if config.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
+    if not config.learning_rate > 0:
+        raise ConfigError(f"learning_rate must be positive, got {config.learning_rate}")
+    _choice("lr_schedule", config.lr_schedule, ("cosine", "constant"))
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+
+    d = config.diffusion
+    _choice("diffusion.schedule", d.schedule, diffusion.SCHEDULES)
+    _choice("diffusion.prediction", d.prediction, diffusion.PREDICTIONS)
+    _choice("diffusion.loss", d.loss, diffusion.LOSSES)
+    _choice("diffusion.variance", d.variance, diffusion.VARIANCES)
+    _choice("sample.sampler", config.sample.sampler, diffusion.SAMPLERS)
+    try:
+        steps = diffusion.sampling_timesteps(
+            d.num_timesteps, config.sample.sampler, config.sample.num_steps or None
+        )
+        diffusion.snapshot_slots(len(steps), config.sample.num_snapshots)
+    except ValueError as error:
+        raise ConfigError(f"sample.*: {error}") from error
+
+    data = config.data
+    _choice("data.source", data.source, input_pipeline.SOURCES)
+    _choice("data.crop", data.crop, input_pipeline.CROPS)
+    if data.crop == "center" and data.crop_size <= 0:
+        raise ConfigError("data.crop='center' needs a positive data.crop_size")
+    if data.source == "folder" and not data.path:
+        raise ConfigError("data.source='folder' needs data.path, the folder of images")
+    if data.source == "tfds" and not data.name:
+        raise ConfigError("data.source='tfds' needs data.name, a TFDS dataset name")
+
+    m = config.model
+    _positive(config, "model.base_channels", "model.num_res_blocks", "model.num_heads",
+              "model.norm_groups")
+    _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    try:
+        unet.validate_architecture(data.image_size, tuple(m.channel_mults),
+                                   tuple(m.attention_resolutions), m.attention_type,
+                                   m.base_channels, m.num_heads)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    for mult in m.channel_mults:
+        if (m.base_channels * mult) % m.norm_groups:
+            raise ConfigError(
+                f"model.norm_groups={m.norm_groups} must divide every level width "
+                f"(base_channels={m.base_channels} x channel_mults={tuple(m.channel_mults)})"
+            )
+
+    if workdir is not None:
+        check_workdir_writable(workdir)

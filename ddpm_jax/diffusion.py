@@ -1,0 +1,355 @@
+"""The DDPM math as pure functions: arrays in, arrays out, no hidden state.
+
+Everything here is independent of the network and of the training loop. A noise
+schedule is a pytree of per-timestep arrays (`Schedule`); every other function
+takes it as its first argument, so it can be passed through `jax.jit` like any
+other array.
+
+Conventions:
+  * Timesteps are integers in ``[0, T)``; ``t = 0`` is the least noisy step.
+  * ``x_t = sqrt(alphas_cumprod[t]) * x0 + sqrt(1 - alphas_cumprod[t]) * eps``.
+  * A network output is interpreted by its *prediction target*: ``eps`` (the noise,
+    as in Ho et al. 2020), ``x0`` (the clean image) or ``v``
+    (``sqrt(abar) * eps - sqrt(1 - abar) * x0``, Salimans & Ho 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "cosine", "quadratic")
+PREDICTIONS = ("eps", "x0", "v")
+LOSSES = ("mse", "l1", "huber")
+VARIANCES = ("fixed_small", "fixed_large")
+SAMPLERS = ("ddpm", "ddim")
+
+
+class Schedule(NamedTuple):
+    """Per-timestep coefficients of the forward and reverse processes, each shape [T]."""
+
+    betas: jax.Array
+    alphas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    posterior_variance: jax.Array
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array
+    posterior_mean_coef2: jax.Array
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def make_betas(
+    kind: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
+    """Beta schedule in float64.
+
+    ``linear`` and ``quadratic`` follow Ho et al. (2020); ``cosine`` is Nichol &
+    Dhariwal (2021): ``alphas_cumprod(t) = cos(((t/T + s)/(1 + s)) * pi/2)^2`` with
+    s = 0.008 and betas capped at 0.999 (``beta_start``/``beta_end`` are unused).
+    """
+    _check_choice("beta schedule", kind, SCHEDULES)
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    if kind == "quadratic":
+        return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+    s = 0.008
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+
+
+def make_schedule(
+    kind: str = "linear",
+    num_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    dtype: jnp.dtype = jnp.float32,
+) -> Schedule:
+    """Builds every per-timestep coefficient in float64, then casts to `dtype`."""
+    betas = make_betas(kind, num_timesteps, beta_start, beta_end)
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # posterior_variance[0] is 0; clip its log like the reference implementation.
+    posterior_log_variance_clipped = np.log(
+        np.append(posterior_variance[1] if num_timesteps > 1 else betas[0], posterior_variance[1:])
+    )
+    arrays = dict(
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=posterior_log_variance_clipped,
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    )
+    return Schedule(**{k: jnp.asarray(v, dtype=dtype) for k, v in arrays.items()})
+
+
+def extract(coefficients: jax.Array, t: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
+    """Gathers `coefficients[t]` and reshapes it to broadcast against an [B, ...] array."""
+    values = jnp.take(coefficients, jnp.asarray(t), axis=0)
+    return values.reshape(values.shape + (1,) * (len(x_shape) - values.ndim))
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """Samples x_t ~ q(x_t | x_0) with the given standard-normal `noise`."""
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x0.shape) * x0
+        + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+    )
+
+
+def _signal_and_noise_scales(
+    schedule: Schedule, t: jax.Array, x_shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, x_shape),
+        extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_shape),
+    )
+
+
+def prediction_target(
+    schedule: Schedule, prediction: str, x0: jax.Array, t: jax.Array, noise: jax.Array
+) -> jax.Array:
+    """What the network is trained to output for target `prediction`."""
+    _check_choice("prediction target", prediction, PREDICTIONS)
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    signal, sigma = _signal_and_noise_scales(schedule, t, x0.shape)
+    return signal * noise - sigma * x0
+
+
+def model_output_to_x0_eps(
+    schedule: Schedule, prediction: str, model_output: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Turns a network output into the implied (x0, eps) pair for x_t at step t."""
+    _check_choice("prediction target", prediction, PREDICTIONS)
+    signal, sigma = _signal_and_noise_scales(schedule, t, x_t.shape)
+    if prediction == "eps":
+        eps = model_output
+        return (x_t - sigma * eps) / signal, eps
+    if prediction == "x0":
+        x0 = model_output
+        return x0, (x_t - signal * x0) / sigma
+    x0 = signal * x_t - sigma * model_output
+    eps = sigma * x_t + signal * model_output
+    return x0, eps
+
+
+def regression_loss(prediction: jax.Array, target: jax.Array, loss_type: str = "mse") -> jax.Array:
+    """Per-example loss, averaged over every non-batch axis."""
+    _check_choice("loss", loss_type, LOSSES)
+    diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
+    if loss_type == "mse":
+        elementwise = jnp.square(diff)
+    elif loss_type == "l1":
+        elementwise = jnp.abs(diff)
+    else:  # Huber with delta 1, as torch.nn.functional.smooth_l1_loss.
+        elementwise = jnp.where(jnp.abs(diff) < 1.0, 0.5 * jnp.square(diff), jnp.abs(diff) - 0.5)
+    return jnp.mean(elementwise, axis=tuple(range(1, diff.ndim)))
+
+
+def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int) -> jax.Array:
+    """Uniform training timesteps in [0, T)."""
+    return jax.random.randint(rng, (batch_size,), 0, num_timesteps)
+
+
+def q_posterior_mean_variance(
+    schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+    mean = (
+        extract(schedule.posterior_mean_coef1, t, x_t.shape) * x0
+        + extract(schedule.posterior_mean_coef2, t, x_t.shape) * x_t
+    )
+    variance = extract(schedule.posterior_variance, t, x_t.shape)
+    log_variance = extract(schedule.posterior_log_variance_clipped, t, x_t.shape)
+    return mean, variance, log_variance
+
+
+def _reverse_log_variance(schedule: Schedule, variance: str) -> jax.Array:
+    """Per-step log-variance of p(x_{t-1} | x_t) for the chosen variance rule."""
+    _check_choice("sampling variance", variance, VARIANCES)
+    if variance == "fixed_small":
+        return schedule.posterior_log_variance_clipped
+    # "fixed large": beta_t, except at t = 0 where the posterior's value is used
+    # (it is never added, since the last step is noise-free).
+    return jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+
+
+def _maybe_clip(x0: jax.Array, clip_x0: bool) -> jax.Array:
+    return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
+
+
+def ddpm_step(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    noise: jax.Array,
+    *,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = True,
+) -> jax.Array:
+    """One ancestral step x_t -> x_{t-1} of Ho et al. (2020); noise-free at t = 0."""
+    x0, _ = model_output_to_x0_eps(schedule, prediction, model_output, x_t, t)
+    mean, _, _ = q_posterior_mean_variance(schedule, _maybe_clip(x0, clip_x0), x_t, t)
+    log_variance = extract(_reverse_log_variance(schedule, variance), t, x_t.shape)
+    nonzero = (jnp.asarray(t) > 0).astype(x_t.dtype)
+    nonzero = nonzero.reshape(nonzero.shape + (1,) * (x_t.ndim - nonzero.ndim))
+    return mean + nonzero * jnp.exp(0.5 * log_variance) * noise
+
+
+def ddim_step(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    t_prev: jax.Array,
+    noise: jax.Array,
+    eta: float = 0.0,
+    *,
+    prediction: str = "eps",
+    clip_x0: bool = True,
+) -> jax.Array:
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12); `t_prev < 0` means x_0.
+
+    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is DDPM posterior sampling.
+    eps is recomputed from the (possibly clipped) x0 so that this identity holds
+    with clipping too.
+    """
+    x0, _ = model_output_to_x0_eps(schedule, prediction, model_output, x_t, t)
+    x0 = _maybe_clip(x0, clip_x0)
+    abar_t = extract(schedule.alphas_cumprod, t, x_t.shape)
+    t_prev = jnp.asarray(t_prev)
+    abar_prev = jnp.where(
+        t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], jnp.ones((), x_t.dtype)
+    )
+    abar_prev = abar_prev.reshape(abar_prev.shape + (1,) * (x_t.ndim - abar_prev.ndim))
+    eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
+    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
+    return jnp.sqrt(abar_prev) * x0 + direction + sigma * noise
+
+
+def sampling_timesteps(num_timesteps: int, sampler: str, num_steps: int | None) -> np.ndarray:
+    """Descending timesteps a sampler visits: all T for DDPM, `num_steps` evenly spaced for DDIM."""
+    _check_choice("sampler", sampler, SAMPLERS)
+    if num_steps is None or num_steps == 0:
+        num_steps = num_timesteps
+    if sampler == "ddpm" and num_steps != num_timesteps:
+        raise ValueError(
+            f"the ddpm sampler visits all {num_timesteps} timesteps; got num_steps={num_steps}. "
+            "Use sampler='ddim' (eta=1 gives stochastic sampling) for fewer steps."
+        )
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    steps = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
+    return steps[::-1].copy()
+
+
+def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
+    """For each sampler step, the snapshot slot its output fills, or -1.
+
+    Snapshots are spread evenly along the chain and the last one is the final sample.
+    """
+    slots = -np.ones(num_steps, dtype=np.int32)
+    if num_snapshots > 0:
+        picks = np.round(np.linspace(num_steps - 1, 0, num_snapshots)[::-1]).astype(int)
+        if len(set(picks.tolist())) != num_snapshots:
+            raise ValueError(f"cannot take {num_snapshots} snapshots from {num_steps} steps")
+        slots[picks] = np.arange(num_snapshots)
+    return slots
+
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def sample(
+    denoise_fn: DenoiseFn,
+    schedule: Schedule,
+    shape: tuple[int, ...],
+    rng: jax.Array,
+    *,
+    sampler: str = "ddpm",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: bool = True,
+    num_snapshots: int = 0,
+    initial_noise_sharding: jax.sharding.Sharding | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """A whole reverse-diffusion run as one `lax.scan` (one compiled program when jitted).
+
+    `denoise_fn(x_t, t)` returns the network output for a batch `x_t` and per-example
+    timesteps `t` (int32, shape [B]). Returns the final samples, and with
+    `num_snapshots > 0` also an array [num_snapshots, *shape] of intermediate x_t
+    (the last snapshot is the final sample). Call it under `jax.jit`.
+    """
+    steps = sampling_timesteps(schedule.num_timesteps, sampler, num_steps)
+    prev_steps = np.append(steps[1:], -1).astype(np.int32)
+    slots = snapshot_slots(len(steps), num_snapshots)
+    init_rng, loop_rng = jax.random.split(rng)
+    x = jax.random.normal(init_rng, shape, jnp.float32)
+    if initial_noise_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, initial_noise_sharding)
+    snapshots = jnp.zeros((max(num_snapshots, 1),) + tuple(shape), jnp.float32)
+
+    def body(carry, inputs):
+        x, snapshots = carry
+        t, t_prev, slot, step_rng = inputs
+        t_batch = jnp.full((shape[0],), t, jnp.int32)
+        model_output = denoise_fn(x, t_batch).astype(jnp.float32)
+        noise = jax.random.normal(step_rng, shape, jnp.float32)
+        if sampler == "ddpm":
+            x = ddpm_step(
+                schedule, model_output, x, t_batch, noise,
+                prediction=prediction, variance=variance, clip_x0=clip_x0,
+            )
+        else:
+            x = ddim_step(
+                schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev), noise, eta,
+                prediction=prediction, clip_x0=clip_x0,
+            )
+        if num_snapshots > 0:
+            snapshots = jax.lax.cond(
+                slot >= 0, lambda s: s.at[slot].set(x), lambda s: s, snapshots
+            )
+        return (x, snapshots), None
+
+    step_rngs = jax.random.split(loop_rng, len(steps))
+    (x, snapshots), _ = jax.lax.scan(
+        body,
+        (x, snapshots),
+        (jnp.asarray(steps), jnp.asarray(prev_steps), jnp.asarray(slots), step_rngs),
+    )
+    if num_snapshots > 0:
+        return x, snapshots
+    return x

@@ -1,0 +1,38 @@
+"""Conversions from model-space images to pictures: clamped uint8, grids and PNG files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Maps [-1, 1] floats to uint8, clamping first so out-of-range values never wrap around."""
+    images = np.clip(np.asarray(images, dtype=np.float32), -1.0, 1.0)
+    return np.round((images + 1.0) * 127.5).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tiles uint8 images [N, H, W, C] into one [rows*(H+p)+p, cols*(W+p)+p, C] picture."""
+    count, height, width, channels = images.shape
+    columns = num_columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.zeros(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+        dtype=images.dtype,
+    )
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top = padding + row * (height + padding)
+        left = padding + column * (width + padding)
+        grid[top: top + height, left: left + width] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    """Writes a uint8 HWC image, creating the folder first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(image).save(path)

@@ -1,0 +1,277 @@
+"""Input pipeline: image sources, preprocessing and a deterministic, checkpointable grain iterator.
+
+Sources (`config.data.source`):
+  * ``tfds``: any TFDS image dataset (`data.name`, e.g. ``celeb_a``), read through
+    `tfds.data_source` (ArrayRecord, random access);
+  * ``folder``: every JPEG/PNG/WebP image under `data.path`, recursively;
+  * ``bundled``: the 100 LFW face crops that ship inside scikit-image (offline).
+
+Each process reads a disjoint slice of the records. Shuffling (per epoch) and
+random flips depend only on `config.seed`, the epoch and the record index, so a
+restored iterator continues with exactly the batches an uninterrupted run would
+see. Batches leave the pipeline as uint8 NHWC; scaling to [-1, 1] happens on device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+SOURCES = ("tfds", "folder", "bundled")
+CROPS = ("none", "center", "box")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class DataError(ValueError):
+    """Raised before training when the configured data cannot be read."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ArraySource:
+    """Random-access source over an in-memory uint8 image array [N, H, W, C]."""
+
+    def __init__(self, images: np.ndarray):
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._images[index]
+
+
+class FolderSource:
+    """Random-access source over image files; decodes with PIL on access."""
+
+    def __init__(self, paths: Sequence[str]):
+        self._paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        with Image.open(self._paths[index]) as image:
+            return np.asarray(image.convert("RGB"))
+
+
+class TfdsImageSource:
+    """Wraps a `tfds.data_source` and returns only the image feature of each record."""
+
+    def __init__(self, source: Any, image_key: str):
+        self._source = source
+        self._image_key = image_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self._source[index][self._image_key])
+
+
+def bundled_faces() -> np.ndarray:
+    """The 100 LFW face crops (25x25 grayscale) shipped with scikit-image, as uint8 RGB."""
+    from skimage import data as skimage_data
+
+    faces = skimage_data.lfw_subset()[:100]  # the first 100 of the 200 are faces
+    faces = np.round(faces * 255.0).astype(np.uint8)
+    return np.repeat(faces[..., None], 3, axis=-1)
+
+
+def list_image_files(path: str) -> list[str]:
+    """Sorted paths of every image file under `path`, recursively."""
+    if not os.path.isdir(path):
+        raise DataError(f"data.path={path!r} is not a directory; point it at a folder of images")
+    files = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(path)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not files:
+        raise DataError(
+            f"data.path={path!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files; "
+            "point data.path at a folder of images"
+        )
+    return files
+
+
+def _manual_download_message(builder: Any, data_config: ml_collections.ConfigDict) -> str:
+    files = sorted({info.filename for info in (builder.url_infos or {}).values() if info.filename})
+    lines = [
+        f"TFDS dataset {data_config.name!r} is not prepared in "
+        f"data.data_dir={data_config.data_dir or '~/tensorflow_datasets'!r} and could not be built.",
+    ]
+    if files:
+        lines.append("Download these files by hand and put them in one folder:")
+        lines += [f"  {name}" for name in files]
+        urls = sorted(builder.url_infos)
+        lines.append("(their sources are listed in TFDS's checksums for this dataset: "
+                     + ", ".join(urls[:2]) + (", ..." if len(urls) > 2 else "") + ")")
+    lines.append(
+        "then pass that folder as --config.data.manual_dir=/path/to/folder (TFDS builds the "
+        "dataset from it once), or prepare it elsewhere with `tfds build "
+        f"{data_config.name} --file_format=array_record` and set --config.data.data_dir."
+    )
+    return "\n".join(lines)
+
+
+def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
+    """Opens a TFDS dataset for random access, preparing it (download or manual_dir) if needed."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise DataError(
+            f"unknown TFDS dataset data.name={data_config.name!r}; use a name from "
+            "`tfds.list_builders()` or set data.source='folder'"
+        ) from error
+    if not builder.is_prepared():
+        manual_dir = data_config.manual_dir or None
+        if not (data_config.download or manual_dir):
+            raise DataError(_manual_download_message(builder, data_config))
+        try:
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+            )
+        except Exception as error:  # network, quota, missing or corrupt manual files
+            raise DataError(
+                _manual_download_message(builder, data_config) + f"\n(TFDS said: {error})"
+            ) from error
+    try:
+        source = tfds.data_source(
+            data_config.name, split=data_config.split, data_dir=data_config.data_dir or None,
+            builder_kwargs={"file_format": "array_record"},
+        )
+    except Exception as error:
+        raise DataError(
+            f"could not open TFDS dataset {data_config.name!r} split {data_config.split!r} for "
+            f"random access ({error}); it must be prepared with file_format=array_record"
+        ) from error
+    return TfdsImageSource(source, data_config.image_key)
+
+
+def make_source(data_config: ml_collections.ConfigDict) -> Any:
+    """The random-access image source named by `data_config.source`."""
+    if data_config.source == "bundled":
+        return ArraySource(bundled_faces())
+    if data_config.source == "folder":
+        return FolderSource(list_image_files(data_config.path))
+    if data_config.source == "tfds":
+        return tfds_source(data_config)
+    raise DataError(f"unknown data.source {data_config.source!r}; choose one of {SOURCES}")
+
+
+# ----------------------------------------------------------------------- preprocessing
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """HWC uint8 with 3 channels, from grayscale (HW or HW1), RGB or RGBA input."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    return image[..., :3]
+
+
+def crop_image(image: np.ndarray, crop: str, crop_size: int, box: Sequence[int]) -> np.ndarray:
+    """Crops before resizing: ``none`` keeps all, ``center`` a centred square, ``box`` (top, left, h, w)."""
+    if crop == "none":
+        return image
+    height, width = image.shape[:2]
+    if crop == "center":
+        if crop_size > min(height, width):
+            raise DataError(
+                f"data.crop_size={crop_size} is larger than an image of {height}x{width}; "
+                "lower data.crop_size"
+            )
+        top, left = (height - crop_size) // 2, (width - crop_size) // 2
+        return image[top: top + crop_size, left: left + crop_size]
+    if crop == "box":
+        top, left, box_height, box_width = box
+        if top < 0 or left < 0 or top + box_height > height or left + box_width > width:
+            raise DataError(
+                f"data.crop_box={tuple(box)} (top, left, height, width) does not fit an image "
+                f"of {height}x{width}"
+            )
+        return image[top: top + box_height, left: left + box_width]
+    raise DataError(f"unknown data.crop {crop!r}; choose one of {CROPS}")
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased resize to size x size (bicubic; PIL widens its kernel when downscaling)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    resized = Image.fromarray(image).resize((size, size), Image.BICUBIC)
+    return np.asarray(resized)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """RGB conversion, crop, resize and a random horizontal flip decided per image."""
+
+    image_size: int
+    crop: str = "none"
+    crop_size: int = 0
+    crop_box: tuple[int, ...] = (0, 0, 0, 0)
+    random_flip: bool = False
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        image = to_rgb(image)
+        image = crop_image(image, self.crop, self.crop_size, self.crop_box)
+        image = resize_image(image, self.image_size)
+        flip = rng.random() < 0.5  # always drawn, so flips do not depend on the setting of others
+        if self.random_flip and flip:
+            image = image[:, ::-1]
+        return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def preprocess_from_config(data_config: ml_collections.ConfigDict) -> Preprocess:
+    return Preprocess(
+        image_size=data_config.image_size,
+        crop=data_config.crop,
+        crop_size=data_config.crop_size,
+        crop_box=tuple(data_config.crop_box),
+        random_flip=data_config.random_flip,
+    )
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def create_dataset(
+    config: ml_collections.ConfigDict,
+    source: Any,
+    *,
+    process_index: int,
+    process_count: int,
+) -> grain.IterDataset:
+    """Infinite iterator dataset of this process's uint8 batches [B / processes, S, S, 3]."""
+    if config.batch_size % process_count:
+        raise DataError(
+            f"batch_size={config.batch_size} must be divisible by the {process_count} processes"
+        )
+    local_batch_size = config.batch_size // process_count
+    dataset = grain.MapDataset.source(source)[process_index::process_count]
+    if len(dataset) == 0:
+        raise DataError(f"process {process_index} has no data: the set is smaller than "
+                        f"{process_count} images")
+    dataset = dataset.shuffle(seed=config.seed).repeat(None)
+    dataset = dataset.random_map(preprocess_from_config(config.data), seed=config.seed + 1)
+    iter_dataset = dataset.to_iter_dataset().batch(local_batch_size, drop_remainder=True)
+    if config.data.num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+        )
+    return iter_dataset

@@ -1,0 +1,80 @@
+"""Entry point: `python -m ddpm_jax.main --config=configs/quickstart.py --workdir=DIR`.
+
+Parses flags, joins the JAX distributed runtime when there are several processes,
+and hands over to `train.train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder (local or gs://) for checkpoints, logs and samples.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for multi-process runs started by hand.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Environment variables that mean a cluster launcher started several processes, in which
+# case `jax.distributed.initialize()` can discover everything by itself.
+_CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def _launched_by_cluster() -> bool:
+    for name in _CLUSTER_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if name == "TPU_WORKER_HOSTNAMES" and value.count(",") >= 1:
+            return True
+        if value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def initialize_distributed() -> None:
+    """Joins the JAX distributed runtime: explicitly from flags, or auto-detected on clusters."""
+    if FLAGS.coordinator_address:
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    elif _launched_by_cluster():
+        jax.distributed.initialize()
+
+
+class _DropLibraryInfo(pylogging.Filter):
+    """Hides INFO chatter of libraries that log every file they write (Orbax)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+    initialize_distributed()
+    logging.info("JAX process %d of %d, %d local / %d global devices (%s)",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.default_backend())
+    # Imported after distributed init, so nothing touches devices before it.
+    from ddpm_jax import config_checks, input_pipeline, train
+
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (config_checks.ConfigError, input_pipeline.DataError) as error:
+        sys.exit(f"ddpm_jax: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,363 @@
+"""Training: the train state, the jitted sharded train step, in-graph sampling and the loop.
+
+The network is a Flax NNX module, split once into a static `graphdef` and a pure
+dict of parameters; the train step is a plain `jax.jit` function over the
+`TrainState` pytree that merges them back inside the trace. The batch is sharded
+over every device of a one-axis (`data`) mesh; the state is replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax import checkpointing, config_checks, diffusion, image_utils, input_pipeline
+from ddpm_jax.models import create_model
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a checkpoint restores exactly this."""
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; step keys are fold_in(rng, step), so resuming needs nothing else
+
+
+# -------------------------------------------------------------------------- building blocks
+
+
+def create_mesh() -> jax.sharding.Mesh:
+    """A one-axis mesh over every device of every process (Auto axes: jit places the rest)."""
+    return jax.make_mesh(
+        (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then constant or cosine decay to 0 at the last step."""
+    warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
+    if config.lr_schedule == "constant":
+        after = optax.constant_schedule(config.learning_rate)
+    else:
+        after = optax.cosine_decay_schedule(
+            config.learning_rate, max(config.num_train_steps - config.warmup_steps, 1)
+        )
+    return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; weight decay only on kernels (ndim > 1)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    adamw = optax.adamw(
+        learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
+        eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask,
+    )
+    if config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    return adamw
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
+    d = config.diffusion
+    return diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+
+
+def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+    """The static structure of the network, built without allocating parameters."""
+    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    return graphdef
+
+
+def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
+    """Fresh parameters, EMA copy, optimizer state and base rng (call under jit)."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    model = create_model(config, nnx.Rngs(params=init_rng))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=make_optimizer(config).init(params),
+        rng=train_rng,
+    )
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
+    """Initialises the state directly on the devices, replicated over the mesh."""
+    return jax.jit(functools.partial(init_train_state, config), out_shardings=replicated(mesh))()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the state, for restoring a checkpoint into."""
+    shapes = jax.eval_shape(functools.partial(init_train_state, config))
+    sharding = replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes
+    )
+
+
+def apply_model(
+    graphdef: nnx.GraphDef, params: Any, x_t: jax.Array, t: jax.Array,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Runs the network on a pure-dict of parameters; dropout is on only with `dropout_rng`."""
+    model = nnx.merge(graphdef, params)
+    rngs = nnx.Rngs(dropout=dropout_rng) if dropout_rng is not None else None
+    return model(x_t, t, rngs=rngs)
+
+
+def images_to_model_space(batch: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return batch.astype(jnp.float32) / 127.5 - 1.0
+
+
+def ema_decay_at(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    decay = jnp.asarray(config.ema_decay, jnp.float32)
+    if config.ema_warmup:
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+# ------------------------------------------------------------------------------- train step
+
+
+def train_step(
+    state: TrainState,
+    batch: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    schedule: diffusion.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global uint8 batch; returns the new state and scalar metrics."""
+    x0 = images_to_model_space(batch)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+    t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_timesteps)
+    noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    target = diffusion.prediction_target(schedule, config.diffusion.prediction, x0, t, noise)
+    use_dropout = config.model.dropout > 0
+
+    def loss_fn(params):
+        output = apply_model(graphdef, params, x_t, t, dropout_rng if use_dropout else None)
+        return jnp.mean(diffusion.regression_loss(output, target, config.diffusion.loss))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(config, state.step)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": learning_rate_schedule(config)(state.step),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """The jitted train step: state replicated and donated, batch sharded over `data`."""
+    step_fn = functools.partial(
+        train_step, config=config, graphdef=model_graphdef(config), schedule=make_schedule(config)
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+def padded_sample_count(num_images: int, mesh: jax.sharding.Mesh) -> int:
+    """Smallest multiple of the device count >= num_images, so the batch shards evenly."""
+    devices = mesh.devices.size
+    return -(-num_images // devices) * devices
+
+
+def make_sample_fn(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    *,
+    num_images: int,
+    sampler: str,
+    num_steps: int,
+    eta: float,
+    num_snapshots: int = 0,
+):
+    """Jitted `fn(params, rng) -> images [N, S, S, 3]` in [-1, 1] (and snapshots), one program.
+
+    The batch is sharded over the mesh; N is `num_images` rounded up to a multiple of
+    the device count.
+    """
+    graphdef = model_graphdef(config)
+    schedule = make_schedule(config)
+    size = config.data.image_size
+    shape = (padded_sample_count(num_images, mesh), size, size, 3)
+    out_sharding = batch_sharding(mesh)
+
+    def run(params, rng):
+        return diffusion.sample(
+            lambda x, t: apply_model(graphdef, params, x, t),
+            schedule, shape, rng,
+            sampler=sampler, num_steps=num_steps or None, eta=eta,
+            prediction=config.diffusion.prediction, variance=config.diffusion.variance,
+            clip_x0=config.diffusion.clip_x0, num_snapshots=num_snapshots,
+            initial_noise_sharding=out_sharding,
+        )
+
+    outs = (out_sharding, NamedSharding(mesh, P(None, DATA_AXIS))) if num_snapshots else out_sharding
+    return jax.jit(run, in_shardings=(replicated(mesh), replicated(mesh)), out_shardings=outs)
+
+
+def log_sample_grid(
+    sample_fn, params: Any, rng: jax.Array, step: int, num_images: int,
+    writer: metric_writers.MetricWriter, workdir: str,
+) -> None:
+    """Samples, gathers to every host, and writes a grid to TensorBoard and workdir/samples."""
+    outputs = sample_fn(params, rng)
+    images = outputs[0] if isinstance(outputs, tuple) else outputs
+    images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:num_images]
+    grid = image_utils.make_grid(image_utils.to_uint8(images))
+    writer.write_images(step, {"samples": grid[None]})
+    if isinstance(outputs, tuple):
+        snapshots = np.asarray(multihost_utils.process_allgather(outputs[1], tiled=True))
+        strip = snapshots[:, :num_images].transpose(1, 0, 2, 3, 4)  # [N, K, H, W, C]
+        strip = strip.reshape((-1,) + strip.shape[2:])
+        writer.write_images(
+            step, {"denoising": image_utils.make_grid(image_utils.to_uint8(strip),
+                                                       num_columns=snapshots.shape[0])[None]}
+        )
+    if jax.process_index() == 0:
+        image_utils.save_png(grid, str(epath.Path(workdir) / "samples" / f"step_{step:08d}.png"))
+
+
+# ------------------------------------------------------------------------------------ loop
+
+
+def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """Assembles the global sharded batch from each process's slice."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains for `config.num_train_steps`, resuming from the newest checkpoint in `workdir`."""
+    config_checks.validate(config, workdir, device_count=jax.device_count(),
+                           process_count=jax.process_count())
+    workdir_path = epath.Path(workdir)
+    source = input_pipeline.make_source(config.data)  # fails fast on missing data
+    mesh = create_mesh()
+    logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
+
+    dataset = input_pipeline.create_dataset(
+        config, source, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    data_iter = iter(dataset)
+    manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
+    state = checkpointing.restore_latest(
+        manager, abstract_train_state(config, mesh), data_iter, config
+    )
+    if state is None:
+        state = create_train_state(config, mesh)
+    initial_step = int(state.step)
+    logging.info("starting at step %d of %d", initial_step, config.num_train_steps)
+
+    writer = metric_writers.create_default_writer(
+        str(workdir_path), just_logging=jax.process_index() > 0
+    )
+    if initial_step == 0:
+        writer.write_hparams(_flat_hparams(config))
+        parameter_overview.log_parameter_overview(state.params, msg="model parameters",
+                                                  jax_logging_process=0)
+
+    step_fn = make_train_step(config, mesh)
+    sample_cfg = config.sample
+    sample_fn = make_sample_fn(
+        config, mesh, num_images=sample_cfg.num_images, sampler=sample_cfg.sampler,
+        num_steps=sample_cfg.num_steps, eta=sample_cfg.eta, num_snapshots=sample_cfg.num_snapshots,
+    )
+    sample_rng = jax.random.PRNGKey(config.seed + 2)
+    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=None)
+
+    pending: list[dict[str, jax.Array]] = []
+    interval_start, interval_steps = time.perf_counter(), 0
+    step = initial_step
+    with metric_writers.ensure_flushes(writer):
+        while step < config.num_train_steps:
+            state, metrics = step_fn(state, global_batch(next(data_iter), mesh))
+            step += 1
+            pending.append(metrics)
+            interval_steps += 1
+            report(step)
+
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                fetched = jax.device_get(pending)
+                elapsed = time.perf_counter() - interval_start
+                scalars = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+                scalars["learning_rate"] = float(fetched[-1]["learning_rate"])
+                scalars["steps_per_sec"] = interval_steps / elapsed
+                scalars["images_per_sec"] = interval_steps * config.batch_size / elapsed
+                writer.write_scalars(step, scalars)
+                pending.clear()
+                interval_start, interval_steps = time.perf_counter(), 0
+
+            if step % config.sample_every_steps == 0 or step == config.num_train_steps:
+                sample_params = state.ema_params if config.ema_decay > 0 else state.params
+                log_sample_grid(sample_fn, sample_params, jax.random.fold_in(sample_rng, step),
+                                step, sample_cfg.num_images, writer, str(workdir_path))
+
+            if step % config.save_every_steps == 0 or step == config.num_train_steps:
+                checkpointing.save(manager, step, state, data_iter, config)
+    manager.wait_until_finished()
+    manager.close()
+    return state
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Config as flat scalars for TensorBoard's hparams plugin."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                visit(f"{prefix}{key}.", sub)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    visit("", config.to_dict())
+    return flat
