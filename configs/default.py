@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_key = "image"  # feature holding the image in each TFDS record
     data.data_dir = ""  # TFDS data_dir; "" means TFDS's default (~/tensorflow_datasets)
     data.manual_dir = ""  # folder with manually downloaded files TFDS builds from
-    data.download = True  # let TFDS try to download when the dataset is not prepared
+    data.download = False  # let TFDS try its own download (slow to fail: it retries)
     data.path = ""  # image folder (source="folder")
     data.image_size = 64  # square training resolution
     data.crop = "none"  # "none" (resize whole image), "center" (crop_size square) or "box"

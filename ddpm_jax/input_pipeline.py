@@ -135,28 +135,36 @@ def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
             f"unknown TFDS dataset data.name={data_config.name!r}; use a name from "
             "`tfds.list_builders()` or set data.source='folder'"
         ) from error
-    if not builder.is_prepared():
-        manual_dir = data_config.manual_dir or None
-        if not (data_config.download or manual_dir):
-            raise DataError(_manual_download_message(builder, data_config))
-        try:
-            builder.download_and_prepare(
-                file_format="array_record",
-                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-            )
-        except Exception as error:  # network, quota, missing or corrupt manual files
-            raise DataError(
-                _manual_download_message(builder, data_config) + f"\n(TFDS said: {error})"
-            ) from error
-    try:
-        source = tfds.data_source(
+    def open_source() -> Any:
+        return tfds.data_source(
             data_config.name, split=data_config.split, data_dir=data_config.data_dir or None,
-            builder_kwargs={"file_format": "array_record"},
+            download=False, builder_kwargs={"file_format": "array_record"},
         )
-    except Exception as error:
+
+    if builder.is_prepared():
+        try:
+            return TfdsImageSource(open_source(), data_config.image_key)
+        except Exception as error:
+            raise DataError(
+                f"could not open TFDS dataset {data_config.name!r} split {data_config.split!r} "
+                f"for random access ({error}); prepare it with file_format=array_record"
+            ) from error
+    try:  # a source TFDS can serve without a local build (e.g. under tfds.testing.mock_data)
+        return TfdsImageSource(open_source(), data_config.image_key)
+    except Exception:
+        pass
+    manual_dir = data_config.manual_dir or None
+    if not (data_config.download or manual_dir):
+        raise DataError(_manual_download_message(builder, data_config))
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+        )
+        source = open_source()
+    except Exception as error:  # network, quota, missing or corrupt manual files
         raise DataError(
-            f"could not open TFDS dataset {data_config.name!r} split {data_config.split!r} for "
-            f"random access ({error}); it must be prepared with file_format=array_record"
+            _manual_download_message(builder, data_config) + f"\n(TFDS said: {error})"
         ) from error
     return TfdsImageSource(source, data_config.image_key)
 

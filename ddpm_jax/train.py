@@ -46,10 +46,11 @@ class TrainState:
 # -------------------------------------------------------------------------- building blocks
 
 
-def create_mesh() -> jax.sharding.Mesh:
-    """A one-axis mesh over every device of every process (Auto axes: jit places the rest)."""
+def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A one-axis mesh over `devices` (default: every device of every process)."""
+    devices = devices if devices is not None else jax.devices()
     return jax.make_mesh(
-        (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
 
 
@@ -179,7 +180,7 @@ def train_step(
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree_utils.tree_norm(grads),
         "learning_rate": learning_rate_schedule(config)(state.step),
     }
     new_state = state.replace(

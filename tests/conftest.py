@@ -1,0 +1,37 @@
+"""Test setup: 4 virtual CPU devices (set before JAX starts) and tiny configs."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from configs import quickstart  # noqa: E402
+
+
+def tiny_config():
+    """The quickstart config shrunk to a 16x16 net that compiles and steps in seconds."""
+    config = quickstart.get_config()
+    config.num_train_steps = 4
+    config.batch_size = 8
+    config.warmup_steps = 2
+    config.log_every_steps = 2
+    config.sample_every_steps = 2
+    config.save_every_steps = 2
+    config.data.image_size = 16
+    config.model.base_channels = 16
+    config.model.channel_mults = (1, 2)
+    config.model.attention_resolutions = (8,)
+    config.model.norm_groups = 4
+    config.sample.num_images = 4
+    config.sample.num_steps = 5
+    return config
+
+
+@pytest.fixture
+def config():
+    return tiny_config()

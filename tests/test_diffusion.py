@@ -1,0 +1,252 @@
+"""The diffusion math against closed forms computed independently in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import diffusion
+
+T = 1000
+
+
+def float64_schedule(kind):
+    """Independent float64 reference of the forward-process quantities."""
+    if kind == "linear":
+        betas = np.linspace(1e-4, 0.02, T)
+    elif kind == "quadratic":
+        betas = np.linspace(1e-2, 0.02**0.5, T) ** 2
+    else:
+        f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        betas = np.array([min(1 - f(t + 1) / f(t), 0.999) for t in range(T)])
+    abar = np.array([np.prod(1 - betas[: t + 1]) for t in range(T)])
+    return betas, abar
+
+
+@pytest.mark.parametrize("kind", diffusion.SCHEDULES)
+def test_schedule_matches_closed_forms(kind):
+    s = diffusion.make_schedule(kind, T)
+    betas, abar = float64_schedule(kind)
+    np.testing.assert_allclose(s.betas, betas, rtol=1e-6)
+    np.testing.assert_allclose(s.alphas, 1 - betas, rtol=1e-6)
+    np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=1e-5)
+    np.testing.assert_allclose(s.alphas_cumprod_prev, np.append(1.0, abar[:-1]), rtol=1e-5)
+    post_var = betas * (1 - np.append(1.0, abar[:-1])) / (1 - abar)
+    np.testing.assert_allclose(s.posterior_variance, post_var, rtol=1e-5, atol=1e-12)
+    assert s.posterior_variance[0] == 0.0
+    assert np.all(np.diff(np.asarray(s.alphas_cumprod)) < 0)
+    if kind == "cosine":
+        np.testing.assert_allclose(float(s.betas.max()), min(betas.max(), 0.999), rtol=1e-6)
+
+
+def test_linear_schedule_endpoints():
+    s = diffusion.make_schedule("linear", T, 1e-4, 0.02)
+    assert s.betas[0] == pytest.approx(1e-4)
+    assert s.betas[-1] == pytest.approx(0.02)
+    # Ho et al. report L_T ~ 1e-5 bits/dim: alphas_cumprod[T-1] ~ 4e-5.
+    assert float(s.alphas_cumprod[-1]) == pytest.approx(4.04e-5, rel=0.01)
+
+
+def gaussian_log_density(x, mean, var):
+    return -0.5 * (np.log(2 * np.pi * var) + (x - mean) ** 2 / var)
+
+
+@pytest.mark.parametrize("kind", diffusion.SCHEDULES)
+def test_posterior_is_bayes_rule_of_forward_process(kind):
+    """q(x_{t-1}|x_t,x0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x0), checked pointwise in float64."""
+    s = diffusion.make_schedule(kind, T)
+    betas, abar = float64_schedule(kind)
+    rng = np.random.default_rng(0)
+    for t in (1, 10, 500, 999):
+        x0, xt = rng.normal(size=2)
+        mean, var, _ = diffusion.q_posterior_mean_variance(
+            s, jnp.array([[x0]]), jnp.array([[xt]]), jnp.array([t])
+        )
+        grid = np.linspace(-3, 3, 7)
+        log_joint = gaussian_log_density(xt, np.sqrt(1 - betas[t]) * grid, betas[t]) + \
+            gaussian_log_density(grid, np.sqrt(abar[t - 1]) * x0, 1 - abar[t - 1])
+        log_post = gaussian_log_density(grid, float(mean[0, 0]), float(var[0, 0]))
+        diff = log_joint - log_post  # constant in x_{t-1} iff the posterior is right
+        np.testing.assert_allclose(diff - diff.mean(), 0.0, atol=2e-3 * max(1, np.abs(log_post).max()))
+
+
+def test_q_sample_statistics():
+    s = diffusion.make_schedule("linear", T)
+    key_noise = jax.random.PRNGKey(0)
+    x0 = jnp.full((200_000, 1), 0.7)
+    for t in (0, 250, 999):
+        noise = jax.random.normal(jax.random.fold_in(key_noise, t), x0.shape)
+        xt = diffusion.q_sample(s, x0, jnp.full((x0.shape[0],), t), noise)
+        abar = float(s.alphas_cumprod[t])
+        assert float(xt.mean()) == pytest.approx(np.sqrt(abar) * 0.7, abs=5e-3)
+        assert float(xt.var()) == pytest.approx(1 - abar, rel=2e-2, abs=1e-5)
+
+
+@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+def test_prediction_targets_round_trip(prediction):
+    s = diffusion.make_schedule("cosine", T)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+    x0 = jax.random.uniform(k1, (6, 4, 4, 3), minval=-1, maxval=1)
+    noise = jax.random.normal(k2, x0.shape)
+    t = jax.random.randint(k3, (6,), 0, T)
+    xt = diffusion.q_sample(s, x0, t, noise)
+    target = diffusion.prediction_target(s, prediction, x0, t, noise)
+    x0_hat, eps_hat = diffusion.model_output_to_x0_eps(s, prediction, target, xt, t)
+    np.testing.assert_allclose(x0_hat, x0, atol=2e-3)
+    np.testing.assert_allclose(eps_hat, noise, atol=2e-3)
+
+
+def test_losses():
+    pred = jnp.array([[0.0, 2.0], [0.5, -0.5]])
+    target = jnp.zeros_like(pred)
+    np.testing.assert_allclose(diffusion.regression_loss(pred, target, "mse"), [2.0, 0.25])
+    np.testing.assert_allclose(diffusion.regression_loss(pred, target, "l1"), [1.0, 0.5])
+    np.testing.assert_allclose(diffusion.regression_loss(pred, target, "huber"), [0.75, 0.125])
+    with pytest.raises(ValueError, match="unknown loss"):
+        diffusion.regression_loss(pred, target, "l3")
+
+
+def test_ddpm_step_is_posterior_mean_plus_scaled_noise():
+    s = diffusion.make_schedule("linear", T)
+    x0 = jnp.full((2, 3), 0.3)
+    xt = jnp.full((2, 3), -0.4)
+    t = jnp.array([5, 0])
+    eps = (xt - jnp.sqrt(s.alphas_cumprod[t])[:, None] * x0) / jnp.sqrt(1 - s.alphas_cumprod[t])[:, None]
+    noise = jnp.ones((2, 3))
+    out = diffusion.ddpm_step(s, eps, xt, t, noise, variance="fixed_small", clip_x0=False)
+    mean, var, _ = diffusion.q_posterior_mean_variance(s, x0, xt, t)
+    np.testing.assert_allclose(out[0], mean[0] + jnp.sqrt(var[0]), rtol=1e-4)
+    np.testing.assert_allclose(out[1], mean[1], atol=2e-4)  # t = 0 adds no noise
+    large = diffusion.ddpm_step(s, eps, xt, t, noise, variance="fixed_large", clip_x0=False)
+    np.testing.assert_allclose(large[0], mean[0] + jnp.sqrt(s.betas[5]), rtol=1e-4)
+
+
+def test_ddim_eta_one_full_steps_equals_ddpm_posterior_sampling():
+    s = diffusion.make_schedule("linear", T)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 3)
+    xt = jax.random.normal(k1, (4, 8))
+    out = jax.random.normal(k2, (4, 8))
+    noise = jax.random.normal(k3, (4, 8))
+    for t in (1, 100, 999):
+        tb = jnp.full((4,), t)
+        ddpm = diffusion.ddpm_step(s, out, xt, tb, noise, variance="fixed_small")
+        ddim = diffusion.ddim_step(s, out, xt, tb, tb - 1, noise, 1.0)
+        np.testing.assert_allclose(ddim, ddpm, atol=1e-4, rtol=1e-4)
+
+
+def test_ddim_eta_zero_is_deterministic_and_exact_for_true_eps():
+    s = diffusion.make_schedule("linear", T)
+    x0 = jnp.full((1, 4), 0.5)
+    eps = jnp.full((1, 4), -0.2)
+    t, t_prev = jnp.array([600]), jnp.array([300])
+    xt = diffusion.q_sample(s, x0, t, eps)
+    prev = diffusion.ddim_step(s, eps, xt, t, t_prev, jnp.full((1, 4), 9.0), 0.0)
+    # With the true eps, eta=0 lands on the same noise direction at t_prev.
+    np.testing.assert_allclose(prev, diffusion.q_sample(s, x0, t_prev, eps), atol=1e-5)
+
+
+def optimal_gaussian_eps(schedule, mu, sigma):
+    """E[eps | x_t] for data ~ N(mu, sigma^2): the exact optimal denoiser."""
+
+    def denoise(x, t):
+        abar = diffusion.extract(schedule.alphas_cumprod, t, x.shape)
+        var_t = abar * sigma**2 + (1 - abar)
+        return jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * mu) / var_t
+
+    return denoise
+
+
+def discretised_chain_moments(sampler, num_steps, eta, variance, mu, sigma):
+    """Exact mean and std of the sampler's output for N(mu, sigma^2) data, in float64.
+
+    With the oracle denoiser every step is an affine map of x_t plus Gaussian noise, so
+    the output distribution is Gaussian with moments given by this recursion; it is
+    written from the papers' update rules, independently of `diffusion.py`.
+    """
+    betas = np.linspace(1e-4, 0.02, T)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    n = T if num_steps is None else num_steps
+    steps = np.round(np.linspace(0, T - 1, n)).astype(int)[::-1]
+    mean, var = 0.0, 1.0
+    for i, t in enumerate(steps):
+        a = abar[t]
+        var_t = a * sigma**2 + 1 - a
+        gain0 = np.sqrt(a) * sigma**2 / var_t  # x0_hat = gain0 * x + offset0
+        offset0 = mu * (1 - a * sigma**2 / var_t)
+        if sampler == "ddpm":
+            c1 = betas[t] * np.sqrt(abar_prev[t]) / (1 - a)
+            c2 = (1 - abar_prev[t]) * np.sqrt(1 - betas[t]) / (1 - a)
+            gain, offset = c1 * gain0 + c2, c1 * offset0
+            post = betas[t] * (1 - abar_prev[t]) / (1 - a)
+            added = 0.0 if t == 0 else (post if variance == "fixed_small" else betas[t])
+        else:
+            ap = abar[steps[i + 1]] if i + 1 < n else 1.0
+            sig = eta * np.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
+            d = np.sqrt(1 - ap - sig**2) / np.sqrt(1 - a)
+            gain = np.sqrt(ap) * gain0 + d * (1 - np.sqrt(a) * gain0)
+            offset = np.sqrt(ap) * offset0 - d * np.sqrt(a) * offset0
+            added = sig**2
+        mean, var = gain * mean + offset, gain**2 * var + added
+    return mean, np.sqrt(var)
+
+
+SAMPLER_CASES = [
+    ("ddpm", None, 0.0, "fixed_small"), ("ddpm", None, 0.0, "fixed_large"),
+    ("ddim", 1000, 0.0, "fixed_small"), ("ddim", 50, 0.0, "fixed_small"),
+    ("ddim", 10, 0.0, "fixed_small"), ("ddim", 50, 1.0, "fixed_small"),
+]
+
+
+@pytest.mark.parametrize("sampler,num_steps,eta,variance", SAMPLER_CASES)
+def test_samplers_with_the_oracle_denoiser_match_exact_moments(sampler, num_steps, eta, variance):
+    """For Gaussian data the optimal denoiser is known, so no training is needed."""
+    s = diffusion.make_schedule("linear", T)
+    mu, sigma = 0.3, 0.5
+    run = jax.jit(lambda rng: diffusion.sample(
+        optimal_gaussian_eps(s, mu, sigma), s, (8192, 8), rng, sampler=sampler,
+        num_steps=num_steps, eta=eta, variance=variance, clip_x0=False))
+    x = np.asarray(run(jax.random.PRNGKey(3)))
+    want_mean, want_std = discretised_chain_moments(sampler, num_steps, eta, variance, mu, sigma)
+    assert x.mean() == pytest.approx(want_mean, abs=0.01)
+    assert x.std() == pytest.approx(want_std, rel=0.02)
+    # Ancestral sampling and fine DDIM reproduce the data itself; coarse DDIM steps
+    # shrink the variance (10 steps: std 0.36 for data std 0.5, see the recursion).
+    assert x.mean() == pytest.approx(mu, abs=0.02)
+    if sampler == "ddpm" or num_steps >= 1000:
+        assert x.std() == pytest.approx(sigma, rel=0.03)
+
+
+def test_sample_snapshots_end_with_final_sample():
+    s = diffusion.make_schedule("linear", 20)
+    denoise = lambda x, t: jnp.zeros_like(x)  # noqa: E731
+    x, snaps = jax.jit(lambda r: diffusion.sample(denoise, s, (2, 3), r, num_snapshots=4))(
+        jax.random.PRNGKey(0))
+    assert snaps.shape == (4, 2, 3)
+    np.testing.assert_array_equal(snaps[-1], x)
+    assert not np.allclose(snaps[0], snaps[-1])
+
+
+def test_sampling_run_is_one_program_with_one_dispatch():
+    """The jitted sampler lowers to a single XLA while loop, and runs in one call."""
+    s = diffusion.make_schedule("linear", T)
+    calls = []
+
+    def denoise(x, t):
+        calls.append(1)  # counts traces, not steps: a Python loop would trace T times
+        return jnp.zeros_like(x)
+
+    fn = jax.jit(lambda r: diffusion.sample(denoise, s, (2, 4), r))
+    hlo = fn.lower(jax.random.PRNGKey(0)).as_text()
+    assert "while" in hlo
+    fn(jax.random.PRNGKey(0)).block_until_ready()
+    assert len(calls) == 1
+
+
+def test_sampler_argument_errors():
+    with pytest.raises(ValueError, match="visits all"):
+        diffusion.sampling_timesteps(T, "ddpm", 50)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        diffusion.sampling_timesteps(T, "euler", 50)
+    steps = diffusion.sampling_timesteps(T, "ddim", 10)
+    assert steps[0] == T - 1 and steps[-1] == 0 and len(set(steps)) == 10

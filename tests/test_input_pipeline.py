@@ -1,0 +1,186 @@
+"""Input pipeline: sources, preprocessing, determinism, per-process slices, resume."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from ddpm_jax import input_pipeline
+from tests.conftest import tiny_config
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def index_source(n, size=8):
+    """Images whose pixel (0, 0, 0) encodes their index, to track which record a batch holds."""
+    images = np.zeros((n, size, size, 3), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n)
+    images[:, :, : size // 2, 1] = 255  # left half marked, to see flips
+    return input_pipeline.ArraySource(images)
+
+
+def test_bundled_faces_are_100_rgb_uint8_images():
+    faces = input_pipeline.bundled_faces()
+    assert faces.shape == (100, 25, 25, 3) and faces.dtype == np.uint8
+    assert faces.std() > 10  # real pictures, not a constant
+
+
+def test_batches_are_uint8_of_the_configured_size():
+    config = tiny_config()
+    source = input_pipeline.make_source(config.data)
+    batch = next(iter(input_pipeline.create_dataset(config, source, process_index=0, process_count=1)))
+    assert batch.shape == (8, 16, 16, 3) and batch.dtype == np.uint8
+
+
+def test_same_seed_same_batches_other_seed_other_order():
+    config = tiny_config()
+    source = index_source(40)
+    make = lambda: iter(input_pipeline.create_dataset(config, source, process_index=0,  # noqa: E731
+                                                      process_count=1))
+    a, b = take(make(), 6), take(make(), 6)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    config.seed = 1
+    c = take(make(), 6)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    config = tiny_config()
+    config.data.image_size = 8
+    config.data.random_flip = False
+    source = index_source(40)
+    batches = take(iter(input_pipeline.create_dataset(config, source, process_index=0,
+                                                      process_count=1)), 10)
+    ids = np.concatenate([b[:, 0, 0, 0] for b in batches])
+    first, second = ids[:40], ids[40:80]
+    assert sorted(first) == list(range(40)) and sorted(second) == list(range(40))
+    assert not np.array_equal(first, second)
+
+
+def test_processes_read_disjoint_slices_that_cover_the_set():
+    config = tiny_config()
+    config.data.image_size = 8
+    config.batch_size = 8
+    config.data.random_flip = False
+    source = index_source(40)
+    seen = []
+    for process in range(2):
+        it = iter(input_pipeline.create_dataset(config, source, process_index=process, process_count=2))
+        ids = np.concatenate([b[:, 0, 0, 0] for b in take(it, 5)])  # 5 x 4 = one epoch of 20
+        assert sorted(ids) == sorted(set(ids))
+        seen.append(set(ids.tolist()))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(40))
+
+
+def test_restored_iterator_continues_with_the_same_batches():
+    config = tiny_config()
+    source = index_source(30)
+    dataset = input_pipeline.create_dataset(config, source, process_index=0, process_count=1)
+    straight = iter(dataset)
+    take(straight, 5)
+    state = straight.get_state()
+    expected = take(straight, 6)  # crosses an epoch boundary (30 images, batch 8)
+    resumed = iter(dataset)
+    resumed.set_state(state)
+    for x, y in zip(expected, take(resumed, 6), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_flip_is_random_per_image():
+    config = tiny_config()
+    config.data.image_size = 8
+    config.data.random_flip = True
+    source = index_source(200)
+    config.batch_size = 200
+    batch = next(iter(input_pipeline.create_dataset(config, source, process_index=0, process_count=1)))
+    flipped = batch[:, 0, -1, 1] == 255  # the marked left half moved to the right
+    assert 0.35 < flipped.mean() < 0.65
+
+
+def test_preprocess_converts_gray_and_rgba_and_crops():
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    rgb = input_pipeline.to_rgb(gray)
+    assert rgb.shape == (8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    assert input_pipeline.to_rgb(rgba).shape == (4, 4, 3)
+    image = np.arange(6 * 10, dtype=np.uint8).reshape(6, 10, 1).repeat(3, axis=-1)
+    center = input_pipeline.crop_image(image, "center", 4, ())
+    np.testing.assert_array_equal(center[..., 0], image[1:5, 3:7, 0])
+    box = input_pipeline.crop_image(image, "box", 0, (2, 1, 3, 5))
+    np.testing.assert_array_equal(box[..., 0], image[2:5, 1:6, 0])
+    with pytest.raises(input_pipeline.DataError, match="crop_size"):
+        input_pipeline.crop_image(image, "center", 7, ())
+
+
+def test_resize_is_antialiased():
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255  # a 1-pixel pattern a plain subsample would alias to 0 or 255
+    small = input_pipeline.resize_image(stripes, 8)
+    assert small.shape == (8, 8, 3)
+    assert 100 < small.mean() < 155 and small.std() < 20
+
+
+def test_folder_source_reads_images_recursively(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(np.full((10, 12, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((10, 12), 50, np.uint8)).save(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    config = tiny_config()
+    config.data.source = "folder"
+    config.data.path = str(tmp_path)
+    source = input_pipeline.make_source(config.data)
+    assert len(source) == 2 and source[1].shape == (10, 12, 3)
+
+
+def test_missing_and_empty_folders_say_which_field(tmp_path):
+    config = tiny_config()
+    config.data.source = "folder"
+    config.data.path = str(tmp_path / "nope")
+    with pytest.raises(input_pipeline.DataError, match="data.path"):
+        input_pipeline.make_source(config.data)
+    config.data.path = str(tmp_path)
+    with pytest.raises(input_pipeline.DataError, match="holds no"):
+        input_pipeline.make_source(config.data)
+
+
+def celeba_data_config(tmp_path):
+    from configs import celeba
+
+    config = celeba.get_config()
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.download = False
+    return config
+
+
+def test_unprepared_celeba_names_the_files_for_manual_dir(tmp_path):
+    config = celeba_data_config(tmp_path)
+    with pytest.raises(input_pipeline.DataError) as info:
+        input_pipeline.make_source(config.data)
+    message = str(info.value)
+    assert "manual_dir" in message
+    for name in ("img_align_celeba.zip", "list_eval_partition.txt", "list_attr_celeba.txt",
+                 "list_landmarks_align_celeba.txt", "identity_CelebA.txt"):
+        assert name in message
+
+
+def test_unknown_tfds_name_is_a_clear_error(tmp_path):
+    config = celeba_data_config(tmp_path)
+    config.data.name = "no_such_dataset_xyz"
+    with pytest.raises(input_pipeline.DataError, match="unknown TFDS dataset"):
+        input_pipeline.make_source(config.data)
+
+
+def test_celeba_through_tfds_mock_data(tmp_path):
+    config = celeba_data_config(tmp_path)
+    config.batch_size = 4
+    config.data.image_size = 16
+    with tfds.testing.mock_data(num_examples=12):
+        source = input_pipeline.make_source(config.data)
+        assert len(source) == 12 and source[0].shape == (218, 178, 3)
+        batch = next(iter(input_pipeline.create_dataset(config, source, process_index=0,
+                                                        process_count=1)))
+    assert batch.shape == (4, 16, 16, 3) and batch.dtype == np.uint8

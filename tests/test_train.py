@@ -1,0 +1,179 @@
+"""The train step and loop on tiny configs: learning, sharding invariance, checkpoints, resume."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ddpm_jax import checkpointing, config_checks, input_pipeline, train
+from tests.conftest import tiny_config
+
+
+def fixed_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    size = config.data.image_size
+    return rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
+
+
+def run_steps(config, mesh, batches):
+    state = train.create_train_state(config, mesh)
+    step_fn = train.make_train_step(config, mesh)
+    losses = []
+    for batch in batches:
+        state, metrics = step_fn(state, train.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_train_step_overfits_one_batch():
+    config = tiny_config()
+    config.learning_rate = 2e-3
+    config.warmup_steps = 1
+    config.batch_size = 4
+    mesh = train.create_mesh(jax.devices()[:1])
+    batch = np.zeros((4, 16, 16, 3), np.uint8)
+    batch[:, 4:12, 4:12] = 255  # one simple image, repeated
+    state, losses = run_steps(config, mesh, [batch] * 60)
+    assert int(state.step) == 60
+    # Fixed images: the denoiser can learn x0 exactly, so the eps loss collapses.
+    assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
+
+
+def test_four_devices_give_the_same_result_as_one():
+    assert jax.device_count() == 4
+    config = tiny_config()
+    config.model.dropout = 0.1  # dropout masks must not depend on the sharding either
+    batches = [fixed_batch(config, seed) for seed in range(3)]
+    one, losses_one = run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
+    four, losses_four = run_steps(config, train.create_mesh(jax.devices()), batches)
+    # Same math; only the order of floating-point reductions differs between shardings.
+    np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_ema_tracks_params_with_the_configured_decay():
+    config = tiny_config()
+    config.ema_warmup = False
+    config.ema_decay = 0.5
+    mesh = train.create_mesh(jax.devices()[:1])
+    state = train.create_train_state(config, mesh)
+    params0 = jax.tree.map(np.asarray, state.params)
+    state, _ = train.make_train_step(config, mesh)(state, train.global_batch(fixed_batch(config), mesh))
+    for e, p0, p1 in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(params0),
+                         jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_allclose(e, 0.5 * p0 + 0.5 * np.asarray(p1), rtol=1e-5, atol=1e-7)
+
+
+def test_learning_rate_schedule():
+    config = tiny_config()
+    config.learning_rate, config.warmup_steps, config.num_train_steps = 1.0, 10, 110
+    config.lr_schedule = "cosine"
+    schedule = train.learning_rate_schedule(config)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(60)) == pytest.approx(0.5, abs=1e-6)  # cosine half way
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-6)
+    config.lr_schedule = "constant"
+    assert float(train.learning_rate_schedule(config)(100)) == pytest.approx(1.0)
+
+
+def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
+    config = tiny_config()
+    mesh = train.create_mesh()
+    source = input_pipeline.make_source(config.data)
+    dataset = input_pipeline.create_dataset(config, source, process_index=0, process_count=1)
+    data_iter = iter(dataset)
+    state = train.create_train_state(config, mesh)
+    step_fn = train.make_train_step(config, mesh)
+    for _ in range(2):
+        state, _ = step_fn(state, train.global_batch(next(data_iter), mesh))
+    manager = checkpointing.make_manager(tmp_path / "ckpt", config)
+    checkpointing.save(manager, 2, state, data_iter, config)
+    manager.wait_until_finished()
+    expected_next = next(data_iter)
+
+    fresh_iter = iter(dataset)
+    restored = checkpointing.restore_latest(
+        checkpointing.make_manager(tmp_path / "ckpt", config),
+        train.abstract_train_state(config, mesh), fresh_iter,
+    )
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert restored.params["conv_in"]["kernel"].sharding.is_equivalent_to(
+        train.replicated(mesh), 4)
+    np.testing.assert_array_equal(next(fresh_iter), expected_next)
+
+
+def read_events(workdir):
+    """Tag -> list of steps, from every TensorBoard event file under workdir."""
+    tags = {}
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
+    config = tiny_config()
+    workdir = str(tmp_path / "run")
+    state = train.train_and_evaluate(config, workdir)
+    assert int(state.step) == 4
+    tags = read_events(workdir)
+    for tag in ("loss", "learning_rate", "grad_norm", "steps_per_sec", "images_per_sec"):
+        assert tags[tag] == [2, 4], tag
+    assert tags["samples"] == [2, 4]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+        "step_00000002.png", "step_00000004.png"]
+
+    # Asking for more steps resumes from step 4 instead of starting over.
+    config.num_train_steps = 6
+    resumed = train.train_and_evaluate(config, workdir)
+    assert int(resumed.step) == 6
+    assert read_events(workdir)["loss"] == [2, 4, 6]
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    config = tiny_config()
+    config.num_train_steps = 4
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    config.num_train_steps = 2
+    train.train_and_evaluate(config, str(tmp_path / "split"))
+    config.num_train_steps = 4
+    resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("batch_size", 6, "divisible by the 4 devices"),
+        ("num_train_steps", 0, "num_train_steps must be a positive"),
+        ("diffusion.schedule", "sigmoid", "diffusion.schedule"),
+        ("diffusion.prediction", "score", "diffusion.prediction"),
+        ("sample.sampler", "euler", "sample.sampler"),
+        ("data.image_size", 17, "divisible by 2"),
+        ("model.attention_resolutions", (3,), "only has resolutions"),
+        ("data.source", "hub", "data.source"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(tmp_path, field, value, match):
+    config = tiny_config()
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(config_checks.ConfigError, match=match):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_unwritable_workdir_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(config_checks.ConfigError, match="not writable"):
+        config_checks.validate(tiny_config(), str(blocker / "run"), device_count=4)

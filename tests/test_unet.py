@@ -1,0 +1,102 @@
+"""The UNet: shapes, parameter counts of published nets, configuration errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ddpm_jax.models.unet import UNet, timestep_embedding
+
+
+def param_count(**kwargs):
+    model = nnx.eval_shape(lambda: UNet(rngs=nnx.Rngs(0), **kwargs))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_ddpm_cifar10_net_has_the_published_parameter_count():
+    # Ho et al.'s CIFAR-10 net: 35,746,307 parameters (35.7 M).
+    assert param_count(image_size=32) == 35_746_307
+
+
+def test_ddpm_256_net_is_within_half_a_percent_of_114m():
+    count = param_count(image_size=256, channel_mults=(1, 1, 2, 2, 4, 4), dropout=0.0)
+    assert abs(count / 114e6 - 1) < 0.005
+
+
+@pytest.mark.parametrize("attention_type,heads", [("ddpm", 1), ("ddpm", 2), ("transformer", 4)])
+def test_output_shape_and_zero_initialised_output(attention_type, heads):
+    model = UNet(image_size=16, base_channels=16, channel_mults=(1, 2), norm_groups=4,
+                 attention_resolutions=(8, 16), attention_type=attention_type, num_heads=heads,
+                 rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 3))
+    out = model(x, jnp.array([0, 10, 999]))
+    assert out.shape == (3, 16, 16, 3) and out.dtype == jnp.float32
+    # The last conv starts at zero (Ho et al.), so the initial prediction is exactly 0.
+    np.testing.assert_array_equal(out, 0.0)
+
+
+def perturb_zero_kernels(model, scale=0.1):
+    """Gives every zero-initialised kernel random values, so every branch contributes."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(42), len(leaves))
+    leaves = [
+        scale * jax.random.normal(k, p.shape) if p.ndim > 1 and not np.any(p) else p
+        for k, p in zip(keys, leaves, strict=True)
+    ]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+
+
+def test_output_depends_on_input_and_timestep_after_perturbing_weights():
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), norm_groups=4,
+                 attention_resolutions=(4,), rngs=nnx.Rngs(0))
+    perturb_zero_kernels(model)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+    a = model(x, jnp.array([1, 1]))
+    b = model(x, jnp.array([500, 500]))
+    c = model(x * 0.5, jnp.array([1, 1]))
+    assert not np.allclose(a, b) and not np.allclose(a, c)
+    # Examples in a batch do not interact (GroupNorm is per example).
+    single = model(x[:1], jnp.array([1]))
+    np.testing.assert_allclose(single[0], a[0], atol=1e-5)
+
+
+def test_dropout_only_with_rngs():
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1,), norm_groups=4,
+                 attention_resolutions=(), dropout=0.5, rngs=nnx.Rngs(0))
+    perturb_zero_kernels(model)
+    x = jnp.ones((1, 8, 8, 3))
+    t = jnp.array([3])
+    np.testing.assert_array_equal(model(x, t), model(x, t))
+    assert not np.allclose(model(x, t, rngs=nnx.Rngs(dropout=1)), model(x, t, rngs=nnx.Rngs(dropout=2)))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = UNet(image_size=8, base_channels=8, channel_mults=(1,), norm_groups=4,
+                 attention_resolutions=(8,), dtype="bfloat16", rngs=nnx.Rngs(0))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    assert model(jnp.ones((1, 8, 8, 3)), jnp.array([3])).dtype == jnp.float32
+
+
+def test_timestep_embedding_matches_formula():
+    emb = timestep_embedding(jnp.array([0, 7]), 8)
+    freqs = np.exp(-np.log(10000) * np.arange(4) / 3)
+    np.testing.assert_allclose(emb[1], np.concatenate([np.sin(7 * freqs), np.cos(7 * freqs)]), rtol=1e-5)
+    np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(image_size=30, channel_mults=(1, 2, 2)), "divisible by 4"),
+        (dict(image_size=32, attention_resolutions=(5,)), "only has resolutions"),
+        (dict(image_size=32, attention_type="linear"), "attention_type"),
+        (dict(image_size=32, base_channels=30, num_heads=4), "num_heads"),
+        (dict(image_size=32, base_channels=24, norm_groups=32), "norm_groups"),
+    ],
+)
+def test_bad_architectures_fail_with_the_field_to_change(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(rngs=nnx.Rngs(0), **kwargs)
