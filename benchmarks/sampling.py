@@ -1,0 +1,87 @@
+"""Sampling speed: the whole reverse chain as one compiled program vs a Python loop of steps.
+
+    python benchmarks/sampling.py --config=configs/quickstart.py --batch=16 --output=sampling.json
+
+Both sides run the same network and the same `diffusion.ddpm_step`/`ddim_step`; the baseline
+dispatches one jitted step per timestep from Python, as a straightforward port would.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from ddpm_jax import diffusion, train  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Model/diffusion config.")
+flags.DEFINE_integer("batch", 16, "Images per sampling run.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per case (median reported).")
+flags.DEFINE_string("output", None, "Write the results as JSON here.")
+FLAGS = flags.FLAGS
+
+
+def python_loop_sampler(config, params, graphdef, schedule, shape, sampler, num_steps):
+    """Baseline: one jitted denoise+update per timestep, looped in Python."""
+    steps = diffusion.sampling_timesteps(schedule.num_timesteps, sampler, num_steps)
+    prev = list(steps[1:]) + [-1]
+
+    @functools.partial(jax.jit, static_argnums=())
+    def one_step(x, t, t_prev, rng):
+        t_batch = jnp.full((shape[0],), t, jnp.int32)
+        out = train.apply_model(graphdef, params, x, t_batch)
+        noise = jax.random.normal(rng, shape)
+        if sampler == "ddpm":
+            return diffusion.ddpm_step(schedule, out, x, t_batch, noise,
+                                       variance=config.diffusion.variance)
+        return diffusion.ddim_step(schedule, out, x, t_batch, jnp.full_like(t_batch, t_prev),
+                                   noise, 0.0)
+
+    def run(rng):
+        x = jax.random.normal(rng, shape)
+        for i, (t, tp) in enumerate(zip(steps, prev, strict=True)):
+            x = one_step(x, t, tp, jax.random.fold_in(rng, i))
+        return x.block_until_ready()
+
+    return run
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    mesh = train.create_mesh()
+    state = train.create_train_state(config, mesh)
+    graphdef = train.model_graphdef(config)
+    schedule = train.make_schedule(config)
+    size = config.data.image_size
+    shape = (FLAGS.batch, size, size, 3)
+    rng = jax.random.PRNGKey(0)
+    rows = []
+    for sampler, num_steps in (("ddim", 100), ("ddpm", None)):
+        scan_fn = train.make_sample_fn(config, mesh, num_images=FLAGS.batch, sampler=sampler,
+                                       num_steps=num_steps or 0, eta=0.0)
+        scan_time = common.time_call(lambda fn=scan_fn: fn(state.params, rng).block_until_ready(),
+                                     repeats=FLAGS.repeats)
+        loop = python_loop_sampler(config, state.params, graphdef, schedule, shape, sampler,
+                                   num_steps)
+        loop_time = common.time_call(lambda fn=loop: fn(rng), repeats=FLAGS.repeats)
+        steps = num_steps or schedule.num_timesteps
+        rows.append({
+            "sampler": sampler, "steps": steps, "batch": FLAGS.batch, "image_size": size,
+            "one_program_s": scan_time, "python_loop_s": loop_time,
+            "speedup": loop_time / scan_time,
+            "one_program_ms_per_step": 1000 * scan_time / steps,
+        })
+    common.report("sampling: one compiled program vs Python loop", rows, FLAGS.output)
+
+
+if __name__ == "__main__":
+    app.run(main)
