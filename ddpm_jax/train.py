@@ -9,6 +9,7 @@ over every device of a one-axis (`data`) mesh; the state is replicated.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any
 
@@ -276,11 +277,16 @@ def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
 
 
+def absolute_path(path: str) -> epath.Path:
+    """Local paths made absolute (Orbax requires it); URLs such as gs://... kept as they are."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains for `config.num_train_steps`, resuming from the newest checkpoint in `workdir`."""
-    config_checks.validate(config, workdir, device_count=jax.device_count(),
+    workdir_path = absolute_path(workdir)
+    config_checks.validate(config, str(workdir_path), device_count=jax.device_count(),
                            process_count=jax.process_count())
-    workdir_path = epath.Path(workdir)
     source = input_pipeline.make_source(config.data)  # fails fast on missing data
     mesh = create_mesh()
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())

@@ -25,10 +25,11 @@ def run_main(*args, timeout=300):
 
 
 def test_quickstart_entry_point_trains_and_resumes(tmp_path):
-    workdir = str(tmp_path / "run")
+    workdir = os.path.relpath(tmp_path / "run", ROOT)  # relative, as users type it
+    assert not os.path.isabs(workdir)
     result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
+    assert os.listdir(os.path.join(ROOT, workdir, "checkpoints")) == ["3"]
     result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY_FLAGS,
                       "--config.num_train_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
