@@ -5,8 +5,9 @@ AdamW lr 1e-4 with weight decay 1e-4, 5000 warmup steps then cosine decay, 75,00
 a checkpoint every 5000 steps keeping only the newest, no EMA, the posterior
 ("fixed small") variance for samples. The net: base width 224, multipliers
 (1, 2, 3, 4), 2 residual blocks per level, GroupNorm(16), no dropout, 4-head
-transformer-style attention at 96, 48 and 24 pixels (the 12-pixel
-block of that project sits after its last downsample, which this layout does not have).
+transformer-style attention after each downsample (96, 48, 24 and 12 pixels), a decoder
+that mirrors the encoder (the "mirror" layout), a 448-wide sinusoidal time embedding and a
+linear time projection in the residual blocks: 332.5 M parameters.
 """
 
 from configs import default
@@ -36,12 +37,15 @@ def get_config():
     config.model.base_channels = 224
     config.model.channel_mults = (1, 2, 3, 4)
     config.model.num_res_blocks = 2
-    config.model.attention_resolutions = (96, 48, 24)
+    config.model.layout = "mirror"
+    config.model.attention_resolutions = (96, 48, 24, 12)
     config.model.attention_type = "transformer"
     config.model.num_heads = 4
     config.model.mlp_ratio = 2.0
     config.model.dropout = 0.0
     config.model.norm_groups = 16
+    config.model.time_embedding_width = 2 * config.model.base_channels
+    config.model.time_projection = "linear"
 
     config.diffusion.variance = "fixed_small"
     config.sample.num_images = 5

@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- network ---------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
+    model.layout = "ddpm"  # "ddpm" (Ho et al.) or "mirror" (the PyTorch project's encoder/decoder)
     model.base_channels = 128
     model.channel_mults = (1, 2, 2, 2)  # width multiplier per resolution level
     model.num_res_blocks = 2  # residual blocks per level on the down path
@@ -59,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.mlp_ratio = 2.0  # MLP width ratio of "transformer" attention blocks
     model.dropout = 0.1
     model.norm_groups = 32  # GroupNorm groups
+    model.time_embedding_width = 0  # sinusoidal embedding width; 0 means base_channels
+    model.time_projection = "silu_linear"  # res-block time input: "silu_linear" (DDPM) or "linear"
     model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision); params stay float32
 
     # ---- diffusion -----------------------------------------------------------------

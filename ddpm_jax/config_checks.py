@@ -101,7 +101,7 @@ def validate(
     try:
         unet.validate_architecture(data.image_size, tuple(m.channel_mults),
                                    tuple(m.attention_resolutions), m.attention_type,
-                                   m.base_channels, m.num_heads)
+                                   m.base_channels, m.num_heads, m.layout, m.time_projection)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     for mult in m.channel_mults:

@@ -21,6 +21,8 @@ flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs started by hand.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("dry_run", False,
+                  "Validate the config, print the parameter overview and exit without training.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Environment variables that mean a cluster launcher started several processes, in which
@@ -59,6 +61,19 @@ class _DropLibraryInfo(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def dry_run(config) -> None:
+    """Validates `config` and prints the per-module parameter overview, compiling nothing."""
+    from clu import parameter_overview
+
+    from ddpm_jax import config_checks, train
+
+    config_checks.validate(config, device_count=jax.device_count(),
+                           process_count=jax.process_count())
+    params = train.abstract_params(config)
+    print(parameter_overview.get_parameter_overview(params, include_stats=False))
+    print(f"total parameters: {parameter_overview.count_parameters(params)}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -71,6 +86,9 @@ def main(argv: list[str]) -> None:
     from ddpm_jax import config_checks, input_pipeline, train
 
     try:
+        if FLAGS.dry_run:
+            dry_run(FLAGS.config)
+            return
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (config_checks.ConfigError, input_pipeline.DataError) as error:
         sys.exit(f"ddpm_jax: {error}")

@@ -91,6 +91,12 @@ def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
     return graphdef
 
 
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+    """Parameter shapes and dtypes (a pure dict of ShapeDtypeStruct), allocating nothing."""
+    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
 def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
     """Fresh parameters, EMA copy, optimizer state and base rng (call under jit)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))

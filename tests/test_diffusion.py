@@ -250,3 +250,29 @@ def test_sampler_argument_errors():
         diffusion.sampling_timesteps(T, "euler", 50)
     steps = diffusion.sampling_timesteps(T, "ddim", 10)
     assert steps[0] == T - 1 and steps[-1] == 0 and len(set(steps)) == 10
+
+
+@pytest.mark.parametrize("kind", diffusion.SCHEDULES)
+@pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
+@pytest.mark.parametrize("variance", diffusion.VARIANCES)
+def test_ddpm_step_with_the_true_target_samples_the_true_posterior(kind, prediction, variance):
+    """Every schedule x target x variance: a perfect network output gives the float64 posterior."""
+    s = diffusion.make_schedule(kind, T)
+    betas, abar = float64_schedule(kind)
+    abar_prev = np.append(1.0, abar[:-1])
+    rng = np.random.default_rng(7)
+    x0 = rng.uniform(-0.9, 0.9, (5, 6))
+    eps = rng.normal(size=(5, 6))
+    noise = rng.normal(size=(5, 6))
+    t = np.array([1, 2, 100, 600, 999])
+    xt = np.sqrt(abar[t])[:, None] * x0 + np.sqrt(1 - abar[t])[:, None] * eps
+    target = diffusion.prediction_target(s, prediction, jnp.asarray(x0, jnp.float32), jnp.asarray(t),
+                                         jnp.asarray(eps, jnp.float32))
+    out = diffusion.ddpm_step(s, target, jnp.asarray(xt, jnp.float32), jnp.asarray(t),
+                              jnp.asarray(noise, jnp.float32), prediction=prediction,
+                              variance=variance, clip_x0=False)
+    # Posterior of q(x_{t-1} | x_t, x_0) from its Gaussian formula, in float64.
+    mean = (np.sqrt(abar_prev[t]) * betas[t] / (1 - abar[t]))[:, None] * x0 + \
+        (np.sqrt(1 - betas[t]) * (1 - abar_prev[t]) / (1 - abar[t]))[:, None] * xt
+    var = betas[t] * (1 - abar_prev[t]) / (1 - abar[t]) if variance == "fixed_small" else betas[t]
+    np.testing.assert_allclose(out, mean + np.sqrt(var)[:, None] * noise, atol=2e-3, rtol=1e-3)

@@ -46,3 +46,12 @@ def test_celeba_without_data_stops_at_once_with_instructions(tmp_path):
     assert "img_align_celeba.zip" in result.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
     assert time.monotonic() - start < 120  # no compile, no model built
+
+
+def test_dry_run_prints_overview_and_total_without_training(tmp_path):
+    result = run_main("--config=configs/celeba.py", f"--workdir={tmp_path / 'run'}", "--dry_run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "total parameters: 332477603"
+    assert any("encoder/0/conv1/kernel" in line for line in lines)
+    assert not os.path.exists(tmp_path / "run")

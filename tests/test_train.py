@@ -115,7 +115,7 @@ def read_events(workdir):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 tags.setdefault(value.tag, []).append(event.step)
-    return tags
+    return {tag: sorted(steps) for tag, steps in tags.items()}
 
 
 def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):

@@ -100,3 +100,18 @@ def test_timestep_embedding_matches_formula():
 def test_bad_architectures_fail_with_the_field_to_change(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UNet(rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_mirror_layout_runs_and_attends_after_each_downsample():
+    model = UNet(image_size=16, base_channels=8, channel_mults=(1, 2, 3), layout="mirror",
+                 attention_type="transformer", num_heads=2, attention_resolutions=(8, 4, 2),
+                 norm_groups=4, time_embedding_width=16, time_projection="linear", dropout=0.0,
+                 rngs=nnx.Rngs(0))
+    perturb_zero_kernels(model)
+    out = model(jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3)), jnp.array([3, 700]))
+    assert out.shape == (2, 16, 16, 3) and np.all(np.isfinite(out))
+    attention = [b for b in (*model.encoder, *model.decoder) if "Attention" in type(b).__name__]
+    assert len(attention) == 6  # three in the encoder, three mirrored in the decoder
+    with pytest.raises(ValueError, match="only has resolutions"):
+        UNet(image_size=16, base_channels=8, channel_mults=(1, 2), layout="mirror",
+             attention_resolutions=(16,), norm_groups=4, rngs=nnx.Rngs(0))

@@ -1,11 +1,17 @@
 """The denoising UNet (Flax NNX), configured entirely by `config.model`.
 
-The layout is the one of Ho et al. (2020): a sinusoidal timestep embedding and a
-two-layer MLP; per resolution level `num_res_blocks` residual blocks (each followed
-by self-attention at the resolutions in `attention_resolutions`) and a stride-2
-conv downsample; a middle of res/attention/res; an up path with
-`num_res_blocks + 1` blocks per level fed with concatenated skips, nearest x2 +
-conv upsampling; GroupNorm, SiLU and a zero-initialised conv to the output.
+Two layouts share every block:
+  * ``ddpm`` (Ho et al. 2020): a sinusoidal timestep embedding and a two-layer MLP;
+    per resolution level `num_res_blocks` residual blocks (each followed by
+    self-attention at the resolutions in `attention_resolutions`) and a stride-2 conv
+    downsample; a middle of res/attention/res; an up path with `num_res_blocks + 1`
+    blocks per level fed with concatenated skips, nearest x2 + conv upsampling;
+    GroupNorm, SiLU and a zero-initialised conv to the output.
+  * ``mirror`` (the PyTorch project this trainer reimplements): per level
+    `num_res_blocks` residual blocks, a stride-2 downsample, attention, and (but for
+    the last level) a residual block that widens to the next level; two residual
+    blocks in the middle; a decoder that mirrors the encoder block for block with a
+    skip into every residual block; a last residual block and a conv to the output.
 
 Attention comes in two styles, chosen by `attention_type`:
   * ``ddpm``: GroupNorm, single- or multi-head attention over the H*W positions,
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 ATTENTION_TYPES = ("ddpm", "transformer")
+TIME_PROJECTIONS = ("silu_linear", "linear")
 
 # Ho et al. initialise every layer with variance_scaling(1, fan_avg, uniform) and
 # the last layer of each residual branch with (near) zero.
@@ -79,10 +86,15 @@ class _Layers:
 
 
 class ResBlock(nnx.Module):
-    """GroupNorm-SiLU-conv, plus a projection of the time embedding, GroupNorm-SiLU-dropout-conv."""
+    """GroupNorm-SiLU-conv, plus a projection of the time embedding, GroupNorm-SiLU-dropout-conv.
+
+    `time_activation` applies SiLU to the embedding before its projection (Ho et al.);
+    without it the projection is linear (the PyTorch project's block).
+    """
 
     def __init__(self, cin: int, cout: int, temb_dim: int, *, dropout: float, norm_groups: int,
-                 layers: _Layers):
+                 time_activation: bool, layers: _Layers):
+        self.time_activation = time_activation
         self.norm1 = layers.group_norm(cin, norm_groups)
         self.conv1 = layers.conv(cin, cout)
         self.temb_proj = layers.dense(temb_dim, cout)
@@ -93,7 +105,7 @@ class ResBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, temb: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
         h = self.conv1(nnx.silu(self.norm1(x)))
-        h = h + self.temb_proj(nnx.silu(temb))[:, None, None, :]
+        h = h + self.temb_proj(nnx.silu(temb) if self.time_activation else temb)[:, None, None, :]
         h = nnx.silu(self.norm2(h))
         h = self.dropout(h, deterministic=rngs is None, rngs=rngs)
         h = self.conv2(h)
@@ -150,15 +162,6 @@ class TransformerAttention(nnx.Module):
         return h.reshape(x.shape)
 
 
-class Level(nnx.Module):
-    """One resolution level: residual blocks, each optionally followed by attention, then a resample."""
-
-    def __init__(self, res_blocks: list, attn_blocks: list, resample: nnx.Module | None):
-        self.res_blocks = nnx.List(res_blocks)
-        self.attn_blocks = nnx.List(attn_blocks)
-        self.resample = resample
-
-
 class Downsample(nnx.Module):
     """Stride-2 3x3 conv."""
 
@@ -180,10 +183,111 @@ class Upsample(nnx.Module):
         return self.conv(x)
 
 
-class UNet(nnx.Module):
-    """DDPM UNet: `model(x [B,H,W,C], t [B] int) -> [B,H,W,out_channels]`.
+class _Plan:
+    """Collects the encoder/decoder as flat lists of blocks with skip-connection flags.
 
-    Pass `rngs` (with a `dropout` stream) when training; without it dropout is off.
+    An encoder block with `push` stores its output as a skip; a decoder block with
+    `pop` concatenates the newest skip to its input. Both layouts are written as
+    such a plan, and one forward pass runs either.
+    """
+
+    def __init__(self, layers: _Layers, make_attention, make_res_block):
+        self.layers = layers
+        self.attention = make_attention
+        self.res_block = make_res_block
+        self.encoder: list[nnx.Module] = []
+        self.push: list[bool] = []
+        self.middle: list[nnx.Module] = []
+        self.decoder: list[nnx.Module] = []
+        self.pop: list[bool] = []
+        self.skip_channels: list[int] = []
+
+    def enc(self, block: nnx.Module, channels: int, push: bool = True) -> None:
+        self.encoder.append(block)
+        self.push.append(push)
+        if push:
+            self.skip_channels.append(channels)
+
+    def dec_res(self, cin: int, cout: int, pop: bool = True) -> None:
+        self.decoder.append(self.res_block(cin + (self.skip_channels.pop() if pop else 0), cout))
+        self.pop.append(pop)
+
+    def dec(self, block: nnx.Module) -> None:
+        self.decoder.append(block)
+        self.pop.append(False)
+
+
+def _ddpm_plan(plan: _Plan, base: int, mults: Sequence[int], num_res_blocks: int,
+               image_size: int, attention_resolutions: Sequence[int]) -> int:
+    """Ho et al.: per level, res blocks (+attention) then downsample; up path with +1 block."""
+    channels = base
+    plan.skip_channels.append(base)  # conv_in output
+    for level, mult in enumerate(mults):
+        attend = image_size // 2**level in attention_resolutions
+        for _ in range(num_res_blocks):
+            plan.enc(plan.res_block(channels, base * mult), base * mult, push=not attend)
+            channels = base * mult
+            if attend:
+                plan.enc(plan.attention(channels), channels)
+        if level < len(mults) - 1:
+            plan.enc(Downsample(channels, plan.layers), channels)
+    plan.middle = [plan.res_block(channels, channels), plan.attention(channels),
+                   plan.res_block(channels, channels)]
+    for level, mult in reversed(list(enumerate(mults))):
+        attend = image_size // 2**level in attention_resolutions
+        for _ in range(num_res_blocks + 1):
+            plan.dec_res(channels, base * mult)
+            channels = base * mult
+            if attend:
+                plan.dec(plan.attention(channels))
+        if level:
+            plan.dec(Upsample(channels, plan.layers))
+    return channels
+
+
+def _mirror_plan(plan: _Plan, base: int, mults: Sequence[int], num_res_blocks: int,
+                 image_size: int, attention_resolutions: Sequence[int]) -> int:
+    """The PyTorch project's net: per level, res blocks, downsample, attention, a widening res
+    block; a decoder that mirrors it block for block, every res block taking a skip."""
+    widths = [base * m for m in mults]
+    plan.skip_channels.append(base)  # conv_in output
+    channels = base
+    for level, width in enumerate(widths):
+        for _ in range(num_res_blocks):
+            plan.enc(plan.res_block(channels, width), width)
+            channels = width
+        attend = image_size // 2 ** (level + 1) in attention_resolutions
+        plan.enc(Downsample(width, plan.layers), width, push=not attend)
+        if attend:
+            plan.enc(plan.attention(width), width)
+        if level < len(widths) - 1:
+            plan.enc(plan.res_block(width, widths[level + 1]), widths[level + 1])
+            channels = widths[level + 1]
+    plan.middle = [plan.res_block(channels, channels) for _ in range(2)]
+    for level, width in reversed(list(enumerate(widths))):
+        plan.dec_res(channels, width)
+        channels = width
+        if image_size // 2 ** (level + 1) in attention_resolutions:
+            plan.dec(plan.attention(width))
+        plan.dec(Upsample(width, plan.layers))
+        for _ in range(num_res_blocks):
+            plan.dec_res(width, width)
+        if level:
+            plan.dec_res(width, widths[level - 1])
+            channels = widths[level - 1]
+    plan.dec_res(channels, base)  # the final res block, fed with the conv_in skip
+    return base
+
+
+LAYOUTS = {"ddpm": _ddpm_plan, "mirror": _mirror_plan}
+
+
+class UNet(nnx.Module):
+    """Denoising UNet: `model(x [B,H,W,C], t [B] int) -> [B,H,W,out_channels]`.
+
+    `layout` picks the block arrangement (``ddpm``: Ho et al.; ``mirror``: the PyTorch
+    project's encoder/decoder); `attention_type` and `time_projection` pick the block
+    variants. Pass `rngs` (with a `dropout` stream) when training; without it dropout is off.
     """
 
     def __init__(
@@ -199,16 +303,19 @@ class UNet(nnx.Module):
         mlp_ratio: float = 2.0,
         dropout: float = 0.1,
         norm_groups: int = 32,
+        layout: str = "ddpm",
+        time_embedding_width: int = 0,
+        time_projection: str = "silu_linear",
         in_channels: int = 3,
         out_channels: int = 3,
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
         validate_architecture(image_size, channel_mults, attention_resolutions, attention_type,
-                              base_channels, num_heads)
+                              base_channels, num_heads, layout, time_projection)
         layers = _Layers(jnp.dtype(dtype), rngs)
-        self.base_channels = base_channels
         temb_dim = 4 * base_channels
+        self.time_embedding_width = time_embedding_width or base_channels
 
         def attention(channels: int):
             if attention_type == "ddpm":
@@ -219,79 +326,47 @@ class UNet(nnx.Module):
 
         def res_block(cin: int, cout: int):
             return ResBlock(cin, cout, temb_dim, dropout=dropout, norm_groups=norm_groups,
-                            layers=layers)
+                            time_activation=time_projection == "silu_linear", layers=layers)
 
-        self.temb_dense1 = layers.dense(base_channels, temb_dim)
+        self.temb_dense1 = layers.dense(self.time_embedding_width, temb_dim)
         self.temb_dense2 = layers.dense(temb_dim, temb_dim)
         self.conv_in = layers.conv(in_channels, base_channels)
-
-        channels = base_channels
-        skip_channels = [channels]
-        down = []
-        for level, mult in enumerate(channel_mults):
-            resolution = image_size // 2**level
-            res_blocks, attn_blocks = [], []
-            for _ in range(num_res_blocks):
-                res_blocks.append(res_block(channels, base_channels * mult))
-                channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    attn_blocks.append(attention(channels))
-                skip_channels.append(channels)
-            last = level == len(channel_mults) - 1
-            down.append(Level(res_blocks, attn_blocks, None if last else Downsample(channels, layers)))
-            if not last:
-                skip_channels.append(channels)
-        self.down = nnx.List(down)
-
-        self.mid_res1 = res_block(channels, channels)
-        self.mid_attn = attention(channels)
-        self.mid_res2 = res_block(channels, channels)
-
-        up = []
-        for level, mult in reversed(list(enumerate(channel_mults))):
-            resolution = image_size // 2**level
-            res_blocks, attn_blocks = [], []
-            for _ in range(num_res_blocks + 1):
-                res_blocks.append(res_block(channels + skip_channels.pop(), base_channels * mult))
-                channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    attn_blocks.append(attention(channels))
-            up.append(Level(res_blocks, attn_blocks, Upsample(channels, layers) if level else None))
-        self.up = nnx.List(up)
-
-        self.norm_out = layers.group_norm(channels, norm_groups)
+        plan = _Plan(layers, attention, res_block)
+        channels = LAYOUTS[layout](plan, base_channels, channel_mults, num_res_blocks, image_size,
+                                   attention_resolutions)
+        assert not plan.skip_channels, "every skip must be consumed"
+        self.encoder = nnx.List(plan.encoder)
+        self.middle = nnx.List(plan.middle)
+        self.decoder = nnx.List(plan.decoder)
+        self.push = tuple(plan.push)
+        self.pop = tuple(plan.pop)
+        self.norm_out = layers.group_norm(channels, norm_groups) if layout == "ddpm" else None
         self.conv_out = layers.conv(channels, out_channels, zero=True)
 
+    @staticmethod
+    def _apply(block: nnx.Module, h: jax.Array, temb: jax.Array, rngs: nnx.Rngs | None):
+        return block(h, temb, rngs) if isinstance(block, ResBlock) else block(h)
+
     def __call__(self, x: jax.Array, t: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        temb = timestep_embedding(t, self.base_channels)
+        temb = timestep_embedding(t, self.time_embedding_width)
         temb = self.temb_dense2(nnx.silu(self.temb_dense1(temb)))
 
         h = self.conv_in(x)
         skips = [h]
-        for level in self.down:
-            for i, block in enumerate(level.res_blocks):
-                h = block(h, temb, rngs)
-                if len(level.attn_blocks):
-                    h = level.attn_blocks[i](h)
+        for block, push in zip(self.encoder, self.push, strict=True):
+            h = self._apply(block, h, temb, rngs)
+            if push:
                 skips.append(h)
-            if level.resample is not None:
-                h = level.resample(h)
-                skips.append(h)
+        for block in self.middle:
+            h = self._apply(block, h, temb, rngs)
+        for block, pop in zip(self.decoder, self.pop, strict=True):
+            if pop:
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = self._apply(block, h, temb, rngs)
 
-        h = self.mid_res1(h, temb, rngs)
-        h = self.mid_attn(h)
-        h = self.mid_res2(h, temb, rngs)
-
-        for level in self.up:
-            for i, block in enumerate(level.res_blocks):
-                h = block(jnp.concatenate([h, skips.pop()], axis=-1), temb, rngs)
-                if len(level.attn_blocks):
-                    h = level.attn_blocks[i](h)
-            if level.resample is not None:
-                h = level.resample(h)
-
-        h = self.conv_out(nnx.silu(self.norm_out(h)))
-        return h.astype(jnp.float32)
+        if self.norm_out is not None:
+            h = nnx.silu(self.norm_out(h))
+        return self.conv_out(h).astype(jnp.float32)
 
 
 def validate_architecture(
@@ -301,21 +376,31 @@ def validate_architecture(
     attention_type: str,
     base_channels: int,
     num_heads: int,
+    layout: str = "ddpm",
+    time_projection: str = "silu_linear",
 ) -> None:
     """Checks that the net can be built for this image size; messages name the field to change."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown model.layout {layout!r}; choose one of {tuple(LAYOUTS)}")
+    if time_projection not in TIME_PROJECTIONS:
+        raise ValueError(
+            f"unknown model.time_projection {time_projection!r}; choose one of {TIME_PROJECTIONS}"
+        )
     if attention_type not in ATTENTION_TYPES:
         raise ValueError(
             f"unknown model.attention_type {attention_type!r}; choose one of {ATTENTION_TYPES}"
         )
     if not channel_mults:
         raise ValueError("model.channel_mults must name at least one level")
-    factor = 2 ** (len(channel_mults) - 1)
+    downsamples = len(channel_mults) - (1 if layout == "ddpm" else 0)
+    factor = 2**downsamples
     if image_size % factor:
         raise ValueError(
-            f"data.image_size={image_size} must be divisible by {factor} (the net downsamples "
-            f"{len(channel_mults) - 1} times for model.channel_mults={tuple(channel_mults)})"
+            f"data.image_size={image_size} must be divisible by {factor} (the {layout} layout "
+            f"downsamples {downsamples} times for model.channel_mults={tuple(channel_mults)})"
         )
-    resolutions = {image_size // 2**level for level in range(len(channel_mults))}
+    first = 0 if layout == "ddpm" else 1  # the mirror layout attends after each downsample
+    resolutions = {image_size // 2**level for level in range(first, downsamples + 1)}
     unknown = sorted(set(attention_resolutions) - resolutions)
     if unknown:
         raise ValueError(

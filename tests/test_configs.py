@@ -1,0 +1,75 @@
+"""Every shipped config validates and builds the published network (checked with eval_shape)."""
+
+import importlib
+
+import pytest
+from clu import parameter_overview
+
+from ddpm_jax import config_checks, train
+
+CONFIGS = ["quickstart", "celeba", "cifar10", "celebahq256", "celeba64"]
+
+
+def load(name):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+def celeba64_reference_count():
+    """Ho et al.'s UNet at base 128, (1,2,2,2,4), 2 blocks, attention at 16, counted by formula.
+
+    Written from the paper's block definitions, independently of the model code.
+    """
+    base, mults, blocks, temb = 128, (1, 2, 2, 2, 4), 2, 512
+    conv = lambda cin, cout: 9 * cin * cout + cout  # noqa: E731
+    dense = lambda cin, cout: cin * cout + cout  # noqa: E731
+
+    def res(cin, cout):
+        skip = dense(cin, cout) if cin != cout else 0
+        return 2 * cin + conv(cin, cout) + dense(temb, cout) + 2 * cout + conv(cout, cout) + skip
+
+    attn = lambda c: 2 * c + 4 * dense(c, c)  # noqa: E731
+    total = dense(base, temb) + dense(temb, temb) + conv(3, base)
+    channels, skips, resolution = base, [base], 64
+    for level, mult in enumerate(mults):
+        for _ in range(blocks):
+            total += res(channels, base * mult) + (attn(base * mult) if resolution == 16 else 0)
+            channels = base * mult
+            skips.append(channels)
+        if level < len(mults) - 1:
+            total += conv(channels, channels)
+            skips.append(channels)
+            resolution //= 2
+    total += 2 * res(channels, channels) + attn(channels)
+    for level, mult in reversed(list(enumerate(mults))):
+        for _ in range(blocks + 1):
+            total += res(channels + skips.pop(), base * mult)
+            channels = base * mult
+            total += attn(channels) if resolution == 16 else 0
+        if level:
+            total += conv(channels, channels)
+            resolution *= 2
+    return total + 2 * channels + conv(channels, 3)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("cifar10", 35.7e6), ("celebahq256", 114e6), ("celeba", 332.5e6),
+     ("celeba64", celeba64_reference_count())],
+)
+def test_published_parameter_counts_within_half_a_percent(name, expected):
+    count = parameter_overview.count_parameters(train.abstract_params(load(name)))
+    assert abs(count / expected - 1) < 0.005, (name, count, expected)
+
+
+def test_seed_net_scales_like_the_reference_at_other_widths():
+    config = load("celeba")
+    for base, expected in ((64, 27.2e6), (128, 108.6e6)):
+        config.model.base_channels = base
+        config.model.time_embedding_width = 2 * base
+        count = parameter_overview.count_parameters(train.abstract_params(config))
+        assert abs(count / expected - 1) < 0.005, (base, count)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_validates(name):
+    config_checks.validate(load(name), device_count=1)
