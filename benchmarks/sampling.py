@@ -26,6 +26,8 @@ config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Model/diffus
 flags.DEFINE_integer("batch", 16, "Images per sampling run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per case (median reported).")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
+flags.DEFINE_bool("tiny_net", False,
+                  "Shrink the net to base 8 at 8x8, where per-step dispatch cost dominates.")
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +59,12 @@ def python_loop_sampler(config, params, graphdef, schedule, shape, sampler, num_
 def main(argv):
     del argv
     config = FLAGS.config
+    if FLAGS.tiny_net:
+        config.data.image_size = 8
+        config.model.base_channels = 8
+        config.model.channel_mults = (1, 2)
+        config.model.attention_resolutions = (4,)
+        config.model.norm_groups = 4
     mesh = train.create_mesh()
     state = train.create_train_state(config, mesh)
     graphdef = train.model_graphdef(config)
@@ -75,6 +83,7 @@ def main(argv):
         loop_time = common.time_call(lambda fn=loop: fn(rng), repeats=FLAGS.repeats)
         steps = num_steps or schedule.num_timesteps
         rows.append({
+            "net_params": sum(x.size for x in jax.tree.leaves(state.params)),
             "sampler": sampler, "steps": steps, "batch": FLAGS.batch, "image_size": size,
             "one_program_s": scan_time, "python_loop_s": loop_time,
             "speedup": loop_time / scan_time,

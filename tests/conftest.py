@@ -8,9 +8,22 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import quickstart  # noqa: E402
+
+# Tests build the same tiny programs many times (each run of the loop re-jits its step);
+# a persistent compilation cache for the session compiles each only once.
+_cache_dir = tempfile.mkdtemp(prefix="ddpm_jax_xla_cache_")
+atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _cache_dir)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def tiny_config():

@@ -177,3 +177,26 @@ def test_unwritable_workdir_is_reported(tmp_path):
     blocker.write_text("x")
     with pytest.raises(config_checks.ConfigError, match="not writable"):
         config_checks.validate(tiny_config(), str(blocker / "run"), device_count=4)
+
+
+def test_loss_and_in_loop_sampler_honour_the_prediction_target():
+    """The freshly built net outputs exactly 0 (zero-initialised last conv), which pins down
+    what each target means: loss = mean(x0^2) for x0 prediction, and DDIM eta=0 sampling
+    with an x0 prediction of 0 ends exactly at 0."""
+    config = tiny_config()
+    mesh = train.create_mesh(jax.devices()[:1])
+    batch = np.full((config.batch_size, 16, 16, 3), 191, np.uint8)
+    x0 = 191 / 127.5 - 1
+    finals = {}
+    for prediction in ("eps", "x0", "v"):
+        config.diffusion.prediction = prediction
+        state = train.create_train_state(config, mesh)
+        sample_fn = train.make_sample_fn(config, mesh, num_images=4, sampler="ddim", num_steps=5,
+                                         eta=0.0)
+        finals[prediction] = np.asarray(sample_fn(state.params, jax.random.PRNGKey(0)))
+        _, metrics = train.make_train_step(config, mesh)(state, train.global_batch(batch, mesh))
+        if prediction == "x0":
+            assert float(metrics["loss"]) == pytest.approx(x0**2, rel=1e-5)
+    np.testing.assert_array_equal(finals["x0"], 0.0)
+    assert np.abs(finals["eps"]).mean() > 0.1 and np.abs(finals["v"]).mean() > 0.1
+    assert not np.allclose(finals["eps"], finals["v"])
