@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.crop_box = (0, 0, 0, 0)  # (top, left, height, width) (crop="box")
     data.random_flip = True  # random horizontal flip per image
     data.num_workers = 0  # grain worker processes; 0 reads in the training process
+    data.max_bad_fraction = 0.01  # unreadable files tolerated (skipped and logged) in a folder
 
     # ---- network ---------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()

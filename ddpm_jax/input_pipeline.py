@@ -14,6 +14,7 @@ see. Batches leave the pipeline as uint8 NHWC; scaling to [-1, 1] happens on dev
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
 SOURCES = ("tfds", "folder", "bundled")
@@ -50,17 +52,37 @@ class ArraySource:
 
 
 class FolderSource:
-    """Random-access source over image files; decodes with PIL on access."""
+    """Random-access source over image files; decodes with PIL on access.
 
-    def __init__(self, paths: Sequence[str]):
+    A file that fails to decode (truncated, corrupt) gives None, which the dataset
+    filters out; each such file is logged, and more than `max_bad_fraction` of the
+    files read so far (once at least 100 were read) stops training with a DataError.
+    """
+
+    def __init__(self, paths: Sequence[str], max_bad_fraction: float = 0.01):
         self._paths = list(paths)
+        self._max_bad_fraction = max_bad_fraction
+        self._reads = 0
+        self._bad = 0
 
     def __len__(self) -> int:
         return len(self._paths)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        with Image.open(self._paths[index]) as image:
-            return np.asarray(image.convert("RGB"))
+    def __getitem__(self, index: int) -> np.ndarray | None:
+        self._reads += 1
+        try:
+            with Image.open(self._paths[index]) as image:
+                return np.asarray(image.convert("RGB"))
+        except Exception as error:  # PIL raises several types for broken files
+            self._bad += 1
+            logging.warning("skipping unreadable image %s (%s); %d of %d reads bad in this process",
+                            self._paths[index], error, self._bad, self._reads)
+            if self._reads >= 100 and self._bad > self._max_bad_fraction * self._reads:
+                raise DataError(
+                    f"{self._bad} of {self._reads} images read were unreadable, more than "
+                    f"data.max_bad_fraction={self._max_bad_fraction}; fix or remove the files"
+                ) from error
+            return None
 
 
 class TfdsImageSource:
@@ -84,6 +106,43 @@ def bundled_faces() -> np.ndarray:
     faces = skimage_data.lfw_subset()[:100]  # the first 100 of the 200 are faces
     faces = np.round(faces * 255.0).astype(np.uint8)
     return np.repeat(faces[..., None], 3, axis=-1)
+
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from the file header, or None if the header cannot be read."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            return height, width
+    except Exception:
+        return None
+
+
+def scan_folder(paths: Sequence[str], data_config: ml_collections.ConfigDict) -> list[str]:
+    """Reads every header once: drops unreadable files (logged, bounded by max_bad_fraction)
+    and fails on images too small for the configured crop, before any training work."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        sizes = list(pool.map(_image_size, paths))
+    bad = [p for p, size in zip(paths, sizes, strict=True) if size is None]
+    for path in bad[:20]:
+        logging.warning("skipping unreadable image %s", path)
+    if bad:
+        logging.warning("skipping %d unreadable of %d files under %s", len(bad), len(paths),
+                        data_config.path)
+    if len(bad) > data_config.max_bad_fraction * len(paths):
+        raise DataError(
+            f"{len(bad)} of {len(paths)} files under data.path={data_config.path!r} are "
+            f"unreadable (e.g. {bad[0]}), more than data.max_bad_fraction="
+            f"{data_config.max_bad_fraction}; fix or remove them, or raise data.max_bad_fraction"
+        )
+    good = [(p, size) for p, size in zip(paths, sizes, strict=True) if size is not None]
+    for path, (height, width) in good:
+        try:
+            crop_image(np.empty((height, width, 0), np.uint8), data_config.crop,
+                       data_config.crop_size, tuple(data_config.crop_box))
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from error
+    return [p for p, _ in good]
 
 
 def list_image_files(path: str) -> list[str]:
@@ -174,9 +233,14 @@ def make_source(data_config: ml_collections.ConfigDict) -> Any:
     if data_config.source == "bundled":
         return ArraySource(bundled_faces())
     if data_config.source == "folder":
-        return FolderSource(list_image_files(data_config.path))
+        paths = scan_folder(list_image_files(data_config.path), data_config)
+        return FolderSource(paths, data_config.max_bad_fraction)
     if data_config.source == "tfds":
-        return tfds_source(data_config)
+        source = tfds_source(data_config)
+        first = source[0]  # one decode: check the crop against the dataset's image size
+        crop_image(np.empty(first.shape[:2] + (0,), np.uint8), data_config.crop,
+                   data_config.crop_size, tuple(data_config.crop_box))
+        return source
     raise DataError(f"unknown data.source {data_config.source!r}; choose one of {SOURCES}")
 
 
@@ -276,6 +340,7 @@ def create_dataset(
         raise DataError(f"process {process_index} has no data: the set is smaller than "
                         f"{process_count} images")
     dataset = dataset.shuffle(seed=config.seed).repeat(None)
+    dataset = dataset.filter(lambda image: image is not None)  # unreadable files
     dataset = dataset.random_map(preprocess_from_config(config.data), seed=config.seed + 1)
     iter_dataset = dataset.to_iter_dataset().batch(local_batch_size, drop_remainder=True)
     if config.data.num_workers > 0:

@@ -184,3 +184,57 @@ def test_celeba_through_tfds_mock_data(tmp_path):
         batch = next(iter(input_pipeline.create_dataset(config, source, process_index=0,
                                                         process_count=1)))
     assert batch.shape == (4, 16, 16, 3) and batch.dtype == np.uint8
+
+
+def make_messy_folder(root, good=20):
+    """Good RGB JPEGs plus grayscale, RGBA, corrupt and truncated files."""
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(root / f"rgb{i}.jpg")
+    Image.fromarray(np.full((40, 30), 77, np.uint8)).save(root / "gray.png")
+    Image.fromarray(np.full((40, 30, 4), 200, np.uint8), "RGBA").save(root / "rgba.png")
+    (root / "corrupt.jpg").write_bytes(b"definitely not a jpeg")
+    full = (root / "rgb0.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 2])  # header fine, data cut
+
+
+def folder_config(path, **data):
+    config = tiny_config()
+    config.data.source = "folder"
+    config.data.path = str(path)
+    config.data.image_size = 8
+    config.data.random_flip = False
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+def test_folder_skips_corrupt_files_and_converts_gray_and_rgba(tmp_path):
+    make_messy_folder(tmp_path)
+    config = folder_config(tmp_path, max_bad_fraction=0.2)
+    source = input_pipeline.make_source(config.data)
+    assert len(source) == 23  # the corrupt header is dropped up front; the truncated file is not
+    truncated = [i for i in range(len(source)) if source[i] is None]
+    assert len(truncated) == 1  # ...it is skipped when read
+    config.batch_size = 22
+    batches = take(iter(input_pipeline.create_dataset(config, source, process_index=0,
+                                                      process_count=1)), 2)
+    for batch in batches:
+        assert batch.shape == (22, 8, 8, 3) and batch.dtype == np.uint8
+    gray = [img for img in source if img is not None and img.shape == (40, 30, 3)
+            and np.all(img == 77)]
+    assert len(gray) == 1  # grayscale became 3 equal channels
+
+
+def test_too_many_bad_files_fail_before_training(tmp_path):
+    make_messy_folder(tmp_path, good=3)
+    with pytest.raises(input_pipeline.DataError, match="data.max_bad_fraction"):
+        input_pipeline.make_source(folder_config(tmp_path, max_bad_fraction=0.1).data)
+
+
+def test_images_smaller_than_the_crop_fail_before_training(tmp_path):
+    make_messy_folder(tmp_path)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "small.png")
+    config = folder_config(tmp_path, crop="center", crop_size=24, max_bad_fraction=0.2)
+    with pytest.raises(input_pipeline.DataError, match="small.png.*data.crop_size"):
+        input_pipeline.make_source(config.data)
