@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_every_steps = 5000  # grid of EMA samples to TensorBoard and workdir/samples
     config.save_every_steps = 5000  # Orbax checkpoint under workdir/checkpoints
     config.keep_checkpoints = 3  # newest checkpoints kept
+    config.keep_every_steps = 0  # also keep every checkpoint at a multiple of this (0: none)
+    config.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" the run or "skip" the step
 
     # ---- data ----------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()

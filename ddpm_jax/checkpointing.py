@@ -20,7 +20,11 @@ from etils import epath
 def make_manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     """A manager keeping the newest `config.keep_checkpoints` steps, saving asynchronously."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True
+        max_to_keep=config.keep_checkpoints,
+        keep_period=config.keep_every_steps or None,  # permanent steps beside the rolling ones
+        create=True,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,  # leftovers of a save killed half-way
     )
     return ocp.CheckpointManager(directory, options=options)
 
@@ -40,15 +44,22 @@ def save(
     )
 
 
+def latest_config(manager: ocp.CheckpointManager) -> dict | None:
+    """The config saved with the newest checkpoint, or None when there is none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None,
-    config: ml_collections.ConfigDict | None = None,
+    manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None
 ) -> Any | None:
     """Restores the newest step into `abstract_state`'s shapes and shardings; moves `data_iter`.
 
     Returns None when the folder holds no checkpoint.
     """
-    del config  # kept for signature stability; compatibility checks live in config_checks
     step = manager.latest_step()
     if step is None:
         return None

@@ -32,6 +32,39 @@ def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown {field}={value!r}; choose one of {', '.join(choices)}")
 
 
+# Fields a checkpoint's arrays depend on: changing them makes the checkpoint unloadable.
+SHAPE_FIELDS = ("data.image_size",)
+SHAPE_SECTIONS = ("model",)
+IGNORED_MODEL_FIELDS = ("dtype", "dropout")  # compute settings, not parameter shapes
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a checkpoint whose network differs from the one `config` builds."""
+    current = config.to_dict()
+    differences = []
+    for section in SHAPE_SECTIONS:
+        for key in sorted(set(saved.get(section, {})) | set(current.get(section, {}))):
+            if key in IGNORED_MODEL_FIELDS:
+                continue
+            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if _normalise(old) != _normalise(new):
+                differences.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
+    for field in SHAPE_FIELDS:
+        section, key = field.split(".")
+        old, new = saved.get(section, {}).get(key), current[section][key]
+        if _normalise(old) != _normalise(new):
+            differences.append(f"{field}: checkpoint {old!r}, config {new!r}")
+    if differences:
+        raise ConfigError(
+            "the workdir holds checkpoints of a different network:\n  " + "\n  ".join(differences)
+            + "\nuse a new --workdir, or set these fields back to the checkpoint's values"
+        )
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def check_workdir_writable(workdir: str) -> None:
     """Creates `workdir` if needed and proves a file can be written there."""
     path = epath.Path(workdir)
@@ -65,6 +98,9 @@ def validate(
     if not config.learning_rate > 0:
         raise ConfigError(f"learning_rate must be positive, got {config.learning_rate}")
     _choice("lr_schedule", config.lr_schedule, ("cosine", "constant"))
+    _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
+    if config.keep_every_steps < 0:
+        raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
 

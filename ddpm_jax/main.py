@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
             dry_run(FLAGS.config)
             return
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (config_checks.ConfigError, input_pipeline.DataError) as error:
+    except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError) as error:
         sys.exit(f"ddpm_jax: {error}")
 
 

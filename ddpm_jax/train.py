@@ -27,7 +27,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import checkpointing, config_checks, diffusion, image_utils, input_pipeline
+from ddpm_jax import (
+    checkpointing,
+    config_checks,
+    diffusion,
+    image_utils,
+    input_pipeline,
+    preemption,
+)
 from ddpm_jax.models import create_model
 
 DATA_AXIS = "data"
@@ -185,13 +192,23 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(config, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    # A non-finite loss or gradient never reaches the weights: the step keeps the old
+    # params, EMA and optimizer state (the loop then stops or goes on, by config.on_nonfinite).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree_utils.tree_norm(grads),
+        "grad_norm": grad_norm,
         "learning_rate": learning_rate_schedule(config)(state.step),
+        "nonfinite": (~finite).astype(jnp.int32),
     }
     new_state = state.replace(
-        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        step=state.step + 1,
+        params=keep_if_bad(params, state.params),
+        ema_params=keep_if_bad(ema_params, state.ema_params),
+        opt_state=keep_if_bad(opt_state, state.opt_state),
     )
     return new_state, metrics
 
@@ -302,9 +319,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     data_iter = iter(dataset)
     manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
-    state = checkpointing.restore_latest(
-        manager, abstract_train_state(config, mesh), data_iter, config
-    )
+    saved_config = checkpointing.latest_config(manager)
+    if saved_config is not None:
+        config_checks.check_compatible(saved_config, config)
+    state = checkpointing.restore_latest(manager, abstract_train_state(config, mesh), data_iter)
     if state is None:
         state = create_train_state(config, mesh)
     initial_step = int(state.step)
@@ -324,41 +342,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config, mesh, num_images=sample_cfg.num_images, sampler=sample_cfg.sampler,
         num_steps=sample_cfg.num_steps, eta=sample_cfg.eta, num_snapshots=sample_cfg.num_snapshots,
     )
-    sample_rng = jax.random.PRNGKey(config.seed + 2)
-    report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=None)
 
-    pending: list[dict[str, jax.Array]] = []
-    interval_start, interval_steps = time.perf_counter(), 0
-    step = initial_step
-    with metric_writers.ensure_flushes(writer):
-        while step < config.num_train_steps:
-            state, metrics = step_fn(state, global_batch(next(data_iter), mesh))
-            step += 1
-            pending.append(metrics)
-            interval_steps += 1
-            report(step)
-
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                fetched = jax.device_get(pending)
-                elapsed = time.perf_counter() - interval_start
-                scalars = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
-                scalars["learning_rate"] = float(fetched[-1]["learning_rate"])
-                scalars["steps_per_sec"] = interval_steps / elapsed
-                scalars["images_per_sec"] = interval_steps * config.batch_size / elapsed
-                writer.write_scalars(step, scalars)
-                pending.clear()
-                interval_start, interval_steps = time.perf_counter(), 0
-
-            if step % config.sample_every_steps == 0 or step == config.num_train_steps:
-                sample_params = state.ema_params if config.ema_decay > 0 else state.params
-                log_sample_grid(sample_fn, sample_params, jax.random.fold_in(sample_rng, step),
-                                step, sample_cfg.num_images, writer, str(workdir_path))
-
-            if step % config.save_every_steps == 0 or step == config.num_train_steps:
-                checkpointing.save(manager, step, state, data_iter, config)
-    manager.wait_until_finished()
-    manager.close()
+    loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn)
+    with metric_writers.ensure_flushes(writer), preemption.PreemptionWatcher() as watcher:
+        try:
+            state = loop.run(state, step_fn, mesh, watcher)
+        finally:
+            manager.wait_until_finished()  # never leave a half-written checkpoint behind
+            manager.close()
     return state
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient became NaN or infinite and `config.on_nonfinite` is "stop"."""
+
+
+class _Loop:
+    """The host side of training: logging, samples, checkpoints, non-finite and stop checks."""
+
+    def __init__(self, config, workdir_path, writer, manager, data_iter, sample_fn):
+        self.config = config
+        self.workdir = str(workdir_path)
+        self.writer = writer
+        self.manager = manager
+        self.data_iter = data_iter
+        self.sample_fn = sample_fn
+        self.sample_rng = jax.random.PRNGKey(config.seed + 2)
+        self.report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps)
+        self.pending: list[dict[str, jax.Array]] = []
+        self.interval_start = time.perf_counter()
+
+    def run(self, state: TrainState, step_fn, mesh, watcher) -> TrainState:
+        config = self.config
+        step = int(state.step)
+        previous = None  # (step, metrics) of the step before, checked while this one runs
+        while step < config.num_train_steps:
+            state, metrics = step_fn(state, global_batch(next(self.data_iter), mesh))
+            step += 1
+            if previous is not None:
+                self.check_finite(*previous)
+            previous = (step, metrics)
+            self.pending.append(metrics)
+            self.report(step)
+            last = step == config.num_train_steps
+            stop = watcher.should_stop(step)
+            if step % config.log_every_steps == 0 or last or stop:
+                self.log_scalars(step)
+            if step % config.sample_every_steps == 0 or last:
+                params = state.ema_params if config.ema_decay > 0 else state.params
+                log_sample_grid(self.sample_fn, params, jax.random.fold_in(self.sample_rng, step),
+                                step, config.sample.num_images, self.writer, self.workdir)
+            if step % config.save_every_steps == 0 or last or stop:
+                self.check_finite(*previous)  # never checkpoint past an unchecked step
+                checkpointing.save(self.manager, step, state, self.data_iter, config)
+            if stop:
+                logging.warning("stopped at step %d; rerun the same command to resume", step)
+                break
+        if previous is not None:
+            self.check_finite(*previous)
+        return state
+
+    def check_finite(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        if self.config.on_nonfinite == "stop" and int(metrics["nonfinite"]):
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); the "
+                "update was not applied and checkpoints up to the last save are intact. Lower "
+                "learning_rate, check the data, or set on_nonfinite='skip' to skip such steps."
+            )
+
+    def log_scalars(self, step: int) -> None:
+        fetched = jax.device_get(self.pending)
+        elapsed = time.perf_counter() - self.interval_start
+        scalars = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
+        scalars["learning_rate"] = float(fetched[-1]["learning_rate"])
+        scalars["nonfinite"] = float(sum(m["nonfinite"] for m in fetched))  # skipped steps
+        scalars["steps_per_sec"] = len(fetched) / elapsed
+        scalars["images_per_sec"] = len(fetched) * self.config.batch_size / elapsed
+        self.writer.write_scalars(step, scalars)
+        self.pending.clear()
+        self.interval_start = time.perf_counter()
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

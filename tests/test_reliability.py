@@ -1,0 +1,151 @@
+"""Crashes, preemption and numerical faults: nothing is lost and a rerun continues exactly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from ddpm_jax import checkpointing, config_checks, train
+from tests.conftest import tiny_config
+from tests.test_main import ROOT, TINY_FLAGS
+from tests.test_train import read_events
+
+STEPS = 8
+FLAGS = [*TINY_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",
+         "--config.sample_every_steps=100", "--config.keep_checkpoints=2"]
+
+
+def start_main(workdir, cache_dir, *extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ddpm_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={workdir}", *FLAGS, *extra],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def final_params(workdir):
+    config = tiny_config()
+    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
+    assert manager.latest_step() == STEPS
+    mesh = train.create_mesh(jax.devices()[:1])
+    state = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
+    manager.close()
+    return jax.tree.map(np.asarray, state)
+
+
+def wait_for(condition, process, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.002)
+    raise TimeoutError
+
+
+def test_sigkill_at_any_point_then_rerun_gives_bitwise_identical_params(tmp_path):
+    cache = tmp_path / "xla_cache"
+    straight = tmp_path / "straight"
+    proc = start_main(straight, cache)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+
+    workdir = tmp_path / "killed"
+    ckpt = workdir / "checkpoints"
+    saving = lambda: ckpt.exists() and any("tmp" in p.name for p in ckpt.iterdir())  # noqa: E731
+    has_step = lambda n: lambda: (ckpt / str(n)).exists()  # noqa: E731
+    kill_points = [("during a checkpoint save", saving),
+                   ("right after step 4 was saved", has_step(4)),
+                   ("during the save of step 6", lambda: has_step(4)() and saving())]
+    killed_during = []
+    for name, condition in kill_points:
+        proc = start_main(workdir, cache)
+        if wait_for(condition, proc):
+            proc.send_signal(signal.SIGKILL)
+            killed_during.append(name)
+        proc.wait(timeout=300)
+    assert "during a checkpoint save" in killed_during and len(killed_during) >= 2, killed_during
+    proc = start_main(workdir, cache)  # the rerun that finishes the job
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+
+    for a, b in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(workdir)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_reached_step_exits_zero_and_the_rerun_continues(tmp_path):
+    workdir = tmp_path / "run"
+    proc = start_main(workdir, tmp_path / "cache", "--config.num_train_steps=100000",
+                      "--config.save_every_steps=100000", "--config.log_every_steps=1")
+    events_seen = lambda: any(p.name.startswith("events") for p in workdir.glob("*")) and \
+        len(read_events(str(workdir)).get("loss", [])) >= 3  # noqa: E731
+    assert wait_for(events_seen, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 3
+    stopped_at = steps[0]
+    proc = start_main(workdir, tmp_path / "cache", f"--config.num_train_steps={stopped_at + 2}")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"starting at step {stopped_at} of {stopped_at + 2}" in stderr
+
+
+def exploding_config():
+    config = tiny_config()
+    config.learning_rate = 1e30  # the first update sends the weights to ~1e30: step 2 overflows
+    config.warmup_steps = 0
+    config.save_every_steps = 1
+    config.num_train_steps = 4
+    return config
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
+    config = exploding_config()
+    with pytest.raises(train.NonFiniteError, match="at step 2"):
+        train.train_and_evaluate(config, str(tmp_path))
+    manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", config)
+    assert manager.all_steps() == [1]
+    mesh = train.create_mesh()
+    state = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_nonfinite_steps_are_skipped_when_configured(tmp_path):
+    config = exploding_config()
+    config.on_nonfinite = "skip"
+    config.log_every_steps = 4
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 4
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+    assert read_events(str(tmp_path))["nonfinite"] == [4]
+
+
+def test_resuming_with_a_different_network_is_refused_before_any_work(tmp_path):
+    config = tiny_config()
+    config.num_train_steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    config.model.base_channels = 32
+    config.num_train_steps = 4
+    with pytest.raises(config_checks.ConfigError, match="model.base_channels: checkpoint 16"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_keep_every_steps_keeps_permanent_checkpoints(tmp_path):
+    config = tiny_config()
+    config.num_train_steps, config.save_every_steps = 8, 1
+    config.keep_checkpoints, config.keep_every_steps = 2, 4
+    config.sample_every_steps = 100
+    train.train_and_evaluate(config, str(tmp_path))
+    steps = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
+    assert steps == [4, 7, 8]
