@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
     config.adam_eps = 1e-8
+    config.grad_accum_steps = 1  # split each batch into this many sequential micro-batches
     config.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
     config.ema_decay = 0.9999  # EMA of the weights used for samples; 0 disables
     config.ema_warmup = False  # use min(ema_decay, (1 + step) / (10 + step))
@@ -32,6 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # newest checkpoints kept
     config.keep_every_steps = 0  # also keep every checkpoint at a multiple of this (0: none)
     config.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" the run or "skip" the step
+
+    # ---- devices -------------------------------------------------------------------
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.fsdp = 1  # devices that split params/optimizer state (FSDP); 1 = pure data parallel
+    mesh.fsdp_min_size = 2**14  # arrays with fewer elements stay replicated
 
     # ---- data ----------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
@@ -66,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.time_embedding_width = 0  # sinusoidal embedding width; 0 means base_channels
     model.time_projection = "silu_linear"  # res-block time input: "silu_linear" (DDPM) or "linear"
     model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision); params stay float32
+    model.remat = False  # recompute residual blocks in the backward pass to save memory
 
     # ---- diffusion -----------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()

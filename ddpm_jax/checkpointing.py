@@ -55,17 +55,27 @@ def latest_config(manager: ocp.CheckpointManager) -> dict | None:
 
 def restore_latest(
     manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None
-) -> Any | None:
-    """Restores the newest step into `abstract_state`'s shapes and shardings; moves `data_iter`.
+) -> tuple[Any | None, bool]:
+    """Restores the newest step into `abstract_state`'s shapes and shardings.
 
-    Returns None when the folder holds no checkpoint.
+    Also moves `data_iter` to the saved position when the checkpoint holds one for this
+    process (it does not after a change in the number of processes). Returns the state
+    (None when the folder holds no checkpoint) and whether the data position was restored.
     """
     step = manager.latest_step()
     if step is None:
-        return None
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+        return None, False
+    state = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )["state"]
     logging.info("restored checkpoint of step %d from %s", step, manager.directory)
-    return restored["state"]
+    if data_iter is None:
+        return state, False
+    try:
+        manager.restore(
+            step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
+        )
+    except Exception as error:  # e.g. saved by another number of processes
+        logging.warning("no data-iterator state for this process in step %d (%s)", step, error)
+        return state, False
+    return state, True

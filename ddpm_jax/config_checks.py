@@ -88,11 +88,16 @@ def validate(
     _positive(config, "num_train_steps", "batch_size", "log_every_steps", "sample_every_steps",
               "save_every_steps", "keep_checkpoints", "data.image_size", "sample.num_images",
               "diffusion.num_timesteps")
-    if config.batch_size % device_count or config.batch_size % process_count:
+    _positive(config, "grad_accum_steps", "mesh.fsdp")
+    accum = config.grad_accum_steps
+    if config.batch_size % (device_count * accum) or config.batch_size % process_count:
         raise ConfigError(
             f"batch_size={config.batch_size} must be divisible by the {device_count} devices "
-            f"over {process_count} processes; use a multiple of {device_count}"
+            f"over {process_count} processes x grad_accum_steps={accum}; use a multiple of "
+            f"{device_count * accum}"
         )
+    if device_count % config.mesh.fsdp:
+        raise ConfigError(f"mesh.fsdp={config.mesh.fsdp} must divide the {device_count} devices")
     if config.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
     if not config.learning_rate > 0:

@@ -54,9 +54,10 @@ class ArraySource:
 class FolderSource:
     """Random-access source over image files; decodes with PIL on access.
 
-    A file that fails to decode (truncated, corrupt) gives None, which the dataset
-    filters out; each such file is logged, and more than `max_bad_fraction` of the
-    files read so far (once at least 100 were read) stops training with a DataError.
+    A file that fails to decode (truncated, corrupt) is replaced by the next readable file
+    (so batches stay full and identical for any process count); each such file is logged,
+    and more than `max_bad_fraction` of the files read so far (once at least 100 were
+    read) stops training with a DataError.
     """
 
     def __init__(self, paths: Sequence[str], max_bad_fraction: float = 0.01):
@@ -68,15 +69,25 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self._paths)
 
-    def __getitem__(self, index: int) -> np.ndarray | None:
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self._paths):
+            raise IndexError(index)
+        for offset in range(len(self._paths)):
+            image = self.read(self._paths[(index + offset) % len(self._paths)])
+            if image is not None:
+                return image
+        raise DataError("no file in the folder could be decoded")
+
+    def read(self, path: str) -> np.ndarray | None:
+        """The decoded RGB image, or None (logged and counted) if the file is broken."""
         self._reads += 1
         try:
-            with Image.open(self._paths[index]) as image:
+            with Image.open(path) as image:
                 return np.asarray(image.convert("RGB"))
         except Exception as error:  # PIL raises several types for broken files
             self._bad += 1
             logging.warning("skipping unreadable image %s (%s); %d of %d reads bad in this process",
-                            self._paths[index], error, self._bad, self._reads)
+                            path, error, self._bad, self._reads)
             if self._reads >= 100 and self._bad > self._max_bad_fraction * self._reads:
                 raise DataError(
                     f"{self._bad} of {self._reads} images read were unreadable, more than "
@@ -328,21 +339,25 @@ def create_dataset(
     *,
     process_index: int,
     process_count: int,
+    start_step: int = 0,
 ) -> grain.IterDataset:
-    """Infinite iterator dataset of this process's uint8 batches [B / processes, S, S, 3]."""
+    """Infinite iterator dataset of this process's uint8 batches [B / processes, S, S, 3].
+
+    `start_step` skips that many batches at no cost: the data a run at that step would
+    see, for any number of processes.
+    """
     if config.batch_size % process_count:
         raise DataError(
             f"batch_size={config.batch_size} must be divisible by the {process_count} processes"
         )
     local_batch_size = config.batch_size // process_count
-    dataset = grain.MapDataset.source(source)[process_index::process_count]
-    if len(dataset) == 0:
-        raise DataError(f"process {process_index} has no data: the set is smaller than "
-                        f"{process_count} images")
-    dataset = dataset.shuffle(seed=config.seed).repeat(None)
-    dataset = dataset.filter(lambda image: image is not None)  # unreadable files
+    # One global order for every process count: the whole set is shuffled per epoch, cut
+    # into global batches, and process p reads part p of each. So N processes together see
+    # exactly the batches one process would, and each epoch's parts are disjoint.
+    dataset = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(None)
     dataset = dataset.random_map(preprocess_from_config(config.data), seed=config.seed + 1)
-    iter_dataset = dataset.to_iter_dataset().batch(local_batch_size, drop_remainder=True)
+    dataset = dataset.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
+    iter_dataset = dataset[start_step:].to_iter_dataset()
     if config.data.num_workers > 0:
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.data.num_workers)

@@ -34,10 +34,13 @@ from ddpm_jax import (
     image_utils,
     input_pipeline,
     preemption,
+    sharding,
 )
 from ddpm_jax.models import create_model
 
-DATA_AXIS = "data"
+create_mesh = sharding.create_mesh
+replicated = sharding.replicated
+batch_sharding = sharding.batch_sharding
 
 
 @flax.struct.dataclass
@@ -52,14 +55,6 @@ class TrainState:
 
 
 # -------------------------------------------------------------------------- building blocks
-
-
-def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A one-axis mesh over `devices` (default: every device of every process)."""
-    devices = devices if devices is not None else jax.devices()
-    return jax.make_mesh(
-        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -118,25 +113,24 @@ def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
     )
 
 
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+def train_state_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
+    """Where each leaf of the state lives (replicated, or FSDP-split by `config.mesh`)."""
+    shapes = jax.eval_shape(functools.partial(init_train_state, config))
+    return sharding.state_shardings(shapes, mesh, config)
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
-    """Initialises the state directly on the devices, replicated over the mesh."""
-    return jax.jit(functools.partial(init_train_state, config), out_shardings=replicated(mesh))()
+    """Initialises the state directly on the devices, in its final sharding."""
+    return jax.jit(functools.partial(init_train_state, config),
+                   out_shardings=train_state_shardings(config, mesh))()
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring a checkpoint into."""
     shapes = jax.eval_shape(functools.partial(init_train_state, config))
-    sharding = replicated(mesh)
+    shardings = sharding.state_shardings(shapes, mesh, config)
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
     )
 
 
@@ -183,11 +177,28 @@ def train_step(
     target = diffusion.prediction_target(schedule, config.diffusion.prediction, x0, t, noise)
     use_dropout = config.model.dropout > 0
 
-    def loss_fn(params):
+    def loss_fn(params, x_t, t, target, dropout_rng):
         output = apply_model(graphdef, params, x_t, t, dropout_rng if use_dropout else None)
         return jnp.mean(diffusion.regression_loss(output, target, config.diffusion.loss))
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn)
+    accum = config.grad_accum_steps
+    if accum == 1:
+        loss, grads = grad_fn(state.params, x_t, t, target, dropout_rng)
+    else:
+        # Micro-batch i takes rows i, i + accum, ...: with the batch split over devices in
+        # contiguous blocks, every device holds an equal share of every micro-batch.
+        def micro(array, i):
+            return array.reshape((array.shape[0] // accum, accum) + array.shape[1:])[:, i]
+
+        loss, grads = 0.0, jax.tree.map(jnp.zeros_like, state.params)
+        for i in range(accum):  # unrolled: conv gradients inside lax.scan are slow on XLA:CPU
+            micro_loss, micro_grads = grad_fn(
+                state.params, micro(x_t, i), micro(t, i), micro(target, i),
+                jax.random.fold_in(dropout_rng, i),
+            )
+            loss = loss + micro_loss / accum
+            grads = jax.tree.map(lambda g, m: g + m / accum, grads, micro_grads)
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(config, state.step)
@@ -214,14 +225,15 @@ def train_step(
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """The jitted train step: state replicated and donated, batch sharded over `data`."""
+    """The jitted train step: state in its mesh sharding and donated, batch split over devices."""
     step_fn = functools.partial(
         train_step, config=config, graphdef=model_graphdef(config), schedule=make_schedule(config)
     )
+    state_sharding = train_state_shardings(config, mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(replicated(mesh), batch_sharding(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
     )
 
@@ -266,8 +278,10 @@ def make_sample_fn(
             initial_noise_sharding=out_sharding,
         )
 
-    outs = (out_sharding, NamedSharding(mesh, P(None, DATA_AXIS))) if num_snapshots else out_sharding
-    return jax.jit(run, in_shardings=(replicated(mesh), replicated(mesh)), out_shardings=outs)
+    snapshot_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+    outs = (out_sharding, snapshot_sharding) if num_snapshots else out_sharding
+    params_sharding = train_state_shardings(config, mesh).params
+    return jax.jit(run, in_shardings=(params_sharding, replicated(mesh)), out_shardings=outs)
 
 
 def log_sample_grid(
@@ -311,20 +325,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     config_checks.validate(config, str(workdir_path), device_count=jax.device_count(),
                            process_count=jax.process_count())
     source = input_pipeline.make_source(config.data)  # fails fast on missing data
-    mesh = create_mesh()
+    mesh = create_mesh(config)
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
 
-    dataset = input_pipeline.create_dataset(
-        config, source, process_index=jax.process_index(), process_count=jax.process_count()
+    make_data_iter = functools.partial(
+        input_pipeline.create_dataset, config, source, process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
-    data_iter = iter(dataset)
+    data_iter = iter(make_data_iter())
     manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
     saved_config = checkpointing.latest_config(manager)
     if saved_config is not None:
         config_checks.check_compatible(saved_config, config)
-    state = checkpointing.restore_latest(manager, abstract_train_state(config, mesh), data_iter)
+    state, data_restored = checkpointing.restore_latest(
+        manager, abstract_train_state(config, mesh), data_iter)
     if state is None:
         state = create_train_state(config, mesh)
+    elif not data_restored:  # the data order depends only on the step: start there
+        data_iter = iter(make_data_iter(start_step=int(state.step)))
     initial_step = int(state.step)
     logging.info("starting at step %d of %d", initial_step, config.num_train_steps)
 

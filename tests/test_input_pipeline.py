@@ -1,5 +1,7 @@
 """Input pipeline: sources, preprocessing, determinism, per-process slices, resume."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -60,6 +62,17 @@ def test_each_epoch_is_a_permutation_and_epochs_differ():
     assert not np.array_equal(first, second)
 
 
+def test_two_processes_together_read_the_one_process_batches():
+    config = tiny_config()
+    source = index_source(40)
+    one = take(iter(input_pipeline.create_dataset(config, source, process_index=0,
+                                                  process_count=1)), 7)
+    parts = [take(iter(input_pipeline.create_dataset(config, source, process_index=p,
+                                                     process_count=2)), 7) for p in range(2)]
+    for whole, first, second in zip(one, *parts, strict=True):
+        np.testing.assert_array_equal(whole, np.concatenate([first, second]))
+
+
 def test_processes_read_disjoint_slices_that_cover_the_set():
     config = tiny_config()
     config.data.image_size = 8
@@ -88,6 +101,20 @@ def test_restored_iterator_continues_with_the_same_batches():
     resumed.set_state(state)
     for x, y in zip(expected, take(resumed, 6), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_start_step_skips_to_the_same_batches():
+    config = tiny_config()
+    source = index_source(30)
+    straight = take(iter(input_pipeline.create_dataset(config, source, process_index=0,
+                                                       process_count=1)), 7)
+    for processes in (1, 2):
+        config.batch_size = 8
+        parts = [take(iter(input_pipeline.create_dataset(
+            config, source, process_index=p, process_count=processes, start_step=4)), 3)
+            for p in range(processes)]
+        for expected, *pieces in zip(straight[4:], *parts, strict=True):
+            np.testing.assert_array_equal(expected, np.concatenate(pieces))
 
 
 def test_flip_is_random_per_image():
@@ -214,15 +241,16 @@ def test_folder_skips_corrupt_files_and_converts_gray_and_rgba(tmp_path):
     config = folder_config(tmp_path, max_bad_fraction=0.2)
     source = input_pipeline.make_source(config.data)
     assert len(source) == 23  # the corrupt header is dropped up front; the truncated file is not
-    truncated = [i for i in range(len(source)) if source[i] is None]
-    assert len(truncated) == 1  # ...it is skipped when read
+    truncated = [p for p in source._paths if source.read(p) is None]
+    assert [os.path.basename(p) for p in truncated] == ["truncated.jpg"]  # ...it fails when read
+    index = source._paths.index(truncated[0])
+    np.testing.assert_array_equal(source[index], source[(index + 1) % len(source)])  # replaced
     config.batch_size = 22
     batches = take(iter(input_pipeline.create_dataset(config, source, process_index=0,
                                                       process_count=1)), 2)
     for batch in batches:
         assert batch.shape == (22, 8, 8, 3) and batch.dtype == np.uint8
-    gray = [img for img in source if img is not None and img.shape == (40, 30, 3)
-            and np.all(img == 77)]
+    gray = [p for p in source._paths if np.all(source.read(p) == 77)]
     assert len(gray) == 1  # grayscale became 3 equal channels
 
 

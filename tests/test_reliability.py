@@ -38,7 +38,7 @@ def final_params(workdir):
     manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
     assert manager.latest_step() == STEPS
     mesh = train.create_mesh(jax.devices()[:1])
-    state = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
+    state, _ = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
     manager.close()
     return jax.tree.map(np.asarray, state)
 
@@ -117,7 +117,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path)
     manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", config)
     assert manager.all_steps() == [1]
     mesh = train.create_mesh()
-    state = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
+    state, _ = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 

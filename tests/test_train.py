@@ -97,10 +97,11 @@ def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
     expected_next = next(data_iter)
 
     fresh_iter = iter(dataset)
-    restored = checkpointing.restore_latest(
+    restored, data_restored = checkpointing.restore_latest(
         checkpointing.make_manager(tmp_path / "ckpt", config),
         train.abstract_train_state(config, mesh), fresh_iter,
     )
+    assert data_restored
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert restored.params["conv_in"]["kernel"].sharding.is_equivalent_to(

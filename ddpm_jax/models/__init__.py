@@ -28,6 +28,7 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> UNet:
         in_channels=3,
         out_channels=3,
         dtype=m.dtype,
+        remat=m.remat,
         rngs=rngs,
     )
 

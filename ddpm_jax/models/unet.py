@@ -287,7 +287,8 @@ class UNet(nnx.Module):
 
     `layout` picks the block arrangement (``ddpm``: Ho et al.; ``mirror``: the PyTorch
     project's encoder/decoder); `attention_type` and `time_projection` pick the block
-    variants. Pass `rngs` (with a `dropout` stream) when training; without it dropout is off.
+    variants; `remat` recomputes residual blocks in the backward pass to save memory. Pass
+    `rngs` (with a `dropout` stream) when training; without it dropout is off.
     """
 
     def __init__(
@@ -309,6 +310,7 @@ class UNet(nnx.Module):
         in_channels: int = 3,
         out_channels: int = 3,
         dtype: str = "float32",
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         validate_architecture(image_size, channel_mults, attention_resolutions, attention_type,
@@ -316,6 +318,7 @@ class UNet(nnx.Module):
         layers = _Layers(jnp.dtype(dtype), rngs)
         temb_dim = 4 * base_channels
         self.time_embedding_width = time_embedding_width or base_channels
+        self.remat = remat
 
         def attention(channels: int):
             if attention_type == "ddpm":
@@ -343,9 +346,12 @@ class UNet(nnx.Module):
         self.norm_out = layers.group_norm(channels, norm_groups) if layout == "ddpm" else None
         self.conv_out = layers.conv(channels, out_channels, zero=True)
 
-    @staticmethod
-    def _apply(block: nnx.Module, h: jax.Array, temb: jax.Array, rngs: nnx.Rngs | None):
-        return block(h, temb, rngs) if isinstance(block, ResBlock) else block(h)
+    def _apply(self, block: nnx.Module, h: jax.Array, temb: jax.Array, rngs: nnx.Rngs | None):
+        if not isinstance(block, ResBlock):
+            return block(h)
+        if self.remat:  # keep only block inputs; recompute the inside in the backward pass
+            return nnx.remat(lambda blk, x, e, r: blk(x, e, r))(block, h, temb, rngs)
+        return block(h, temb, rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         temb = timestep_embedding(t, self.time_embedding_width)

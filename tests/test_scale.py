@@ -1,0 +1,121 @@
+"""Scaling features give the same training as the plain data-parallel step."""
+
+import os
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from ddpm_jax import checkpointing, train
+from tests.conftest import tiny_config
+from tests.test_main import ROOT, TINY_FLAGS
+
+
+def batches(config, count=2):
+    rng = np.random.default_rng(0)
+    size = config.data.image_size
+    return [rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
+            for _ in range(count)]
+
+
+def train_steps(config, data, devices=None):
+    mesh = train.create_mesh(config, devices)
+    state = train.create_train_state(config, mesh)
+    step = train.make_train_step(config, mesh)
+    losses = []
+    for batch in data:
+        state, metrics = step(state, train.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return jax.tree.map(np.asarray, state), losses
+
+
+def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("fsdp", [2, 4])
+def test_fsdp_matches_data_parallel(fsdp):
+    config = tiny_config()
+    config.model.dropout = 0.1
+    data = batches(config)
+    reference, ref_losses = train_steps(config, data)
+    config.mesh.fsdp, config.mesh.fsdp_min_size = fsdp, 64
+    mesh = train.create_mesh(config)
+    kernel_spec = train.train_state_shardings(config, mesh).params["conv_in"]["kernel"].spec
+    assert "fsdp" in kernel_spec  # the state really is split
+    sharded, losses = train_steps(config, data)
+    # Same math; only the order of floating-point reductions differs.
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    assert_states_close(reference, sharded)
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    config = tiny_config()
+    config.batch_size = 16
+    data = batches(config)
+    reference, ref_losses = train_steps(config, data)
+    config.grad_accum_steps = 4  # 4 micro-batches of 4
+    accumulated, losses = train_steps(config, data)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_states_close(reference, accumulated)
+
+
+def test_remat_changes_nothing():
+    config = tiny_config()
+    config.model.dropout = 0.1
+    data = batches(config)
+    reference, _ = train_steps(config, data, jax.devices()[:1])
+    config.model.remat = True
+    rematerialised, _ = train_steps(config, data, jax.devices()[:1])
+    assert_states_close(reference, rematerialised, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_training_reaches_the_float32_loss():
+    config = tiny_config()
+    config.data.image_size = 16
+    config.learning_rate = 2e-3
+    data = batches(config, 1) * 60  # one batch, learned by heart: a stable loss to compare
+    _, fp32 = train_steps(config, data, jax.devices()[:1])
+    config.model.dtype = "bfloat16"
+    _, bf16 = train_steps(config, data, jax.devices()[:1])
+    assert np.mean(bf16[-10:]) == pytest.approx(np.mean(fp32[-10:]), rel=0.05)
+    assert np.mean(bf16[-10:]) < 0.5 * bf16[0]  # and it did learn
+
+
+def run_processes(workdir, num_processes, devices_per_process, *flags, cache):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        ["bash", "launch/local.sh", str(num_processes), str(devices_per_process), "--",
+         "--config=configs/quickstart.py", f"--workdir={workdir}", *TINY_FLAGS, *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def restore(workdir, step):
+    config = tiny_config()
+    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
+    assert manager.latest_step() == step
+    state, _ = checkpointing.restore_latest(
+        manager, train.abstract_train_state(config, train.create_mesh(config, jax.devices()[:1])),
+        None)
+    return jax.tree.map(np.asarray, state)
+
+
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
+    cache = tmp_path / "cache"
+    run_processes(tmp_path / "two", 2, 2, cache=cache)
+    run_processes(tmp_path / "one", 1, 4, cache=cache)
+    # Same global batches (each process reads its slice; the union is the 1-process batch)
+    # and the same rng stream; gloo's all-reduce may add in another order than XLA's.
+    assert_states_close(restore(tmp_path / "one", 3), restore(tmp_path / "two", 3))
+    # The 2-process checkpoint restores in a 1-process run on another mesh, and goes on.
+    result = run_processes(tmp_path / "two", 1, 1, "--config.num_train_steps=4", cache=cache)
+    assert "starting at step 3 of 4" in result.stderr
+    assert restore(tmp_path / "two", 4).step == 4
