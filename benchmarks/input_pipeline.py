@@ -62,7 +62,7 @@ def pipeline_rate(config, batch_size: int) -> float:
 def train_rate(config, batch_size: int) -> float:
     """Images per second of the jitted train step (median of 3 steps after compile)."""
     config.batch_size = batch_size
-    mesh = train.create_mesh()
+    mesh = train.create_mesh(config)
     state = train.create_train_state(config, mesh)
     step = train.make_train_step(config, mesh)
     size = config.data.image_size

@@ -65,7 +65,7 @@ def main(argv):
         config.model.channel_mults = (1, 2)
         config.model.attention_resolutions = (4,)
         config.model.norm_groups = 4
-    mesh = train.create_mesh()
+    mesh = train.create_mesh(config)
     state = train.create_train_state(config, mesh)
     graphdef = train.model_graphdef(config)
     schedule = train.make_schedule(config)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -33,6 +34,9 @@ def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int =
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    """Writes a uint8 HWC image, creating the folder first."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path)
+    """Writes a uint8 HWC image to a local or gs:// path, creating the folder first."""
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    target.write_bytes(buffer.getvalue())

@@ -45,6 +45,30 @@ def tiny_config():
     return config
 
 
+def micro_config():
+    """The smallest net with every block type (res, attention, no resampling): compiles fastest.
+
+    For tests of the step's bookkeeping (sharding, accumulation, dtype, resume), where the
+    network's depth plays no part.
+    """
+    config = tiny_config()
+    config.data.image_size = 8
+    config.model.base_channels = 8
+    config.model.channel_mults = (1,)
+    config.model.attention_resolutions = (8,)
+    config.sample.num_images = 4
+    return config
+
+
+MICRO_FLAGS = [
+    "--config.num_train_steps=3", "--config.batch_size=8", "--config.log_every_steps=1",
+    "--config.sample_every_steps=3", "--config.save_every_steps=3", "--config.data.image_size=8",
+    "--config.model.base_channels=8", "--config.model.channel_mults=(1,)",
+    "--config.model.attention_resolutions=(8,)", "--config.model.norm_groups=4",
+    "--config.sample.num_images=4", "--config.sample.num_steps=3",
+]
+
+
 @pytest.fixture
 def config():
     return tiny_config()

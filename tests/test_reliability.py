@@ -12,12 +12,12 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, config_checks, train
-from tests.conftest import tiny_config
-from tests.test_main import ROOT, TINY_FLAGS
+from tests.conftest import MICRO_FLAGS, micro_config, tiny_config
+from tests.test_main import ROOT
 from tests.test_train import read_events
 
 STEPS = 8
-FLAGS = [*TINY_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",
+FLAGS = [*MICRO_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",
          "--config.sample_every_steps=100", "--config.keep_checkpoints=2"]
 
 
@@ -34,10 +34,10 @@ def start_main(workdir, cache_dir, *extra):
 
 
 def final_params(workdir):
-    config = tiny_config()
+    config = micro_config()
     manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
     assert manager.latest_step() == STEPS
-    mesh = train.create_mesh(jax.devices()[:1])
+    mesh = train.create_mesh(devices=jax.devices()[:1])
     state, _ = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
     manager.close()
     return jax.tree.map(np.asarray, state)
@@ -102,7 +102,7 @@ def test_sigterm_saves_the_reached_step_exits_zero_and_the_rerun_continues(tmp_p
 
 
 def exploding_config():
-    config = tiny_config()
+    config = micro_config()
     config.learning_rate = 1e30  # the first update sends the weights to ~1e30: step 2 overflows
     config.warmup_steps = 0
     config.save_every_steps = 1
@@ -116,7 +116,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path)
         train.train_and_evaluate(config, str(tmp_path))
     manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", config)
     assert manager.all_steps() == [1]
-    mesh = train.create_mesh()
+    mesh = train.create_mesh(config)
     state, _ = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
@@ -142,7 +142,7 @@ def test_resuming_with_a_different_network_is_refused_before_any_work(tmp_path):
 
 
 def test_keep_every_steps_keeps_permanent_checkpoints(tmp_path):
-    config = tiny_config()
+    config = micro_config()
     config.num_train_steps, config.save_every_steps = 8, 1
     config.keep_checkpoints, config.keep_every_steps = 2, 4
     config.sample_every_steps = 100

@@ -9,8 +9,8 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, train
-from tests.conftest import tiny_config
-from tests.test_main import ROOT, TINY_FLAGS
+from tests.conftest import MICRO_FLAGS, micro_config
+from tests.test_main import ROOT
 
 
 def batches(config, count=2):
@@ -38,7 +38,7 @@ def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("fsdp", [2, 4])
 def test_fsdp_matches_data_parallel(fsdp):
-    config = tiny_config()
+    config = micro_config()
     config.model.dropout = 0.1
     data = batches(config)
     reference, ref_losses = train_steps(config, data)
@@ -53,7 +53,7 @@ def test_fsdp_matches_data_parallel(fsdp):
 
 
 def test_grad_accumulation_matches_one_big_batch():
-    config = tiny_config()
+    config = micro_config()
     config.batch_size = 16
     data = batches(config)
     reference, ref_losses = train_steps(config, data)
@@ -64,7 +64,7 @@ def test_grad_accumulation_matches_one_big_batch():
 
 
 def test_remat_changes_nothing():
-    config = tiny_config()
+    config = micro_config()
     config.model.dropout = 0.1
     data = batches(config)
     reference, _ = train_steps(config, data, jax.devices()[:1])
@@ -74,15 +74,14 @@ def test_remat_changes_nothing():
 
 
 def test_bfloat16_training_reaches_the_float32_loss():
-    config = tiny_config()
-    config.data.image_size = 16
+    config = micro_config()
     config.learning_rate = 2e-3
-    data = batches(config, 1) * 60  # one batch, learned by heart: a stable loss to compare
+    data = batches(config, 1) * 40  # one batch, learned by heart: a stable loss to compare
     _, fp32 = train_steps(config, data, jax.devices()[:1])
     config.model.dtype = "bfloat16"
     _, bf16 = train_steps(config, data, jax.devices()[:1])
     assert np.mean(bf16[-10:]) == pytest.approx(np.mean(fp32[-10:]), rel=0.05)
-    assert np.mean(bf16[-10:]) < 0.5 * bf16[0]  # and it did learn
+    assert np.mean(bf16[-10:]) < 0.7 * bf16[0]  # and it did learn
 
 
 def run_processes(workdir, num_processes, devices_per_process, *flags, cache):
@@ -91,7 +90,7 @@ def run_processes(workdir, num_processes, devices_per_process, *flags, cache):
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         ["bash", "launch/local.sh", str(num_processes), str(devices_per_process), "--",
-         "--config=configs/quickstart.py", f"--workdir={workdir}", *TINY_FLAGS, *flags],
+         "--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS, *flags],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,7 +98,7 @@ def run_processes(workdir, num_processes, devices_per_process, *flags, cache):
 
 
 def restore(workdir, step):
-    config = tiny_config()
+    config = micro_config()
     manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
     assert manager.latest_step() == step
     state, _ = checkpointing.restore_latest(

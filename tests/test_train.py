@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from ddpm_jax import checkpointing, config_checks, input_pipeline, train
-from tests.conftest import tiny_config
+from tests.conftest import micro_config, tiny_config
 
 
 def fixed_batch(config, seed=0):
@@ -33,7 +33,7 @@ def test_train_step_overfits_one_batch():
     config.learning_rate = 2e-3
     config.warmup_steps = 1
     config.batch_size = 4
-    mesh = train.create_mesh(jax.devices()[:1])
+    mesh = train.create_mesh(devices=jax.devices()[:1])
     batch = np.zeros((4, 16, 16, 3), np.uint8)
     batch[:, 4:12, 4:12] = 255  # one simple image, repeated
     state, losses = run_steps(config, mesh, [batch] * 60)
@@ -44,11 +44,11 @@ def test_train_step_overfits_one_batch():
 
 def test_four_devices_give_the_same_result_as_one():
     assert jax.device_count() == 4
-    config = tiny_config()
+    config = micro_config()
     config.model.dropout = 0.1  # dropout masks must not depend on the sharding either
     batches = [fixed_batch(config, seed) for seed in range(3)]
-    one, losses_one = run_steps(config, train.create_mesh(jax.devices()[:1]), batches)
-    four, losses_four = run_steps(config, train.create_mesh(jax.devices()), batches)
+    one, losses_one = run_steps(config, train.create_mesh(devices=jax.devices()[:1]), batches)
+    four, losses_four = run_steps(config, train.create_mesh(devices=jax.devices()), batches)
     # Same math; only the order of floating-point reductions differs between shardings.
     np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
@@ -56,10 +56,10 @@ def test_four_devices_give_the_same_result_as_one():
 
 
 def test_ema_tracks_params_with_the_configured_decay():
-    config = tiny_config()
+    config = micro_config()
     config.ema_warmup = False
     config.ema_decay = 0.5
-    mesh = train.create_mesh(jax.devices()[:1])
+    mesh = train.create_mesh(devices=jax.devices()[:1])
     state = train.create_train_state(config, mesh)
     params0 = jax.tree.map(np.asarray, state.params)
     state, _ = train.make_train_step(config, mesh)(state, train.global_batch(fixed_batch(config), mesh))
@@ -83,7 +83,7 @@ def test_learning_rate_schedule():
 
 def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
     config = tiny_config()
-    mesh = train.create_mesh()
+    mesh = train.create_mesh(config)
     source = input_pipeline.make_source(config.data)
     dataset = input_pipeline.create_dataset(config, source, process_index=0, process_count=1)
     data_iter = iter(dataset)
@@ -140,7 +140,7 @@ def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    config = tiny_config()
+    config = micro_config()
     config.num_train_steps = 4
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
     config.num_train_steps = 2
@@ -184,9 +184,9 @@ def test_loss_and_in_loop_sampler_honour_the_prediction_target():
     """The freshly built net outputs exactly 0 (zero-initialised last conv), which pins down
     what each target means: loss = mean(x0^2) for x0 prediction, and DDIM eta=0 sampling
     with an x0 prediction of 0 ends exactly at 0."""
-    config = tiny_config()
-    mesh = train.create_mesh(jax.devices()[:1])
-    batch = np.full((config.batch_size, 16, 16, 3), 191, np.uint8)
+    config = micro_config()
+    mesh = train.create_mesh(devices=jax.devices()[:1])
+    batch = np.full((config.batch_size, 8, 8, 3), 191, np.uint8)
     x0 = 191 / 127.5 - 1
     finals = {}
     for prediction in ("eps", "x0", "v"):

@@ -1,0 +1,88 @@
+"""Train-step throughput and model-FLOP utilisation on whatever backend runs it.
+
+    python benchmarks/train_throughput.py --config=configs/cifar10.py --batch=8 \
+        --config.model.dtype=bfloat16 --output=throughput.json
+
+FLOPs per step come from XLA's cost analysis of the compiled train step; the peak is
+measured on the same backend with a large jitted matmul in the config's compute dtype.
+Utilisation = FLOPs per step x steps per second / measured peak.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from ddpm_jax import train  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Training config.")
+flags.DEFINE_integer("batch", 0, "Global batch size (0: the config's).")
+flags.DEFINE_integer("repeats", 5, "Timed steps (median reported).")
+flags.DEFINE_integer("matmul_size", 4096, "Side of the square matmul that measures the peak.")
+flags.DEFINE_string("output", None, "Write the results as JSON here.")
+FLAGS = flags.FLAGS
+
+
+def measured_peak_flops(dtype: str, size: int) -> float:
+    """FLOP/s of a jitted size x size matmul chain in `dtype` (the best this backend does)."""
+    a = jnp.ones((size, size), dtype) / size
+    b = jnp.ones((size, size), dtype)
+
+    @jax.jit
+    def chain(a, b):
+        for _ in range(4):
+            a = a @ b
+        return a
+
+    seconds = common.time_call(lambda: chain(a, b).block_until_ready(), repeats=3)
+    return 4 * 2 * size**3 / seconds
+
+
+def step_flops(step_fn, state, batch) -> float:
+    analysis = step_fn.lower(state, batch).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    if FLAGS.batch:
+        config.batch_size = FLAGS.batch
+    mesh = train.create_mesh(config)
+    state = train.create_train_state(config, mesh)
+    step = train.make_train_step(config, mesh)
+    size = config.data.image_size
+    batch = train.global_batch(np.zeros((config.batch_size, size, size, 3), np.uint8), mesh)
+    flops = step_flops(step, state, batch)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    seconds = common.time_call(run, warmup=2, repeats=FLAGS.repeats)
+    peak = measured_peak_flops(config.model.dtype, FLAGS.matmul_size)
+    rows = [{
+        "backend": jax.default_backend(), "devices": jax.device_count(),
+        "dtype": config.model.dtype, "batch": config.batch_size, "image_size": size,
+        "params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "step_s": seconds, "images_per_s": config.batch_size / seconds,
+        "gflop_per_step": flops / 1e9, "achieved_tflop_s": flops / seconds / 1e12,
+        "peak_tflop_s": peak / 1e12, "utilisation": flops / seconds / peak,
+    }]
+    common.report("train step throughput", rows, FLAGS.output)
+
+
+if __name__ == "__main__":
+    app.run(main)
