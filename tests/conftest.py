@@ -69,6 +69,19 @@ MICRO_FLAGS = [
 ]
 
 
+def run_train_steps(config, mesh, batches):
+    """Fresh state, then one jitted train step per uint8 batch; returns (state, losses)."""
+    from ddpm_jax import train
+
+    state = train.create_train_state(config, mesh)
+    step_fn = train.make_train_step(config, mesh)
+    losses = []
+    for batch in batches:
+        state, metrics = step_fn(state, train.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
 @pytest.fixture
 def config():
     return tiny_config()

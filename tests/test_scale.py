@@ -9,7 +9,7 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, train
-from tests.conftest import MICRO_FLAGS, micro_config
+from tests.conftest import MICRO_FLAGS, micro_config, run_train_steps
 from tests.test_main import ROOT
 
 
@@ -21,13 +21,7 @@ def batches(config, count=2):
 
 
 def train_steps(config, data, devices=None):
-    mesh = train.create_mesh(config, devices)
-    state = train.create_train_state(config, mesh)
-    step = train.make_train_step(config, mesh)
-    losses = []
-    for batch in data:
-        state, metrics = step(state, train.global_batch(batch, mesh))
-        losses.append(float(metrics["loss"]))
+    state, losses = run_train_steps(config, train.create_mesh(config, devices), data)
     return jax.tree.map(np.asarray, state), losses
 
 

@@ -9,23 +9,13 @@ import pytest
 import tensorflow as tf
 
 from ddpm_jax import checkpointing, config_checks, input_pipeline, train
-from tests.conftest import micro_config, tiny_config
+from tests.conftest import micro_config, run_train_steps, tiny_config
 
 
 def fixed_batch(config, seed=0):
     rng = np.random.default_rng(seed)
     size = config.data.image_size
     return rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
-
-
-def run_steps(config, mesh, batches):
-    state = train.create_train_state(config, mesh)
-    step_fn = train.make_train_step(config, mesh)
-    losses = []
-    for batch in batches:
-        state, metrics = step_fn(state, train.global_batch(batch, mesh))
-        losses.append(float(metrics["loss"]))
-    return state, losses
 
 
 def test_train_step_overfits_one_batch():
@@ -36,7 +26,7 @@ def test_train_step_overfits_one_batch():
     mesh = train.create_mesh(devices=jax.devices()[:1])
     batch = np.zeros((4, 16, 16, 3), np.uint8)
     batch[:, 4:12, 4:12] = 255  # one simple image, repeated
-    state, losses = run_steps(config, mesh, [batch] * 60)
+    state, losses = run_train_steps(config, mesh, [batch] * 60)
     assert int(state.step) == 60
     # Fixed images: the denoiser can learn x0 exactly, so the eps loss collapses.
     assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
@@ -47,8 +37,8 @@ def test_four_devices_give_the_same_result_as_one():
     config = micro_config()
     config.model.dropout = 0.1  # dropout masks must not depend on the sharding either
     batches = [fixed_batch(config, seed) for seed in range(3)]
-    one, losses_one = run_steps(config, train.create_mesh(devices=jax.devices()[:1]), batches)
-    four, losses_four = run_steps(config, train.create_mesh(devices=jax.devices()), batches)
+    one, losses_one = run_train_steps(config, train.create_mesh(devices=jax.devices()[:1]), batches)
+    four, losses_four = run_train_steps(config, train.create_mesh(devices=jax.devices()), batches)
     # Same math; only the order of floating-point reductions differs between shardings.
     np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
