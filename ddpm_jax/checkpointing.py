@@ -17,8 +17,18 @@ from absl import logging
 from etils import epath
 
 
-def make_manager(directory: epath.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """A manager keeping the newest `config.keep_checkpoints` steps, saving asynchronously."""
+def make_manager(
+    directory: epath.Path, config: ml_collections.ConfigDict | None = None
+) -> ocp.CheckpointManager:
+    """A manager keeping the newest `config.keep_checkpoints` steps, saving asynchronously.
+
+    Without `config` it only reads: it deletes nothing, not even the temporary folder of a
+    save that a running training job is writing.
+    """
+    if config is None:
+        return ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+        )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints,
         keep_period=config.keep_every_steps or None,  # permanent steps beside the rolling ones
@@ -44,13 +54,24 @@ def save(
     )
 
 
+def config_at(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The resolved config saved with checkpoint `step`."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
 def latest_config(manager: ocp.CheckpointManager) -> dict | None:
     """The config saved with the newest checkpoint, or None when there is none."""
     step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+    return None if step is None else config_at(manager, step)
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+    """The train state of checkpoint `step`, in `abstract_state`'s shapes and shardings."""
+    state = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )["state"]
+    logging.info("restored checkpoint of step %d from %s", step, manager.directory)
+    return state
 
 
 def restore_latest(
@@ -65,10 +86,7 @@ def restore_latest(
     step = manager.latest_step()
     if step is None:
         return None, False
-    state = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )["state"]
-    logging.info("restored checkpoint of step %d from %s", step, manager.directory)
+    state = restore_step(manager, step, abstract_state)
     if data_iter is None:
         return state, False
     try:

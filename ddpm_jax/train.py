@@ -3,7 +3,8 @@
 The network is a Flax NNX module, split once into a static `graphdef` and a pure
 dict of parameters; the train step is a plain `jax.jit` function over the
 `TrainState` pytree that merges them back inside the trace. The batch is sharded
-over every device of a one-axis (`data`) mesh; the state is replicated.
+over every device of a (data, fsdp) mesh; the state is replicated or FSDP-split
+(`sharding.py`).
 """
 
 from __future__ import annotations

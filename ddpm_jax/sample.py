@@ -1,0 +1,127 @@
+"""Samples from a trained run: `python -m ddpm_jax.sample --workdir=DIR --num_samples=N --output=PATH`.
+
+Reads the config saved with the checkpoint, restores the newest step (or `--step`), and
+samples from the EMA weights (the raw weights when the run kept no EMA) with the run's
+diffusion settings. Samples are drawn in batches sharded over every device, so N can be
+far larger than what fits in device memory. `.png` writes one grid, `.npz` writes uint8
+images under the key `images`; `--snapshots=K` also writes `<output>_denoising.png` (each
+sample at K points along the reverse chain). The same seed gives the same images.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+flags.DEFINE_integer("num_samples", 16, "Number of images.")
+flags.DEFINE_string("output", None, "Where to write: a .png grid or a .npz of uint8 images.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+flags.DEFINE_string("sampler", None, "ddpm or ddim (default: the run's config.sample.sampler).")
+flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's; 0 means all T).")
+flags.DEFINE_float("eta", None, "DDIM noise scale (default: the run's).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("batch_size", 64, "Images per sampling run (rounded up to the devices).")
+flags.DEFINE_integer("snapshots", 0, "Also write the denoising strip with this many points.")
+flags.mark_flags_as_required(["workdir", "output"])
+
+
+def load_run(workdir: str, step: int | None = None):
+    """(config, sampling params, step) of a run's checkpoint, restored onto this host's mesh."""
+    from ddpm_jax import checkpointing, train
+
+    directory = train.absolute_path(workdir) / "checkpoints"
+    if not directory.exists():
+        raise FileNotFoundError(f"no checkpoints under {directory}; is --workdir a training run?")
+    manager = checkpointing.make_manager(directory)  # read-only
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"checkpoint step {step} not in {manager.all_steps()}")
+    config = ml_collections.ConfigDict(checkpointing.config_at(manager, step))
+    mesh = train.create_mesh(config)
+    state = checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
+    manager.close()
+    params = state.ema_params if config.ema_decay > 0 else state.params
+    return config, params, step, mesh
+
+
+def generate(
+    workdir: str, num_samples: int, *, step: int | None = None, sampler: str | None = None,
+    num_steps: int | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 64,
+    snapshots: int = 0, progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 samples [N, S, S, 3] (and [N, K, S, S, 3] snapshots when `snapshots` > 0)."""
+    from ddpm_jax import image_utils, train
+
+    config, params, step, mesh = load_run(workdir, step)
+    sampler = sampler or config.sample.sampler
+    num_steps = config.sample.num_steps if num_steps is None else num_steps
+    eta = config.sample.eta if eta is None else eta
+    batch_size = min(batch_size, num_samples)
+    sample_fn = train.make_sample_fn(config, mesh, num_images=batch_size, sampler=sampler,
+                                     num_steps=num_steps, eta=eta, num_snapshots=snapshots)
+    logging.info("sampling %d images from step %d with %s (%s steps)", num_samples, step,
+                 sampler, num_steps or "all")
+    images, strips = [], []
+    batches = range(-(-num_samples // batch_size))
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="sampling", unit="batch")
+    for index in batches:
+        outputs = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(seed), index))
+        final = outputs[0] if snapshots else outputs
+        images.append(image_utils.to_uint8(multihost_utils.process_allgather(final, tiled=True)))
+        if snapshots:
+            strip = multihost_utils.process_allgather(outputs[1], tiled=True)  # [K, B, ...]
+            strips.append(image_utils.to_uint8(np.swapaxes(strip, 0, 1)))
+    samples = np.concatenate(images)[:num_samples]
+    return samples, (np.concatenate(strips)[:num_samples] if snapshots else None)
+
+
+def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
+    """Writes a grid (.png) or an array file (.npz), plus the denoising strip if given."""
+    from ddpm_jax import image_utils
+
+    path = epath.Path(output)
+    if path.suffix == ".png":
+        image_utils.save_png(image_utils.make_grid(samples), output)
+    elif path.suffix == ".npz":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            np.savez(f, images=samples)
+    else:
+        raise ValueError(f"--output must end in .png or .npz, got {output!r}")
+    if strips is not None:
+        rows = strips.reshape((-1,) + strips.shape[2:])
+        image_utils.save_png(image_utils.make_grid(rows, num_columns=strips.shape[1]),
+                             str(path.parent / f"{path.stem}_denoising.png"))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.output.endswith((".png", ".npz")):
+        sys.exit(f"ddpm_jax.sample: --output must end in .png or .npz, got {FLAGS.output!r}")
+    try:
+        samples, strips = generate(
+            FLAGS.workdir, FLAGS.num_samples, step=FLAGS.step, sampler=FLAGS.sampler,
+            num_steps=FLAGS.num_steps, eta=FLAGS.eta, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+            snapshots=FLAGS.snapshots, progress=True,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"ddpm_jax.sample: {error}")
+    if jax.process_index() == 0:
+        write(samples, strips, FLAGS.output)
+        logging.info("wrote %s", FLAGS.output)
+
+
+if __name__ == "__main__":
+    app.run(main)
