@@ -93,4 +93,18 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eta = 0.0  # DDIM noise scale (0 deterministic, 1 ~ DDPM)
     sample.num_snapshots = 0  # also log x_t at this many points along the chain
 
+    # ---- FID during training -------------------------------------------------------------
+    # Every eval_every_steps (and at the last step), FID of eval.num_samples EMA samples
+    # against eval.reference_stats, logged as "fid". Needs both files below; without them
+    # the run logs that FID is off and trains on. The same noise is used at every evaluation.
+    config.eval_every_steps = 0  # 0: no FID during training
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.inception_weights = ""  # FID Inception weights (.pth or converted .npz)
+    evaluation.reference_stats = ""  # .npz from `python -m ddpm_jax.evaluate fid-stats`
+    evaluation.num_samples = 10_000  # samples per evaluation (50,000 for published numbers)
+    evaluation.batch_size = 256  # samples per sampler/Inception batch (global)
+    evaluation.sampler = "ddim"  # cheaper than 1000 DDPM steps; `evaluate fid` for final numbers
+    evaluation.num_steps = 100
+    evaluation.eta = 0.0
+
     return config

@@ -77,6 +77,28 @@ def check_workdir_writable(workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); choose another folder") from error
 
 
+def _check_eval(config: ml_collections.ConfigDict) -> None:
+    """The FID section; only checked when FID during training is on."""
+    if config.eval_every_steps < 0:
+        raise ConfigError(f"eval_every_steps must be >= 0 (0: no FID), got {config.eval_every_steps}")
+    if config.eval_every_steps == 0:
+        return
+    e = config.eval
+    _positive(config, "eval.batch_size")
+    if not isinstance(e.num_samples, int) or e.num_samples < 2:
+        raise ConfigError(f"eval.num_samples must be >= 2 (a covariance needs two), got {e.num_samples}")
+    _choice("eval.sampler", e.sampler, diffusion.SAMPLERS)
+    try:
+        diffusion.sampling_timesteps(config.diffusion.num_timesteps, e.sampler, e.num_steps or None)
+    except ValueError as error:
+        raise ConfigError(f"eval.*: {error}") from error
+    for field in ("inception_weights", "reference_stats"):
+        path = e[field]
+        if path and not epath.Path(path).exists():
+            raise ConfigError(f"eval.{field}={path!r} does not exist; fix the path or set "
+                              "eval_every_steps=0 (see README, FID)")
+
+
 def validate(
     config: ml_collections.ConfigDict,
     workdir: str | None = None,
@@ -122,6 +144,8 @@ def validate(
         diffusion.snapshot_slots(len(steps), config.sample.num_snapshots)
     except ValueError as error:
         raise ConfigError(f"sample.*: {error}") from error
+
+    _check_eval(config)
 
     data = config.data
     _choice("data.source", data.source, input_pipeline.SOURCES)

@@ -5,15 +5,22 @@ from __future__ import annotations
 import io
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from PIL import Image
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Maps [-1, 1] floats to uint8, clamping first so out-of-range values never wrap around."""
-    images = np.clip(np.asarray(images, dtype=np.float32), -1.0, 1.0)
-    return np.round((images + 1.0) * 127.5).astype(np.uint8)
+def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """Maps [-1, 1] floats to uint8, clamping first so out-of-range values never wrap around.
+
+    NumPy in, NumPy out; a JAX array (or a traced one, inside jit) stays on device with the
+    same arithmetic, so samples scored on device equal the PNGs written from the host.
+    """
+    xp = jnp if isinstance(images, jax.Array) else np
+    images = xp.clip(xp.asarray(images, dtype=xp.float32), -1.0, 1.0)
+    return xp.round((images + 1.0) * 127.5).astype(xp.uint8)
 
 
 def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int = 2) -> np.ndarray:

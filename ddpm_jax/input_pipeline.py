@@ -330,6 +330,30 @@ def preprocess_from_config(data_config: ml_collections.ConfigDict) -> Preprocess
     )
 
 
+def evaluation_images(
+    data_config: ml_collections.ConfigDict, source: Any, num_images: int = 0, seed: int = 0
+) -> tuple[int, Any]:
+    """(count, read) for FID reference statistics: `read(indices)` -> uint8 [len, S, S, 3].
+
+    The images are the dataset as training sees it (RGB, `data.crop`, bicubic resize to
+    `data.image_size`) without random flips; all records in order, or a random subset of
+    `num_images` drawn with `seed`. Reads decode on 16 threads.
+    """
+    preprocess = dataclasses.replace(preprocess_from_config(data_config), random_flip=False)
+    order = np.arange(len(source))
+    if 0 < num_images < len(source):
+        order = np.sort(np.random.default_rng(seed).permutation(len(source))[:num_images])
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+
+    def read_one(index: int) -> np.ndarray:
+        return preprocess(source[int(order[index])], np.random.default_rng(0))
+
+    def read(indices: Sequence[int]) -> np.ndarray:
+        return np.stack(list(pool.map(read_one, indices)))
+
+    return len(order), read
+
+
 # ----------------------------------------------------------------------------- dataset
 
 

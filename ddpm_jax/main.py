@@ -83,14 +83,15 @@ def main(argv: list[str]) -> None:
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.default_backend())
     # Imported after distributed init, so nothing touches devices before it.
-    from ddpm_jax import config_checks, input_pipeline, train
+    from ddpm_jax import config_checks, fid, inception, input_pipeline, train
 
     try:
         if FLAGS.dry_run:
             dry_run(FLAGS.config)
             return
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError) as error:
+    except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError,
+            fid.FIDError, inception.InceptionWeightsError) as error:
         sys.exit(f"ddpm_jax: {error}")
 
 

@@ -20,17 +20,21 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-flags.DEFINE_integer("num_samples", 16, "Number of images.")
-flags.DEFINE_string("output", None, "Where to write: a .png grid or a .npz of uint8 images.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-flags.DEFINE_string("sampler", None, "ddpm or ddim (default: the run's config.sample.sampler).")
-flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's; 0 means all T).")
-flags.DEFINE_float("eta", None, "DDIM noise scale (default: the run's).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("batch_size", 64, "Images per sampling run (rounded up to the devices).")
-flags.DEFINE_integer("snapshots", 0, "Also write the denoising strip with this many points.")
-flags.mark_flags_as_required(["workdir", "output"])
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a command, so importing defines none."""
+    flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+    flags.DEFINE_integer("num_samples", 16, "Number of images.")
+    flags.DEFINE_string("output", None, "Where to write: a .png grid or a .npz of uint8 images.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_string("sampler", None, "ddpm or ddim (default: the run's config.sample.sampler).")
+    flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's; 0 means all T).")
+    flags.DEFINE_float("eta", None, "DDIM noise scale (default: the run's).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("batch_size", 64, "Images per sampling run (rounded up to the devices).")
+    flags.DEFINE_integer("snapshots", 0, "Also write the denoising strip with this many points.")
+    flags.mark_flags_as_required(["workdir", "output"])
 
 
 def load_run(workdir: str, step: int | None = None):
@@ -124,4 +128,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -32,6 +32,7 @@ from ddpm_jax import (
     checkpointing,
     config_checks,
     diffusion,
+    fid,
     image_utils,
     input_pipeline,
     preemption,
@@ -307,6 +308,34 @@ def log_sample_grid(
         image_utils.save_png(grid, str(epath.Path(workdir) / "samples" / f"step_{step:08d}.png"))
 
 
+def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """`fn(params) -> FID` of `config.eval.num_samples` samples, or None when FID is off.
+
+    Loads the Inception weights and reference statistics at once, so a wrong path stops the
+    run before training. Every evaluation draws from the same noise (`seed + 3`), so changes
+    in the curve come from the weights, not from the draw.
+    """
+    e = config.eval
+    if config.eval_every_steps <= 0:
+        return None
+    if not (e.inception_weights and e.reference_stats):
+        logging.warning("eval_every_steps=%d, but eval.inception_weights and eval.reference_stats "
+                        "are not both set: no FID during training (see README, FID)",
+                        config.eval_every_steps)
+        return None
+    reference_mu, reference_sigma, _ = fid.load_statistics(e.reference_stats)
+    features = fid.InceptionFeatures(e.inception_weights, mesh)
+    sample_fn = make_sample_fn(config, mesh, num_images=min(e.batch_size, e.num_samples),
+                               sampler=e.sampler, num_steps=e.num_steps, eta=e.eta)
+    rng = jax.random.PRNGKey(config.seed + 3)
+
+    def evaluate(params: Any) -> float:
+        stats = features.sample_statistics(sample_fn, params, rng, e.num_samples)
+        return fid.frechet_distance(stats.mean(), stats.covariance(), reference_mu, reference_sigma)
+
+    return evaluate
+
+
 # ------------------------------------------------------------------------------------ loop
 
 
@@ -328,6 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     source = input_pipeline.make_source(config.data)  # fails fast on missing data
     mesh = create_mesh(config)
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
+    evaluate_fid = make_fid_evaluator(config, mesh)  # fails fast on missing files
 
     make_data_iter = functools.partial(
         input_pipeline.create_dataset, config, source, process_index=jax.process_index(),
@@ -362,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         num_steps=sample_cfg.num_steps, eta=sample_cfg.eta, num_snapshots=sample_cfg.num_snapshots,
     )
 
-    loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn)
+    loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid)
     with metric_writers.ensure_flushes(writer), preemption.PreemptionWatcher() as watcher:
         try:
             state = loop.run(state, step_fn, mesh, watcher)
@@ -379,8 +409,10 @@ class NonFiniteError(FloatingPointError):
 class _Loop:
     """The host side of training: logging, samples, checkpoints, non-finite and stop checks."""
 
-    def __init__(self, config, workdir_path, writer, manager, data_iter, sample_fn):
+    def __init__(self, config, workdir_path, writer, manager, data_iter, sample_fn,
+                 evaluate_fid=None):
         self.config = config
+        self.evaluate_fid = evaluate_fid
         self.workdir = str(workdir_path)
         self.writer = writer
         self.manager = manager
@@ -411,6 +443,8 @@ class _Loop:
                 params = state.ema_params if config.ema_decay > 0 else state.params
                 log_sample_grid(self.sample_fn, params, jax.random.fold_in(self.sample_rng, step),
                                 step, config.sample.num_images, self.writer, self.workdir)
+            if self.evaluate_fid and (step % config.eval_every_steps == 0 or last):
+                self.log_fid(step, state)
             if step % config.save_every_steps == 0 or last or stop:
                 self.check_finite(*previous)  # never checkpoint past an unchecked step
                 checkpointing.save(self.manager, step, state, self.data_iter, config)
@@ -420,6 +454,14 @@ class _Loop:
         if previous is not None:
             self.check_finite(*previous)
         return state
+
+    def log_fid(self, step: int, state: TrainState) -> None:
+        start = time.perf_counter()
+        value = self.evaluate_fid(state.ema_params if self.config.ema_decay > 0 else state.params)
+        logging.info("step %d: FID %.3f over %d samples (%.0f s)", step, value,
+                     self.config.eval.num_samples, time.perf_counter() - start)
+        self.writer.write_scalars(step, {"fid": value})
+        self.interval_start = time.perf_counter()  # keep evaluation out of steps_per_sec
 
     def check_finite(self, step: int, metrics: dict[str, jax.Array]) -> None:
         if self.config.on_nonfinite == "stop" and int(metrics["nonfinite"]):

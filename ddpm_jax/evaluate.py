@@ -1,0 +1,200 @@
+"""FID on demand: `python -m ddpm_jax.evaluate COMMAND --flags`.
+
+Commands:
+
+* ``fid-stats --config=configs/celeba.py --output=celeba64_stats.npz``: reference
+  statistics of a dataset as the training pipeline feeds it (RGB, ``data.crop``, bicubic
+  resize to ``data.image_size``, no flips), over every image or ``--num_images`` drawn at
+  random. Any config field can be overridden as in training (``--config.data.path=...``).
+* ``fid --samples=PATH --reference=STATS.npz``: FID of samples against reference
+  statistics. PATH is a folder of images, an ``.npz`` of uint8 images (the sample command's
+  output), or a training workdir, in which case ``--num_images`` samples (default the run's
+  ``eval.num_samples``) are drawn from its newest checkpoint (or ``--step``) and go from the
+  sampler to the Inception network without being stored.
+* ``convert-weights --input=pt_inception-2015-12-05-6726825d.pth --output=inception.npz``:
+  the standard PyTorch weight file as a NumPy file that loads without PyTorch.
+
+The Inception weights come from ``--weights`` (or the run's ``eval.inception_weights``);
+see `ddpm_jax/inception.py` for the file and its source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a command, so importing defines none."""
+    config_flags.DEFINE_config_file("config", None, "Training config naming the dataset (fid-stats).",
+                                    lock_config=True)
+    flags.DEFINE_string("output", None, "fid-stats / convert-weights: file to write (.npz).")
+    flags.DEFINE_string("input", None, "convert-weights: the PyTorch weight file (.pth).")
+    flags.DEFINE_string("weights", None, "Inception weights (.pth or .npz); default eval.inception_weights.")
+    flags.DEFINE_string("samples", None, "fid: a folder of images, an .npz of uint8 images, or a workdir.")
+    flags.DEFINE_string("reference", None, "fid: reference statistics (.npz); default eval.reference_stats.")
+    flags.DEFINE_integer("num_images", None, "fid-stats: images to use (default all); fid on a "
+                         "workdir: samples to draw (default eval.num_samples).")
+    flags.DEFINE_integer("batch_size", 100, "Images per Inception (and sampling) batch.")
+    flags.DEFINE_integer("step", None, "fid on a workdir: checkpoint step (default the newest).")
+    flags.DEFINE_string("sampler", None, "fid on a workdir: sampler (default eval.sampler).")
+    flags.DEFINE_integer("num_steps", None, "fid on a workdir: sampler steps (default eval.num_steps).")
+    flags.DEFINE_float("eta", None, "fid on a workdir: DDIM eta (default eval.eta).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed (fid on a workdir) or subset seed (fid-stats).")
+    flags.DEFINE_string("json", None, "Also write the result as JSON here.")
+
+
+COMMANDS = ("fid-stats", "fid", "convert-weights")
+
+
+def _required(**values: object) -> None:
+    missing = [f"--{name}" for name, value in values.items() if not value]
+    if missing:
+        raise app.UsageError(f"missing {', '.join(missing)}")
+
+
+def fid_stats(config, output: str, weights: str, num_images: int = 0, batch_size: int = 100,
+              seed: int = 0) -> dict:
+    """Writes reference statistics of `config.data` to `output`; returns what it wrote."""
+    from ddpm_jax import fid, input_pipeline, sharding
+
+    features = fid.InceptionFeatures(weights, sharding.create_mesh())  # fails fast on bad weights
+    source = input_pipeline.make_source(config.data)
+    count, read = input_pipeline.evaluation_images(config.data, source, num_images, seed)
+    d = config.data
+    logging.info("Inception statistics of %d images of %s", count, d.name or d.path or d.source)
+    stats = features.statistics(read, count, batch_size, progress=True)
+    described = {
+        "source": d.source, "dataset": d.name if d.source == "tfds" else d.path,
+        "split": d.split, "image_size": d.image_size, "crop": d.crop, "crop_size": d.crop_size,
+        "crop_box": tuple(d.crop_box), "resize": "PIL bicubic (antialiased) to image_size",
+        "flip": "none",
+    }
+    if jax.process_index() == 0:
+        fid.save_statistics(output, stats, **described)
+    return {"num_images": stats.count, "output": output, **described}
+
+
+def _read_image_files(paths: list[str]):
+    from PIL import Image
+
+    def read(indices):
+        images = []
+        for index in indices:
+            with Image.open(paths[index]) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        shapes = {image.shape for image in images}
+        if len(shapes) > 1:
+            raise ValueError(f"sample images differ in size ({sorted(shapes)}); resize them to one "
+                             "size first")
+        return np.stack(images)
+
+    return read
+
+
+def _load_npz_images(path: str) -> np.ndarray:
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
+        key = "images" if "images" in data.files else data.files[0]
+        images = data[key]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}[{key!r}] is {images.dtype} {images.shape}; expected uint8 "
+                         "images [N, H, W, 3] (the sample command's .npz)")
+    return images
+
+
+def sample_fid(samples: str, reference: str, weights: str | None, *, num_images: int | None = None,
+               batch_size: int = 100, step: int | None = None, sampler: str | None = None,
+               num_steps: int | None = None, eta: float | None = None, seed: int = 0) -> dict:
+    """FID of a folder, an .npz or a workdir's samples against `reference` statistics."""
+    from ddpm_jax import fid, input_pipeline, sample, sharding, train
+
+    path = epath.Path(samples)
+    result: dict = {"samples": samples}
+    if (path / "checkpoints").exists():
+        config, params, step, mesh = sample.load_run(samples, step)
+        weights = weights or config.eval.inception_weights
+        reference = reference or config.eval.reference_stats
+        _required(weights=weights, reference=reference)
+        fid.load_statistics(reference)  # fail before sampling
+        features = fid.InceptionFeatures(weights, mesh)
+        count = num_images or config.eval.num_samples
+        settings = {"sampler": sampler or config.eval.sampler,
+                    "num_steps": config.eval.num_steps if num_steps is None else num_steps,
+                    "eta": config.eval.eta if eta is None else eta}
+        sample_fn = train.make_sample_fn(config, mesh, num_images=min(batch_size, count), **settings)
+        stats = features.sample_statistics(sample_fn, params, jax.random.PRNGKey(seed), count,
+                                           progress=True)
+        result.update(step=step, seed=seed, **settings)
+    else:
+        _required(weights=weights, reference=reference)
+        fid.load_statistics(reference)
+        if path.is_dir():
+            files = input_pipeline.list_image_files(samples)
+            count, read = len(files), _read_image_files(files)
+        elif path.suffix == ".npz":
+            images = _load_npz_images(samples)
+            count, read = len(images), lambda indices: images[np.asarray(indices)]
+        else:
+            raise ValueError(f"--samples={samples!r} is not a folder, an .npz or a workdir")
+        features = fid.InceptionFeatures(weights, sharding.create_mesh())
+        stats = features.statistics(read, count, batch_size, progress=True)
+    result.update(num_images=stats.count, reference=reference,
+                  fid=fid.fid_against(stats, reference))
+    return result
+
+
+def convert_weights(input_path: str, output: str) -> dict:
+    """Converts the PyTorch weight file to the .npz `inception.load` reads without PyTorch."""
+    from ddpm_jax import inception
+
+    state_dict = inception.read_state_dict(input_path)
+    inception.save_npz(state_dict, output, source=os.path.basename(input_path))
+    return {"input": input_path, "output": output, "arrays": len(state_dict)}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: python -m ddpm_jax.evaluate {{{'|'.join(COMMANDS)}}} --flags")
+    from ddpm_jax import fid, inception, input_pipeline
+
+    command = argv[1]
+    try:
+        if command == "convert-weights":
+            _required(input=FLAGS.input, output=FLAGS.output)
+            result = convert_weights(FLAGS.input, FLAGS.output)
+        elif command == "fid-stats":
+            config = FLAGS.config
+            _required(config=config, output=FLAGS.output)
+            weights = FLAGS.weights or config.eval.inception_weights
+            _required(weights=weights)
+            result = fid_stats(config, FLAGS.output, weights, FLAGS.num_images or 0,
+                               FLAGS.batch_size, FLAGS.seed)
+        else:
+            _required(samples=FLAGS.samples)
+            result = sample_fid(FLAGS.samples, FLAGS.reference, FLAGS.weights,
+                                num_images=FLAGS.num_images, batch_size=FLAGS.batch_size,
+                                step=FLAGS.step, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
+                                eta=FLAGS.eta, seed=FLAGS.seed)
+    except (FileNotFoundError, ValueError, fid.FIDError, inception.InceptionWeightsError,
+            input_pipeline.DataError) as error:
+        sys.exit(f"ddpm_jax.evaluate {command}: {error}")
+    if jax.process_index() == 0:
+        if "fid" in result:
+            print(f"FID {result['fid']:.4f} ({result['num_images']} images vs {result['reference']})")
+        print(json.dumps(result, default=str))
+        if FLAGS.json:
+            epath.Path(FLAGS.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,357 @@
+"""FID: the Frechet distance, feature statistics, the Inception network and its weight file,
+the evaluate command end to end, and FID during training."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from PIL import Image
+
+from ddpm_jax import config_checks, evaluate, fid, inception, train
+from tests.conftest import micro_config
+from tests.test_main import ROOT
+
+# ------------------------------------------------------------------ the Frechet distance
+
+
+def reference_frechet(mu1, sigma1, mu2, sigma2):
+    """The textbook formula with a general matrix square root (scipy), in float64."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2).real
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+def gaussian_features(rng, n, dim, shift=0.0, scale=1.0):
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    return (rng.normal(size=(n, dim)) @ mixing) * scale + shift
+
+
+def moments(x):
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def test_frechet_distance_matches_float64_reference():
+    rng = np.random.default_rng(0)
+    a = gaussian_features(rng, 2000, 128)
+    b = gaussian_features(rng, 2000, 128, shift=0.3, scale=1.5)
+    ours = fid.frechet_distance(*moments(a), *moments(b))
+    reference = reference_frechet(*moments(a), *moments(b))
+    assert ours > 1.0
+    assert abs(ours - reference) <= 1e-6 * abs(reference)
+
+
+def test_a_set_against_itself_is_zero_and_a_mean_shift_adds_its_squared_norm():
+    rng = np.random.default_rng(1)
+    mu, sigma = moments(gaussian_features(rng, 1000, 64))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    direction = rng.normal(size=64)
+    values = [fid.frechet_distance(mu, sigma, mu + d * direction, sigma) for d in (0.1, 0.5, 1, 2)]
+    # Same covariance: FID is exactly the squared distance of the means, growing with it.
+    np.testing.assert_allclose(values, [(d ** 2) * direction @ direction for d in (0.1, 0.5, 1, 2)],
+                               rtol=1e-7)
+    assert values == sorted(values)
+
+
+def test_streamed_statistics_equal_numpy_mean_and_cov():
+    rng = np.random.default_rng(2)
+    features = gaussian_features(rng, 301, 16, shift=5.0).astype(np.float32)
+    stats = fid.FeatureStatistics(16)
+    for start, stop in ((0, 7), (7, 200), (200, 301)):
+        stats.update(features[start:stop])
+    np.testing.assert_allclose(stats.mean(), features.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.covariance(), np.cov(features.astype(np.float64), rowvar=False),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_statistics_files_round_trip_and_foreign_files_load(tmp_path):
+    rng = np.random.default_rng(3)
+    stats = fid.FeatureStatistics()
+    stats.update(rng.normal(size=(10, inception.FEATURE_DIM)))
+    fid.save_statistics(str(tmp_path / "ours.npz"), stats, dataset="faces", image_size=32)
+    mu, sigma, metadata = fid.load_statistics(str(tmp_path / "ours.npz"))
+    np.testing.assert_array_equal(mu, stats.mean())
+    np.testing.assert_array_equal(sigma, stats.covariance())
+    assert metadata["dataset"] == "faces" and metadata["num_images"] == "10"
+    np.savez(tmp_path / "pytorch_fid_style.npz", mu=mu.astype(np.float32), sigma=sigma)
+    assert fid.load_statistics(str(tmp_path / "pytorch_fid_style.npz"))[0].dtype == np.float64
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(fid.FIDError, match="2048-d"):
+        fid.load_statistics(str(tmp_path / "small.npz"))
+    with pytest.raises(fid.FIDError, match="fid-stats"):
+        fid.load_statistics(str(tmp_path / "missing.npz"))
+
+
+# ---------------------------------------------------------- the network and its weight file
+
+
+def standard_layout():
+    """Keys and shapes of pt_inception-2015-12-05-6726825d.pth, written out from the
+    Inception-v3 definition (torchvision module names, FID's 1008 classes, no aux head)."""
+    layout = {}
+
+    def conv(name, cin, cout, kh, kw=None):
+        layout[f"{name}.conv.weight"] = (cout, cin, kh, kw or kh)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            layout[f"{name}.bn.{key}"] = (cout,)
+
+    for name, cin, cout, k in (("Conv2d_1a_3x3", 3, 32, 3), ("Conv2d_2a_3x3", 32, 32, 3),
+                               ("Conv2d_2b_3x3", 32, 64, 3), ("Conv2d_3b_1x1", 64, 80, 1),
+                               ("Conv2d_4a_3x3", 80, 192, 3)):
+        conv(name, cin, cout, k)
+    for name, cin, pool in (("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)):
+        conv(f"{name}.branch1x1", cin, 64, 1)
+        conv(f"{name}.branch5x5_1", cin, 48, 1)
+        conv(f"{name}.branch5x5_2", 48, 64, 5)
+        conv(f"{name}.branch3x3dbl_1", cin, 64, 1)
+        conv(f"{name}.branch3x3dbl_2", 64, 96, 3)
+        conv(f"{name}.branch3x3dbl_3", 96, 96, 3)
+        conv(f"{name}.branch_pool", cin, pool, 1)
+    conv("Mixed_6a.branch3x3", 288, 384, 3)
+    conv("Mixed_6a.branch3x3dbl_1", 288, 64, 1)
+    conv("Mixed_6a.branch3x3dbl_2", 64, 96, 3)
+    conv("Mixed_6a.branch3x3dbl_3", 96, 96, 3)
+    for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+        conv(f"{name}.branch1x1", 768, 192, 1)
+        conv(f"{name}.branch7x7_1", 768, c7, 1)
+        conv(f"{name}.branch7x7_2", c7, c7, 1, 7)
+        conv(f"{name}.branch7x7_3", c7, 192, 7, 1)
+        conv(f"{name}.branch7x7dbl_1", 768, c7, 1)
+        conv(f"{name}.branch7x7dbl_2", c7, c7, 7, 1)
+        conv(f"{name}.branch7x7dbl_3", c7, c7, 1, 7)
+        conv(f"{name}.branch7x7dbl_4", c7, c7, 7, 1)
+        conv(f"{name}.branch7x7dbl_5", c7, 192, 1, 7)
+        conv(f"{name}.branch_pool", 768, 192, 1)
+    conv("Mixed_7a.branch3x3_1", 768, 192, 1)
+    conv("Mixed_7a.branch3x3_2", 192, 320, 3)
+    conv("Mixed_7a.branch7x7x3_1", 768, 192, 1)
+    conv("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7)
+    conv("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1)
+    conv("Mixed_7a.branch7x7x3_4", 192, 192, 3)
+    for name, cin in (("Mixed_7b", 1280), ("Mixed_7c", 2048)):
+        conv(f"{name}.branch1x1", cin, 320, 1)
+        conv(f"{name}.branch3x3_1", cin, 384, 1)
+        conv(f"{name}.branch3x3_2a", 384, 384, 1, 3)
+        conv(f"{name}.branch3x3_2b", 384, 384, 3, 1)
+        conv(f"{name}.branch3x3dbl_1", cin, 448, 1)
+        conv(f"{name}.branch3x3dbl_2", 448, 384, 3)
+        conv(f"{name}.branch3x3dbl_3a", 384, 384, 1, 3)
+        conv(f"{name}.branch3x3dbl_3b", 384, 384, 3, 1)
+        conv(f"{name}.branch_pool", cin, 192, 1)
+    layout["fc.weight"] = (1008, 2048)
+    layout["fc.bias"] = (1008,)
+    return layout
+
+
+def synthetic_state_dict(seed=0):
+    """Random weights in the standard file's layout: He-scaled convolutions, identity batch
+    norm, so features stay O(1) through the 94 layers; plus the files' step counters."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, shape in standard_layout().items():
+        if key.endswith("conv.weight"):
+            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+        elif key.endswith(("bn.weight", "running_var")):
+            value = np.ones(shape)
+        elif key == "fc.weight":
+            value = rng.normal(size=shape) / np.sqrt(shape[1])
+        else:
+            value = np.zeros(shape)
+        state[key] = value.astype(np.float32)
+        if key.endswith("running_var"):
+            state[key.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
+    return state
+
+
+def test_parameters_have_the_standard_weight_files_layout():
+    layout = inception.file_layout()
+    assert layout == standard_layout()
+    # Independently: torchvision's Inception-v3 has 27,161,264 trainable parameters; the FID
+    # graph drops the auxiliary head (3,326,696) and has 8 more classes (8 x 2049).
+    trainable = sum(int(np.prod(s)) for k, s in layout.items() if "running" not in k)
+    assert trainable == 27_161_264 - 3_326_696 + 8 * 2049
+
+
+def test_weights_map_onto_the_network_and_bad_files_are_named(tmp_path):
+    state_dict = synthetic_state_dict()
+    params = inception.params_from_state_dict(state_dict)
+    conv = state_dict["Mixed_6b.branch7x7_2.conv.weight"]  # [out, in, 1, 7]
+    np.testing.assert_array_equal(params["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"],
+                                  conv.transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["fc"]["kernel"], state_dict["fc.weight"].T)
+    np.testing.assert_array_equal(params["Mixed_7c"]["branch_pool"]["bn"]["var"],
+                                  state_dict["Mixed_7c.branch_pool.bn.running_var"])
+    broken = dict(state_dict)
+    del broken["Mixed_5b.branch1x1.bn.running_mean"]
+    broken["Mixed_6a.branch3x3.conv.weight"] = np.zeros((384, 288, 5, 5), np.float32)
+    broken["AuxLogits.fc.weight"] = np.zeros((1008, 768), np.float32)
+    with pytest.raises(inception.InceptionWeightsError) as error:
+        inception.params_from_state_dict(broken)
+    for expected in ("missing Mixed_5b.branch1x1.bn.running_mean", "Mixed_6a.branch3x3.conv.weight",
+                     "unexpected AuxLogits.fc.weight"):
+        assert expected in str(error.value)
+    with pytest.raises(inception.InceptionWeightsError, match="download"):
+        inception.read_state_dict(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    truncated = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    truncated.write_bytes(b"not the weights")
+    with pytest.raises(inception.InceptionWeightsError, match="incomplete or corrupt"):
+        inception.read_state_dict(str(truncated))
+
+
+def test_resize_is_half_pixel_bilinear_with_clamped_edges():
+    """Against PyTorch's `interpolate(bilinear, align_corners=False)` rule, written in NumPy."""
+
+    def reference(image, size):
+        def weights(n_in):
+            src = np.maximum((np.arange(size) + 0.5) * n_in / size - 0.5, 0.0)
+            low = np.minimum(np.floor(src).astype(int), n_in - 1)
+            high = np.minimum(low + 1, n_in - 1)
+            matrix = np.zeros((size, n_in))
+            matrix[np.arange(size), low] += 1 - (src - low)
+            matrix[np.arange(size), high] += src - low
+            return matrix
+
+        rows, cols = weights(image.shape[0]), weights(image.shape[1])
+        return np.einsum("ih,jw,hwc->ijc", rows, cols, image)
+
+    rng = np.random.default_rng(4)
+    for shape in ((7, 5, 3), (40, 33, 3)):  # up- and downsampling, non-square
+        image = rng.uniform(size=shape).astype(np.float32)
+        ours = inception.resize_bilinear(jnp.asarray(image)[None], 19)[0]
+        np.testing.assert_allclose(ours, reference(image.astype(np.float64), 19), atol=1e-5)
+
+
+def test_pools_follow_the_2015_graph_at_borders():
+    ones = jnp.ones((1, 5, 5, 2))
+    np.testing.assert_allclose(inception.avg_pool_3x3(ones), ones)  # padding not averaged in
+    negative = -jnp.arange(1.0, 26.0).reshape(1, 5, 5, 1)
+    pooled = inception.max_pool_3x3(negative, 1)
+    assert pooled.shape == negative.shape and float(pooled.max()) < 0  # padding never wins
+    assert float(pooled[0, 0, 0, 0]) == -1.0
+
+
+# ------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "random_inception.npz"
+    inception.save_npz(synthetic_state_dict(), str(path), source="synthetic")
+    return str(path)
+
+
+def write_images(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def image_sets(tmp_path_factory):
+    """Two sets of 16x16 pictures: smooth gradients, and the same with strong noise."""
+    rng = np.random.default_rng(5)
+    ramp = np.linspace(0, 255, 16)
+    smooth = np.stack([np.stack(np.broadcast_arrays(ramp[:, None] * f, ramp[None, :] * (1 - f),
+                                                    np.full((16, 16), 128.0)), -1)
+                       for f in np.linspace(0, 1, 10)]).astype(np.uint8)
+    noisy = np.clip(smooth + rng.normal(0, 80, smooth.shape), 0, 255).astype(np.uint8)
+    root = tmp_path_factory.mktemp("images")
+    write_images(root / "smooth", smooth)
+    return root, smooth, noisy
+
+
+def test_fid_stats_and_fid_commands_end_to_end(weights_file, image_sets, tmp_path):
+    root, smooth, noisy = image_sets
+    stats_path = tmp_path / "stats.npz"
+    command = [sys.executable, "-m", "ddpm_jax.evaluate", "fid-stats",
+               f"--config={ROOT}/configs/quickstart.py", "--config.data.source=folder",
+               f"--config.data.path={root / 'smooth'}", "--config.data.image_size=16",
+               f"--weights={weights_file}", f"--output={stats_path}", "--batch_size=4"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    mu, sigma, metadata = fid.load_statistics(str(stats_path))
+    assert metadata["num_images"] == "10" and metadata["image_size"] == "16"
+    assert np.all(np.isfinite(sigma)) and np.abs(mu).max() > 0
+
+    # The same pictures from a folder score ~0; the noisy ones from an .npz score far above.
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.evaluate", "fid", f"--samples={root / 'smooth'}",
+         f"--reference={stats_path}", f"--weights={weights_file}", "--batch_size=8",
+         f"--json={tmp_path / 'fid.json'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FID" in result.stdout
+    same = evaluate.json.loads((tmp_path / "fid.json").read_text())["fid"]
+    np.savez(tmp_path / "noisy.npz", images=noisy)
+    different = evaluate.sample_fid(str(tmp_path / "noisy.npz"), str(stats_path), weights_file,
+                                    batch_size=3)  # 4 batches over 4 devices, the last padded
+    scale = np.trace(sigma)
+    assert abs(same) < 1e-3 * scale
+    assert different["fid"] > 0.5 * scale and different["num_images"] == 10
+
+
+def test_evaluate_rejects_bad_sample_files(weights_file, tmp_path):
+    np.savez(tmp_path / "floats.npz", images=np.zeros((4, 8, 8, 3), np.float32))
+    stats = fid.FeatureStatistics()
+    stats.update(np.random.default_rng(0).normal(size=(3, inception.FEATURE_DIM)))
+    fid.save_statistics(str(tmp_path / "stats.npz"), stats)
+    with pytest.raises(ValueError, match="uint8 images"):
+        evaluate.sample_fid(str(tmp_path / "floats.npz"), str(tmp_path / "stats.npz"), weights_file)
+
+
+def read_scalars(workdir, tag):
+    """(step, value) of one scalar tag in the TensorBoard event files under workdir."""
+    import tensorflow as tf
+
+    found = []
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    found.append((event.step, float(tf.make_ndarray(value.tensor))))
+    return sorted(found)
+
+
+def test_fid_during_training_is_logged_and_checked_up_front(weights_file, tmp_path):
+    stats = fid.FeatureStatistics()
+    stats.update(np.random.default_rng(6).uniform(size=(8, inception.FEATURE_DIM)))
+    fid.save_statistics(str(tmp_path / "stats.npz"), stats)
+    config = micro_config()
+    config.num_train_steps = 2
+    config.eval_every_steps = 2
+    config.eval.inception_weights = weights_file
+    config.eval.reference_stats = str(tmp_path / "stats.npz")
+    config.eval.num_samples = 6
+    config.eval.batch_size = 4  # two sampling batches, the second cut to 2
+    config.eval.num_steps = 2
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, str(workdir))
+    fid_events = read_scalars(str(workdir), "fid")
+    assert [step for step, _ in fid_events] == [2]
+    assert np.isfinite(fid_events[0][1]) and fid_events[0][1] > 0
+    # `evaluate fid` on the workdir: the run's own eval settings, weights and reference.
+    result = evaluate.sample_fid(str(workdir), None, None, num_images=5, batch_size=4)
+    assert result["step"] == 2 and result["num_images"] == 5 and result["sampler"] == "ddim"
+    assert np.isfinite(result["fid"]) and result["fid"] > 0
+
+    config.eval.reference_stats = str(tmp_path / "missing.npz")
+    with pytest.raises(config_checks.ConfigError, match="eval.reference_stats"):
+        train.train_and_evaluate(config, str(tmp_path / "other"))
+    assert not (tmp_path / "other" / "checkpoints").exists()
+
+
+def test_features_of_model_space_samples_equal_those_of_their_pngs(weights_file):
+    """On-device quantisation of [-1, 1] samples matches the uint8 the sample command writes."""
+    from ddpm_jax import image_utils, sharding
+
+    features = fid.InceptionFeatures(weights_file, sharding.create_mesh())
+    samples = np.random.default_rng(7).uniform(-1.3, 1.3, (4, 16, 16, 3)).astype(np.float32)
+    from_floats = features.of_global(jax.device_put(samples))
+    from_pngs = features.of_global(jax.device_put(image_utils.to_uint8(samples)))
+    np.testing.assert_array_equal(from_floats, from_pngs)
