@@ -34,6 +34,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_every_steps = 0  # also keep every checkpoint at a multiple of this (0: none)
     config.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" the run or "skip" the step
 
+    # ---- compilation -----------------------------------------------------------------
+    # Largest per-device micro-batch one forward/backward pass runs on; bigger batches run
+    # as sequential chunks with the same gradient. 0: 8 on CPU (faster there), none elsewhere;
+    # -1: never split.
+    config.compute_chunk_size = 0
+    # CPU backend only: "eigen" compiles convolutions with XLA's own kernels (1.2x faster
+    # train steps here, ddpm_jax/xla.py); "default" leaves XLA's library choice.
+    config.cpu_conv_library = "eigen"
+
     # ---- devices -------------------------------------------------------------------
     config.mesh = mesh = ml_collections.ConfigDict()
     mesh.fsdp = 1  # devices that split params/optimizer state (FSDP); 1 = pure data parallel

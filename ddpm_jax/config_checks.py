@@ -10,7 +10,7 @@ import uuid
 import ml_collections
 from etils import epath
 
-from ddpm_jax import diffusion, input_pipeline
+from ddpm_jax import diffusion, input_pipeline, xla
 from ddpm_jax.models import unet
 
 
@@ -126,6 +126,10 @@ def validate(
         raise ConfigError(f"learning_rate must be positive, got {config.learning_rate}")
     _choice("lr_schedule", config.lr_schedule, ("cosine", "constant"))
     _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
+    _choice("cpu_conv_library", config.cpu_conv_library, xla.CPU_CONV_LIBRARIES)
+    if not isinstance(config.compute_chunk_size, int) or config.compute_chunk_size < -1:
+        raise ConfigError("compute_chunk_size must be a positive integer, 0 (automatic) or -1 "
+                          f"(never split), got {config.compute_chunk_size!r}")
     if config.keep_every_steps < 0:
         raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:

@@ -37,6 +37,7 @@ from ddpm_jax import (
     input_pipeline,
     preemption,
     sharding,
+    xla,
 )
 from ddpm_jax.models import create_model
 
@@ -168,8 +169,14 @@ def train_step(
     config: ml_collections.ConfigDict,
     graphdef: nnx.GraphDef,
     schedule: diffusion.Schedule,
+    micro_batches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global uint8 batch; returns the new state and scalar metrics."""
+    """One optimizer step on a global uint8 batch; returns the new state and scalar metrics.
+
+    With `micro_batches` > 1 the gradient is the mean of that many sequential micro-batch
+    gradients (the same value as one pass over the batch, in less memory or, on CPU, less
+    time); each micro-batch draws its own dropout masks.
+    """
     x0 = images_to_model_space(batch)
     step_rng = jax.random.fold_in(state.rng, state.step)
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
@@ -184,7 +191,7 @@ def train_step(
         return jnp.mean(diffusion.regression_loss(output, target, config.diffusion.loss))
 
     grad_fn = jax.value_and_grad(loss_fn)
-    accum = config.grad_accum_steps
+    accum = micro_batches
     if accum == 1:
         loss, grads = grad_fn(state.params, x_t, t, target, dropout_rng)
     else:
@@ -226,10 +233,29 @@ def train_step(
     return new_state, metrics
 
 
+def compute_chunks(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
+    """Sequential chunks each device's (micro-)batch is split into (1: none).
+
+    `config.compute_chunk_size` caps the examples one forward/backward pass runs on; 0 means
+    8 on the CPU backend, where XLA's convolutions lose speed on larger batches (a batch of
+    32 trains 13% faster as 4 chunks of 8, docs/benchmarks.md), and no cap elsewhere.
+    """
+    limit = config.get("compute_chunk_size", 0)
+    if limit == 0:
+        limit = 8 if jax.default_backend() == "cpu" else -1
+    if limit < 0 or per_device_batch <= limit:
+        return 1
+    return next(k for k in range(2, per_device_batch + 1)
+                if per_device_batch % k == 0 and per_device_batch // k <= limit)
+
+
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """The jitted train step: state in its mesh sharding and donated, batch split over devices."""
+    accum = config.grad_accum_steps
+    per_device = config.batch_size // (mesh.devices.size * accum)
     step_fn = functools.partial(
-        train_step, config=config, graphdef=model_graphdef(config), schedule=make_schedule(config)
+        train_step, config=config, graphdef=model_graphdef(config), schedule=make_schedule(config),
+        micro_batches=accum * compute_chunks(config, per_device),
     )
     state_sharding = train_state_shardings(config, mesh)
     return jax.jit(
@@ -237,6 +263,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=xla.compiler_options(config),
     )
 
 
@@ -283,7 +310,8 @@ def make_sample_fn(
     snapshot_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
     outs = (out_sharding, snapshot_sharding) if num_snapshots else out_sharding
     params_sharding = train_state_shardings(config, mesh).params
-    return jax.jit(run, in_shardings=(params_sharding, replicated(mesh)), out_shardings=outs)
+    return jax.jit(run, in_shardings=(params_sharding, replicated(mesh)), out_shardings=outs,
+                   compiler_options=xla.compiler_options(config))
 
 
 def log_sample_grid(

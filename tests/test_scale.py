@@ -1,6 +1,7 @@
 """Scaling features give the same training as the plain data-parallel step."""
 
 import os
+import re
 import subprocess
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import checkpointing, train
+from ddpm_jax import checkpointing, train, xla
 from tests.conftest import MICRO_FLAGS, micro_config, run_train_steps
 from tests.test_main import ROOT
 
@@ -55,6 +56,42 @@ def test_grad_accumulation_matches_one_big_batch():
     accumulated, losses = train_steps(config, data)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert_states_close(reference, accumulated)
+
+
+def test_cpu_speed_settings_keep_the_loss():
+    """The CPU compile options and the chunked step change speed, not results (fixed seed)."""
+    config = micro_config()
+    config.model.dropout = 0.0  # chunks draw their own dropout masks; without dropout, same math
+    config.batch_size = 16  # 4 per device
+    data = batches(config)
+    config.cpu_conv_library, config.compute_chunk_size = "default", -1
+    reference, ref_losses = train_steps(config, data)
+    for library, chunk in (("eigen", -1), ("eigen", 2)):
+        config.cpu_conv_library, config.compute_chunk_size = library, chunk
+        state, losses = train_steps(config, data)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        assert_states_close(reference, state)
+    assert train.compute_chunks(config, 4) == 2 and train.compute_chunks(config, 2) == 1
+
+
+def test_cpu_conv_library_setting_reaches_the_compiler():
+    config = micro_config()
+    config.model.base_channels, config.model.norm_groups = 32, 8  # big enough for YNNPACK
+    mesh = train.create_mesh(config)
+    state = jax.eval_shape(lambda: train.create_train_state(config, mesh))
+    batch = jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)
+
+    def convolutions_in_library_fusions(library):
+        config.cpu_conv_library = library
+        hlo = train.make_train_step(config, mesh).lower(state, batch).compile().as_text()
+        called = set(re.findall(r"calls=%?([\w.\-]+), [^\n]*__ynn_fusion", hlo))
+        bodies = dict(re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+        return sum(" convolution(" in bodies.get(name, "") for name in called)
+
+    if xla.compiler_options(config) is None:
+        pytest.fail("this jaxlib rejects the CPU compile options; update ddpm_jax/xla.py")
+    assert convolutions_in_library_fusions("default") > 0
+    assert convolutions_in_library_fusions("eigen") == 0
 
 
 def test_remat_changes_nothing():
