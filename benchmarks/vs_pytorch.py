@@ -9,8 +9,18 @@ weights, float32, dropout 0.1 in training:
 * DDIM: a 100-step deterministic sampling run (ddpm-jax's one-program sampler against
   diffusers' `DDIMScheduler` loop, as `DDIMPipeline` runs it).
 
-Each case is warmed up on both sides, then timed `--repeats` times alternating sides;
-medians are reported with speed-up = PyTorch time / ddpm-jax time (> 1: ddpm-jax faster).
+Each side lives in its own worker process (PyTorch is never imported into the JAX one, nor
+JAX into the PyTorch one), and the parent asks them for one call at a time, so the two never
+run at once and neither inherits the other's allocator or thread-pool state (in one shared
+process, the first JAX train step after a PyTorch step ran up to 1.7x slower). Each case is
+warmed up on both sides, then timed `--repeats` times alternating sides; medians are
+reported with speed-up = PyTorch time / ddpm-jax time (> 1: ddpm-jax faster).
+
+Each turn makes `--block` calls: the first call after a switch pays for memory the other
+process used meanwhile (XLA:CPU maps its per-call buffers fresh, 2.4 GB for a train step at
+batch 32, and re-faulting them costs more while another process churns memory), so it is
+reported apart (`*_after_switch_s`) and the medians are over the steady calls, the rate a
+training run sees.
 Needs the `bench` extra (`pip install -e ".[bench]"`; on a CPU-only machine install the
 CPU wheel of torch first, e.g. `pip install torch==2.13.0`).
 
@@ -20,26 +30,25 @@ CPU wheel of torch first, e.g. `pip install torch==2.13.0`).
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
+import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from benchmarks.common import report
 from configs import cifar10
-from ddpm_jax import train, xla
 
+SETTLE_S = 1.0  # idle time before each timed call, so the other side's threads are asleep
 CASES = {  # name: (kind, batch)
     "train8": ("train", 8), "train32": ("train", 32), "forward64": ("forward", 64),
     "ddim16": ("ddim", 16),
 }
 
 
-def diffusers_unet(config) -> torch.nn.Module:
+def diffusers_unet(config):
     """diffusers' UNet2DModel with the DDPM CIFAR-10 architecture (as google/ddpm-cifar10-32)."""
     from diffusers import UNet2DModel
 
@@ -62,21 +71,34 @@ class TorchSide:
     """The PyTorch user's train step, forward and DDIM loop."""
 
     def __init__(self, config, seed: int):
+        import torch
+
         torch.manual_seed(seed)
         self.config = config
         self.unet = diffusers_unet(config)
         self.ema = [p.detach().clone() for p in self.unet.parameters()]
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
-        schedule = train.make_schedule(config)
-        self.sqrt_ab = torch.from_numpy(np.sqrt(np.asarray(schedule.alphas_cumprod, np.float32)))
-        self.sqrt_1m_ab = torch.from_numpy(
-            np.sqrt(1 - np.asarray(schedule.alphas_cumprod, np.float32)))
+        d = config.diffusion  # linear betas, as configs/cifar10.py
+        alphas_cumprod = np.cumprod(1 - np.linspace(d.beta_start, d.beta_end, d.num_timesteps))
+        self.sqrt_ab = torch.from_numpy(np.sqrt(alphas_cumprod).astype(np.float32))
+        self.sqrt_1m_ab = torch.from_numpy(np.sqrt(1 - alphas_cumprod).astype(np.float32))
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.unet.parameters())
 
-    def train_step(self, images: torch.Tensor) -> float:
+    def inputs(self, kind: str, batch: int):
+        """The case's inputs, the same arrays as the JAX side's (NCHW)."""
+        import torch
+
+        arrays = case_inputs(kind, batch, self.config.data.image_size)
+        return [torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, 3, 1))) if a.ndim == 4
+                else torch.from_numpy(a) for a in arrays]
+
+    def train_step(self, images) -> float:
+        import torch
+        import torch.nn.functional as F
+
         self.unet.train()
         x0 = images.float() / 127.5 - 1
         t = torch.randint(0, len(self.sqrt_ab), (x0.shape[0],))
@@ -89,22 +111,29 @@ class TorchSide:
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, list(self.unet.parameters()), 1 - self.config.ema_decay)
-        return float(loss)
+        return float(loss.detach())
 
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, t):
+        import torch
+
         self.unet.eval()
-        return self.unet(x, t).sample
+        with torch.inference_mode():
+            return self.unet(x, t).sample
 
-    @torch.inference_mode()
-    def ddim(self, batch: int, num_steps: int) -> torch.Tensor:
+    def ddim(self, batch: int, num_steps: int):
+        import torch
         from diffusers import DDIMScheduler
 
         self.unet.eval()
-        scheduler = DDIMScheduler(num_train_timesteps=self.config.diffusion.num_timesteps,
-                                  beta_start=self.config.diffusion.beta_start,
-                                  beta_end=self.config.diffusion.beta_end,
-                                  beta_schedule="linear", clip_sample=True)
+        with torch.inference_mode():
+            return self._ddim(batch, num_steps, DDIMScheduler)
+
+    def _ddim(self, batch: int, num_steps: int, scheduler_class):
+        import torch
+
+        d = self.config.diffusion
+        scheduler = scheduler_class(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
+                                    beta_end=d.beta_end, beta_schedule="linear", clip_sample=True)
         scheduler.set_timesteps(num_steps)
         size = self.config.data.image_size
         x = torch.randn(batch, 3, size, size)
@@ -117,27 +146,50 @@ class JaxSide:
     """ddpm-jax's own train step, forward and sampler, as training and sampling run them."""
 
     def __init__(self, config, seed: int):
+        import jax
+
+        from ddpm_jax import train, xla
+
         config.seed = seed
         self.config = config
         self.mesh = train.create_mesh(config)
         self.state = train.create_train_state(config, self.mesh)
-        self.step_fn = train.make_train_step(config, self.mesh)
+        self.step_fns = {}
         graphdef = train.model_graphdef(config)
         self.forward_fn = jax.jit(lambda p, x, t: train.apply_model(graphdef, p, x, t),
                                   compiler_options=xla.compiler_options(config))
         self.samplers = {}
 
     def parameter_count(self) -> int:
+        import jax
+
         return sum(x.size for x in jax.tree.leaves(self.state.params))
 
+    def inputs(self, kind: str, batch: int):
+        import jax.numpy as jnp
+
+        arrays = case_inputs(kind, batch, self.config.data.image_size)
+        return [a if kind == "train" else jnp.asarray(a) for a in arrays]
+
     def train_step(self, images: np.ndarray) -> float:
-        self.state, metrics = self.step_fn(self.state, train.global_batch(images, self.mesh))
+        from ddpm_jax import train
+
+        batch = images.shape[0]
+        if batch not in self.step_fns:  # the step as training compiles it for this batch size
+            config = self.config.copy_and_resolve_references()
+            config.batch_size = batch
+            self.step_fns[batch] = train.make_train_step(config, self.mesh)
+        self.state, metrics = self.step_fns[batch](self.state, train.global_batch(images, self.mesh))
         return float(metrics["loss"])
 
-    def forward(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    def forward(self, x, t):
         return self.forward_fn(self.state.params, x, t).block_until_ready()
 
-    def ddim(self, batch: int, num_steps: int) -> jax.Array:
+    def ddim(self, batch: int, num_steps: int):
+        import jax
+
+        from ddpm_jax import train
+
         if batch not in self.samplers:
             self.samplers[batch] = train.make_sample_fn(
                 self.config, self.mesh, num_images=batch, sampler="ddim", num_steps=num_steps,
@@ -145,45 +197,96 @@ class JaxSide:
         return self.samplers[batch](self.state.params, jax.random.PRNGKey(0)).block_until_ready()
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def run_case(name: str, jax_side: JaxSide, torch_side: TorchSide, repeats: int, warmup: int):
-    kind, batch = CASES[name]
-    size = jax_side.config.data.image_size
+def case_inputs(kind: str, batch: int, size: int) -> list[np.ndarray]:
+    """Inputs of a case, identical for both sides: uint8 images, or noisy inputs and steps."""
     rng = np.random.default_rng(0)
     if kind == "train":
-        images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-        images_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        jax_fn = lambda: jax_side.train_step(images)  # noqa: E731
-        torch_fn = lambda: torch_side.train_step(images_torch)  # noqa: E731
-    elif kind == "forward":
-        x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
-        t = rng.integers(0, 1000, batch)
-        x_jax, t_jax = jnp.asarray(x), jnp.asarray(t)
-        x_torch = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-        t_torch = torch.from_numpy(t)
-        jax_fn = lambda: jax_side.forward(x_jax, t_jax)  # noqa: E731
-        torch_fn = lambda: torch_side.forward(x_torch, t_torch)  # noqa: E731
-    else:
-        jax_fn = lambda: jax_side.ddim(batch, 100)  # noqa: E731
-        torch_fn = lambda: torch_side.ddim(batch, 100)  # noqa: E731
-    compile_s = _timed(jax_fn)
+        return [rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)]
+    if kind == "forward":
+        return [rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+                rng.integers(0, 1000, batch)]
+    return []
+
+
+def worker(side: str, seed: int, connection) -> None:
+    """Builds one side, then runs (case -> seconds of one call) requests until told to stop."""
+    config = cifar10.get_config()
+    runner = JaxSide(config, seed) if side == "jax" else TorchSide(config, seed)
+    connection.send(runner.parameter_count())
+    calls = {}
+    while (case := connection.recv()) is not None:
+        if case not in calls:
+            kind, batch = CASES[case]
+            inputs = runner.inputs(kind, batch)
+            calls[case] = {
+                "train": functools.partial(runner.train_step, *inputs),
+                "forward": functools.partial(runner.forward, *inputs),
+                "ddim": functools.partial(runner.ddim, batch, 100),
+            }[kind]
+        start = time.perf_counter()
+        calls[case]()
+        connection.send(time.perf_counter() - start)
+
+
+class Side:
+    """Parent-side handle of a worker process, started with `environ` updates."""
+
+    def __init__(self, side: str, seed: int, environ: dict[str, str] | None = None):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=worker, args=(side, seed, child), daemon=True)
+        saved = dict(os.environ)
+        os.environ.update(environ or {})
+        try:  # a spawned child starts with the parent's environment of this moment
+            self.process.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self.parameter_count = self.connection.recv()
+
+    def call(self, case: str, settle_s: float = 0.0) -> float:
+        time.sleep(settle_s)
+        self.connection.send(case)
+        return self.connection.recv()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join(timeout=60)
+
+
+def time_pair(name: str, side: Side, baseline: Side, repeats: int, warmup: int, block: int = 1):
+    """Medians, spreads and first-call times of one case, the two sides alternating.
+
+    Each turn makes `block` calls; with block > 1 the first call of every turn (the one
+    after a switch) is kept apart, and the medians are over the steady calls that follow.
+    """
+    first_call = side.call(name)  # compiles
+    baseline.call(name)
     for _ in range(warmup):
-        jax_fn()
-        torch_fn()
-    jax_times, torch_times = [], []
+        side.call(name)
+        baseline.call(name)
+    steady: tuple[list[float], list[float]] = ([], [])
+    after_switch: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        jax_times.append(_timed(jax_fn))
-        torch_times.append(_timed(torch_fn))
-    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
-    return {"case": name, "batch": batch, "pytorch_s": torch_s, "ddpm_jax_s": jax_s,
-            "speedup": torch_s / jax_s, "jax_first_call_s": compile_s,
-            "jax_spread": (max(jax_times) - min(jax_times)) / jax_s,
-            "torch_spread": (max(torch_times) - min(torch_times)) / torch_s}
+        for runner, times, switch in ((side, steady[0], after_switch[0]),
+                                      (baseline, steady[1], after_switch[1])):
+            calls = [runner.call(name, settle_s=SETTLE_S if i == 0 else 0.0) for i in range(block)]
+            switch.append(calls[0])
+            times.extend(calls[1:] if block > 1 else calls)
+    medians = tuple(statistics.median(t) for t in steady)
+    spreads = tuple((max(t) - min(t)) / m for t, m in zip(steady, medians, strict=True))
+    switches = tuple(statistics.median(t) for t in after_switch)
+    return medians, spreads, first_call, switches
+
+
+def run_case(name: str, jax_side: Side, torch_side: Side, repeats: int, warmup: int,
+             block: int) -> dict:
+    (jax_s, torch_s), (jax_spread, torch_spread), first_call, (jax_switch, torch_switch) = (
+        time_pair(name, jax_side, torch_side, repeats, warmup, block))
+    return {"case": name, "batch": CASES[name][1], "pytorch_s": torch_s, "ddpm_jax_s": jax_s,
+            "speedup": torch_s / jax_s, "jax_compile_call_s": first_call,
+            "jax_after_switch_s": jax_switch, "torch_after_switch_s": torch_switch,
+            "jax_spread": jax_spread, "torch_spread": torch_spread}
 
 
 def main() -> None:
@@ -191,22 +294,26 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--block", type=int, default=3,
+                        help="calls per turn; the first after a switch is reported apart")
     parser.add_argument("--ddim_repeats", type=int, default=3)
     parser.add_argument("--output", default="vs_pytorch.json")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config = cifar10.get_config()
-    jax_side, torch_side = JaxSide(config, args.seed), TorchSide(config, args.seed)
-    assert jax_side.parameter_count() == torch_side.parameter_count(), (
-        jax_side.parameter_count(), torch_side.parameter_count())
-    print(f"parameters: {jax_side.parameter_count():,} on both sides; torch threads "
-          f"{torch.get_num_threads()}, jax devices {jax.devices()}")
+    jax_side, torch_side = Side("jax", args.seed), Side("torch", args.seed)
+    assert jax_side.parameter_count == torch_side.parameter_count, (
+        jax_side.parameter_count, torch_side.parameter_count)
+    print(f"parameters: {jax_side.parameter_count:,} on both sides", flush=True)
     rows = []
     for name in args.cases.split(","):
-        repeats = args.ddim_repeats if CASES[name][0] == "ddim" else args.repeats
-        rows.append(run_case(name, jax_side, torch_side, repeats, args.warmup))
+        sampling = CASES[name][0] == "ddim"  # one long call: switching costs are negligible
+        rows.append(run_case(name, jax_side, torch_side,
+                             args.ddim_repeats if sampling else args.repeats, args.warmup,
+                             1 if sampling else args.block))
         print(rows[-1], flush=True)
+    jax_side.close()
+    torch_side.close()
     report("ddpm-jax vs PyTorch (diffusers UNet2DModel), DDPM CIFAR-10 net, float32", rows,
            args.output)
 

@@ -1,0 +1,120 @@
+"""What each CPU speed setting buys, against XLA's defaults, in one run.
+
+The DDPM CIFAR-10 net (`configs/cifar10.py`, float32) on the CPU backend:
+
+* `cpu_conv_library`: "default" (XLA hands convolutions to YNNPACK) vs "eigen" (XLA's own
+  convolution kernels; YNNPACK keeps dots and reductions), see `ddpm_jax/xla.py`;
+* `compute_chunk_size`: -1 (one pass over each device's batch) vs 0 (chunks of 8 on CPU).
+
+Each variant is compiled once; timed calls alternate between variants (median of
+`--repeats`). The first-step loss from the same initial state and batch is reported with
+dropout off, where every variant computes the same function.
+
+    python -m benchmarks.cpu_settings --output=cpu_settings.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import report
+from configs import cifar10
+from ddpm_jax import train, xla
+
+VARIANTS = {  # name: (cpu_conv_library, compute_chunk_size)
+    "xla defaults": ("default", -1),
+    "eigen convolutions": ("eigen", -1),
+    "eigen + chunks of 8": ("eigen", 0),
+}
+
+
+def make_config(library: str, chunk: int, batch: int, dropout: float = 0.1):
+    config = cifar10.get_config()
+    config.batch_size, config.cpu_conv_library, config.compute_chunk_size = batch, library, chunk
+    config.model.dropout = dropout
+    return config
+
+
+def train_runner(library: str, chunk: int, batch: int, images: np.ndarray):
+    config = make_config(library, chunk, batch)
+    mesh = train.create_mesh(config)
+    step = train.make_train_step(config, mesh)
+    holder = {"state": train.create_train_state(config, mesh)}
+    global_batch = train.global_batch(images, mesh)
+
+    def run():
+        holder["state"], metrics = step(holder["state"], global_batch)
+        jax.block_until_ready(metrics)
+
+    return run
+
+
+def first_loss(library: str, chunk: int, batch: int, images: np.ndarray) -> float:
+    config = make_config(library, chunk, batch, dropout=0.0)
+    mesh = train.create_mesh(config)
+    _, metrics = train.make_train_step(config, mesh)(train.create_train_state(config, mesh),
+                                                     train.global_batch(images, mesh))
+    return float(metrics["loss"])
+
+
+def forward_runner(library: str, batch: int):
+    config = make_config(library, -1, batch)
+    mesh = train.create_mesh(config)
+    graphdef = train.model_graphdef(config)
+    params = train.create_train_state(config, mesh).params
+    forward = jax.jit(lambda p, x, t: train.apply_model(graphdef, p, x, t),
+                      compiler_options=xla.compiler_options(config))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)).astype(np.float32))
+    t = jnp.asarray(rng.integers(0, 1000, batch))
+    return lambda: forward(params, x, t).block_until_ready()
+
+
+def time_alternating(runners: dict, repeats: int) -> dict[str, float]:
+    for run in runners.values():  # compile and warm up
+        run()
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default="cpu_settings.json")
+    args = parser.parse_args()
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch, variants in ((8, list(VARIANTS)[:2]), (32, list(VARIANTS))):
+        images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        runners = {name: train_runner(*VARIANTS[name], batch, images) for name in variants}
+        seconds = time_alternating(runners, args.repeats)
+        losses = {name: first_loss(*VARIANTS[name], batch, images) for name in variants}
+        for name in variants:
+            rows.append({"case": f"train step, batch {batch}", "variant": name,
+                         "seconds": seconds[name],
+                         "speedup_vs_defaults": seconds[variants[0]] / seconds[name],
+                         "first_loss_no_dropout": losses[name]})
+    runners = {name: forward_runner(VARIANTS[name][0], 64) for name in list(VARIANTS)[:2]}
+    seconds = time_alternating(runners, args.repeats)
+    for name in runners:
+        rows.append({"case": "forward, batch 64", "variant": name, "seconds": seconds[name],
+                     "speedup_vs_defaults": seconds["xla defaults"] / seconds[name],
+                     "first_loss_no_dropout": float("nan")})
+    report("CPU speed settings against XLA's defaults, DDPM CIFAR-10 net, float32", rows,
+           args.output)
+
+
+if __name__ == "__main__":
+    main()
