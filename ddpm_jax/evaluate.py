@@ -54,6 +54,9 @@ def define_flags() -> None:
 
 
 COMMANDS = ("fid-stats", "fid", "convert-weights")
+# configs/default.py's eval section, for runs whose saved config predates it
+EVAL_DEFAULTS = {"inception_weights": "", "reference_stats": "", "num_samples": 10_000,
+                 "sampler": "ddim", "num_steps": 100, "eta": 0.0}
 
 
 def _required(**values: object) -> None:
@@ -121,15 +124,16 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
     result: dict = {"samples": samples}
     if (path / "checkpoints").exists():
         config, params, step, mesh = sample.load_run(samples, step)
-        weights = weights or config.eval.inception_weights
-        reference = reference or config.eval.reference_stats
+        e = {**EVAL_DEFAULTS, **(config.get("eval") or {})}  # runs saved before eval.* existed
+        weights = weights or e["inception_weights"]
+        reference = reference or e["reference_stats"]
         _required(weights=weights, reference=reference)
         fid.load_statistics(reference)  # fail before sampling
         features = fid.InceptionFeatures(weights, mesh)
-        count = num_images or config.eval.num_samples
-        settings = {"sampler": sampler or config.eval.sampler,
-                    "num_steps": config.eval.num_steps if num_steps is None else num_steps,
-                    "eta": config.eval.eta if eta is None else eta}
+        count = num_images or e["num_samples"]
+        settings = {"sampler": sampler or e["sampler"],
+                    "num_steps": e["num_steps"] if num_steps is None else num_steps,
+                    "eta": e["eta"] if eta is None else eta}
         sample_fn = train.make_sample_fn(config, mesh, num_images=min(batch_size, count), **settings)
         stats = features.sample_statistics(sample_fn, params, jax.random.PRNGKey(seed), count,
                                            progress=True)
