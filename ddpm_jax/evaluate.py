@@ -128,19 +128,18 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         weights = weights or e["inception_weights"]
         reference = reference or e["reference_stats"]
         _required(weights=weights, reference=reference)
-        fid.load_statistics(reference)  # fail before sampling
-        features = fid.InceptionFeatures(weights, mesh)
-        count = num_images or e["num_samples"]
         settings = {"sampler": sampler or e["sampler"],
                     "num_steps": e["num_steps"] if num_steps is None else num_steps,
                     "eta": e["eta"] if eta is None else eta}
-        sample_fn = train.make_sample_fn(config, mesh, num_images=min(batch_size, count), **settings)
-        stats = features.sample_statistics(sample_fn, params, jax.random.PRNGKey(seed), count,
-                                           progress=True)
+        sample_fid = train.make_sample_fid_fn(
+            config, mesh, weights=weights, reference=reference,
+            num_samples=num_images or e["num_samples"], batch_size=batch_size, progress=True,
+            **settings)
+        value, count = sample_fid(params, jax.random.PRNGKey(seed))
         result.update(step=step, seed=seed, **settings)
     else:
         _required(weights=weights, reference=reference)
-        fid.load_statistics(reference)
+        mu, sigma, _ = fid.load_statistics(reference)  # fail before reading images
         if path.is_dir():
             files = input_pipeline.list_image_files(samples)
             count, read = len(files), _read_image_files(files)
@@ -151,8 +150,8 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
             raise ValueError(f"--samples={samples!r} is not a folder, an .npz or a workdir")
         features = fid.InceptionFeatures(weights, sharding.create_mesh())
         stats = features.statistics(read, count, batch_size, progress=True)
-    result.update(num_images=stats.count, reference=reference,
-                  fid=fid.fid_against(stats, reference))
+        value, count = fid.distance_to(stats, mu, sigma), stats.count
+    result.update(num_images=count, reference=reference, fid=value)
     return result
 
 

@@ -142,7 +142,7 @@ class InceptionFeatures:
         processes; each reads only its own rows. Rows past `count` are padding and dropped.
         """
         processes, process = jax.process_count(), jax.process_index()
-        local = -(-batch_size // self.mesh.devices.size) * self.mesh.devices.size // processes
+        local = sharding.padded_to_devices(batch_size, self.mesh) // processes
         global_size = local * processes
         stats = FeatureStatistics()
         starts: Iterable[int] = range(0, count, global_size)
@@ -178,9 +178,8 @@ class InceptionFeatures:
         return stats
 
 
-def fid_against(stats: FeatureStatistics, reference_path: str) -> float:
-    """FID of accumulated statistics against a reference statistics file."""
-    mu, sigma, _ = load_statistics(reference_path)
+def distance_to(stats: FeatureStatistics, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID of accumulated statistics against reference statistics (mu, sigma)."""
     if stats.count < inception.FEATURE_DIM:
         logging.warning("FID from %d images (< %d features): the covariance is rank-deficient "
                         "and the value is biased upward; use >= 10,000 for a comparable number",

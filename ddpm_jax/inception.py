@@ -256,14 +256,18 @@ def _file_key_and_layout(path: tuple[str, ...]) -> tuple[str, tuple[int, ...] | 
     return f"{prefix}.{leaf}", None
 
 
+def _file_shape(shape: tuple[int, ...], axes: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The weight file's shape of a parameter of `shape` (undoing the layout transpose)."""
+    return tuple(shape) if axes is None else tuple(shape[i] for i in np.argsort(axes))
+
+
 def file_layout() -> dict[str, tuple[int, ...]]:
     """Every key the standard weight file holds (batch-norm step counters aside) and its shape."""
     state = nnx.to_pure_dict(nnx.state(abstract_model()))
     layout = {}
     for path, leaf in _flatten(state):
         key, axes = _file_key_and_layout(path)
-        shape = leaf.shape if axes is None else tuple(leaf.shape[i] for i in np.argsort(axes))
-        layout[key] = shape
+        layout[key] = _file_shape(leaf.shape, axes)
     return layout
 
 
@@ -283,7 +287,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, An
         value = value if axes is None else value.transpose(axes)
         if value.shape != leaf.shape:
             problems.append(f"{key}: shape {np.shape(arrays[key])}, expected "
-                            f"{tuple(leaf.shape[i] for i in np.argsort(axes)) if axes else leaf.shape}")
+                            f"{_file_shape(leaf.shape, axes)}")
         used.add(key)
         converted[path] = value
     problems += [f"unexpected {key}" for key in sorted(set(arrays) - used)]

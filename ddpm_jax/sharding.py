@@ -44,6 +44,12 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def padded_to_devices(count: int, mesh: jax.sharding.Mesh) -> int:
+    """Smallest multiple of the mesh's device count >= count, so a batch shards evenly."""
+    devices = mesh.devices.size
+    return -(-count // devices) * devices
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
     """Splits the largest dimension divisible by `fsdp`; replicates small or indivisible arrays."""
     size = 1

@@ -270,12 +270,6 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 # ------------------------------------------------------------------------------- sampling
 
 
-def padded_sample_count(num_images: int, mesh: jax.sharding.Mesh) -> int:
-    """Smallest multiple of the device count >= num_images, so the batch shards evenly."""
-    devices = mesh.devices.size
-    return -(-num_images // devices) * devices
-
-
 def make_sample_fn(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
@@ -294,7 +288,7 @@ def make_sample_fn(
     graphdef = model_graphdef(config)
     schedule = make_schedule(config)
     size = config.data.image_size
-    shape = (padded_sample_count(num_images, mesh), size, size, 3)
+    shape = (sharding.padded_to_devices(num_images, mesh), size, size, 3)
     out_sharding = batch_sharding(mesh)
 
     def run(params, rng):
@@ -336,12 +330,33 @@ def log_sample_grid(
         image_utils.save_png(grid, str(epath.Path(workdir) / "samples" / f"step_{step:08d}.png"))
 
 
+def make_sample_fid_fn(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, weights: str, reference: str,
+    num_samples: int, batch_size: int, sampler: str, num_steps: int, eta: float,
+    progress: bool = False,
+):
+    """`fn(params, rng) -> (FID, images scored)` of `num_samples` samples against `reference`.
+
+    Loads the Inception weights and reference statistics at once (a wrong path fails before
+    any sampling); samples go from the sampler to the Inception network on device.
+    """
+    reference_mu, reference_sigma, _ = fid.load_statistics(reference)
+    features = fid.InceptionFeatures(weights, mesh)
+    sample_fn = make_sample_fn(config, mesh, num_images=min(batch_size, num_samples),
+                               sampler=sampler, num_steps=num_steps, eta=eta)
+
+    def evaluate(params: Any, rng: jax.Array) -> tuple[float, int]:
+        stats = features.sample_statistics(sample_fn, params, rng, num_samples, progress)
+        return fid.distance_to(stats, reference_mu, reference_sigma), stats.count
+
+    return evaluate
+
+
 def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """`fn(params) -> FID` of `config.eval.num_samples` samples, or None when FID is off.
 
-    Loads the Inception weights and reference statistics at once, so a wrong path stops the
-    run before training. Every evaluation draws from the same noise (`seed + 3`), so changes
-    in the curve come from the weights, not from the draw.
+    Built before training, so a wrong path stops the run first. Every evaluation draws from
+    the same noise (`seed + 3`), so changes in the curve come from the weights, not the draw.
     """
     e = config.eval
     if config.eval_every_steps <= 0:
@@ -351,17 +366,12 @@ def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                         "are not both set: no FID during training (see README, FID)",
                         config.eval_every_steps)
         return None
-    reference_mu, reference_sigma, _ = fid.load_statistics(e.reference_stats)
-    features = fid.InceptionFeatures(e.inception_weights, mesh)
-    sample_fn = make_sample_fn(config, mesh, num_images=min(e.batch_size, e.num_samples),
-                               sampler=e.sampler, num_steps=e.num_steps, eta=e.eta)
+    sample_fid = make_sample_fid_fn(
+        config, mesh, weights=e.inception_weights, reference=e.reference_stats,
+        num_samples=e.num_samples, batch_size=e.batch_size, sampler=e.sampler,
+        num_steps=e.num_steps, eta=e.eta)
     rng = jax.random.PRNGKey(config.seed + 3)
-
-    def evaluate(params: Any) -> float:
-        stats = features.sample_statistics(sample_fn, params, rng, e.num_samples)
-        return fid.frechet_distance(stats.mean(), stats.covariance(), reference_mu, reference_sigma)
-
-    return evaluate
+    return lambda params: sample_fid(params, rng)[0]
 
 
 # ------------------------------------------------------------------------------------ loop
