@@ -4,11 +4,15 @@ The DDPM CIFAR-10 net (`configs/cifar10.py`, float32) on the CPU backend:
 
 * `cpu_conv_library`: "default" (XLA hands convolutions to YNNPACK) vs "eigen" (XLA's own
   convolution kernels; YNNPACK keeps dots and reductions), see `ddpm_jax/xla.py`;
-* `compute_chunk_size`: -1 (one pass over each device's batch) vs 0 (chunks of 8 on CPU).
+* `compute_chunk_size`: -1 (one pass over each device's batch) vs 0 (chunks of 8 on CPU);
+* `conv_algorithm`: "direct" (XLA's convolutions) vs "winograd" (F(4x4, 3x3) for the 16x16
+  and 32x32 layers, `ddpm_jax/models/winograd.py`).
 
 Each variant is compiled once; timed calls alternate between variants (median of
-`--repeats`). The first-step loss from the same initial state and batch is reported with
-dropout off, where every variant computes the same function.
+`--repeats`). The loss of the third step from the same initial state and batch is reported
+with dropout off, where every variant computes the same function; the initial weights get
+random noise added, as the zero-initialised output layers would otherwise hide every
+convolution from the loss.
 
     python -m benchmarks.cpu_settings --output=cpu_settings.json
 """
@@ -27,22 +31,25 @@ from benchmarks.common import report
 from configs import cifar10
 from ddpm_jax import train, xla
 
-VARIANTS = {  # name: (cpu_conv_library, compute_chunk_size)
-    "xla defaults": ("default", -1),
-    "eigen convolutions": ("eigen", -1),
-    "eigen + chunks of 8": ("eigen", 0),
+VARIANTS = {  # name: (cpu_conv_library, compute_chunk_size, conv_algorithm)
+    "xla defaults": ("default", -1, "direct"),
+    "eigen convolutions": ("eigen", -1, "direct"),
+    "eigen + chunks of 8": ("eigen", 0, "direct"),
+    "eigen + chunks + winograd": ("eigen", 0, "winograd"),
 }
+LOSS_STEP = 3
 
 
-def make_config(library: str, chunk: int, batch: int, dropout: float = 0.1):
+def make_config(library: str, chunk: int, algorithm: str, batch: int, dropout: float = 0.1):
     config = cifar10.get_config()
     config.batch_size, config.cpu_conv_library, config.compute_chunk_size = batch, library, chunk
+    config.conv_algorithm = algorithm
     config.model.dropout = dropout
     return config
 
 
-def train_runner(library: str, chunk: int, batch: int, images: np.ndarray):
-    config = make_config(library, chunk, batch)
+def train_runner(library: str, chunk: int, algorithm: str, batch: int, images: np.ndarray):
+    config = make_config(library, chunk, algorithm, batch)
     mesh = train.create_mesh(config)
     step = train.make_train_step(config, mesh)
     holder = {"state": train.create_train_state(config, mesh)}
@@ -55,16 +62,28 @@ def train_runner(library: str, chunk: int, batch: int, images: np.ndarray):
     return run
 
 
-def first_loss(library: str, chunk: int, batch: int, images: np.ndarray) -> float:
-    config = make_config(library, chunk, batch, dropout=0.0)
+def with_random_weights(state, scale: float = 0.05, seed: int = 0):
+    """`state` with N(0, scale^2) noise added to every parameter (same noise every call)."""
+    leaves, treedef = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = [jax.device_put(leaf + scale * jax.random.normal(key, leaf.shape), leaf.sharding)
+             for leaf, key in zip(leaves, keys, strict=True)]
+    return state.replace(params=jax.tree.unflatten(treedef, noisy))
+
+
+def step_loss(library: str, chunk: int, algorithm: str, batch: int, images: np.ndarray) -> float:
+    """The loss of step `LOSS_STEP` on the same batch, from the same random initial weights."""
+    config = make_config(library, chunk, algorithm, batch, dropout=0.0)
     mesh = train.create_mesh(config)
-    _, metrics = train.make_train_step(config, mesh)(train.create_train_state(config, mesh),
-                                                     train.global_batch(images, mesh))
+    step = train.make_train_step(config, mesh)
+    state = with_random_weights(train.create_train_state(config, mesh))
+    for _ in range(LOSS_STEP):
+        state, metrics = step(state, train.global_batch(images, mesh))
     return float(metrics["loss"])
 
 
-def forward_runner(library: str, batch: int):
-    config = make_config(library, -1, batch)
+def forward_runner(library: str, algorithm: str, batch: int):
+    config = make_config(library, -1, algorithm, batch)
     mesh = train.create_mesh(config)
     graphdef = train.model_graphdef(config)
     params = train.create_train_state(config, mesh).params
@@ -96,22 +115,25 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     rng = np.random.default_rng(0)
-    for batch, variants in ((8, list(VARIANTS)[:2]), (32, list(VARIANTS))):
+    names = list(VARIANTS)
+    batch8 = [names[0], names[1], names[3]]  # a batch of 8 is one chunk
+    for batch, variants in ((8, batch8), (32, names)):
         images = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
         runners = {name: train_runner(*VARIANTS[name], batch, images) for name in variants}
         seconds = time_alternating(runners, args.repeats)
-        losses = {name: first_loss(*VARIANTS[name], batch, images) for name in variants}
+        del runners  # free the variants' states before the loss runs
+        losses = {name: step_loss(*VARIANTS[name], batch, images) for name in variants}
         for name in variants:
             rows.append({"case": f"train step, batch {batch}", "variant": name,
                          "seconds": seconds[name],
                          "speedup_vs_defaults": seconds[variants[0]] / seconds[name],
-                         "first_loss_no_dropout": losses[name]})
-    runners = {name: forward_runner(VARIANTS[name][0], 64) for name in list(VARIANTS)[:2]}
+                         f"step_{LOSS_STEP}_loss_no_dropout": losses[name]})
+    runners = {name: forward_runner(VARIANTS[name][0], VARIANTS[name][2], 64) for name in batch8}
     seconds = time_alternating(runners, args.repeats)
     for name in runners:
         rows.append({"case": "forward, batch 64", "variant": name, "seconds": seconds[name],
                      "speedup_vs_defaults": seconds["xla defaults"] / seconds[name],
-                     "first_loss_no_dropout": float("nan")})
+                     f"step_{LOSS_STEP}_loss_no_dropout": float("nan")})
     report("CPU speed settings against XLA's defaults, DDPM CIFAR-10 net, float32", rows,
            args.output)
 

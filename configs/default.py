@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     # CPU backend only: "eigen" compiles convolutions with XLA's own kernels (1.1-1.2x faster
     # train steps here, ddpm_jax/xla.py); "default" leaves XLA's library choice.
     config.cpu_conv_library = "eigen"
+    # 3x3 convolutions: "winograd" (F(4x4, 3x3), ddpm_jax/models/winograd.py: 4x fewer FLOPs,
+    # float32 rounding-level differences), "direct" (XLA's), or "auto": Winograd for sampling
+    # and evaluation on CPU (1.4-1.5x faster forward there), XLA's for training and elsewhere.
+    config.conv_algorithm = "auto"
 
     # ---- devices -------------------------------------------------------------------
     config.mesh = mesh = ml_collections.ConfigDict()

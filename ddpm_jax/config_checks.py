@@ -10,7 +10,7 @@ import uuid
 import ml_collections
 from etils import epath
 
-from ddpm_jax import diffusion, input_pipeline, xla
+from ddpm_jax import diffusion, input_pipeline, models, xla
 from ddpm_jax.models import unet
 
 
@@ -127,6 +127,7 @@ def validate(
     _choice("lr_schedule", config.lr_schedule, ("cosine", "constant"))
     _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
     _choice("cpu_conv_library", config.cpu_conv_library, xla.CPU_CONV_LIBRARIES)
+    _choice("conv_algorithm", config.get("conv_algorithm", "auto"), models.CONV_ALGORITHM_CHOICES)
     if not isinstance(config.compute_chunk_size, int) or config.compute_chunk_size < -1:
         raise ConfigError("compute_chunk_size must be a positive integer, 0 (automatic) or -1 "
                           f"(never split), got {config.compute_chunk_size!r}")

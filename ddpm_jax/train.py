@@ -89,9 +89,13 @@ def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
     return diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 
-def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
-    """The static structure of the network, built without allocating parameters."""
-    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
+def model_graphdef(config: ml_collections.ConfigDict, training: bool = False) -> nnx.GraphDef:
+    """The static structure of the network, built without allocating parameters.
+
+    `training` picks the convolution algorithm for the train step (`models.conv_algorithm`);
+    the parameters are the same either way.
+    """
+    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0), training=training))
     graphdef, _ = nnx.split(abstract, nnx.Param)
     return graphdef
 
@@ -202,9 +206,14 @@ def train_step(
 
         loss, grads = 0.0, jax.tree.map(jnp.zeros_like, state.params)
         for i in range(accum):  # unrolled: conv gradients inside lax.scan are slow on XLA:CPU
+            # The barrier ties each micro-batch to the gradient sum so far, so XLA runs them
+            # one after another (as the memory saving of accumulation needs) instead of
+            # interleaving independent passes (slower on XLA:CPU: 4.96 s against 4.16 s for the
+            # CIFAR-10 net at batch 32 with Winograd convolutions).
+            grads, chunk = jax.lax.optimization_barrier(
+                (grads, (micro(x_t, i), micro(t, i), micro(target, i))))
             micro_loss, micro_grads = grad_fn(
-                state.params, micro(x_t, i), micro(t, i), micro(target, i),
-                jax.random.fold_in(dropout_rng, i),
+                state.params, *chunk, jax.random.fold_in(dropout_rng, i),
             )
             loss = loss + micro_loss / accum
             grads = jax.tree.map(lambda g, m: g + m / accum, grads, micro_grads)
@@ -254,7 +263,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     accum = config.grad_accum_steps
     per_device = config.batch_size // (mesh.devices.size * accum)
     step_fn = functools.partial(
-        train_step, config=config, graphdef=model_graphdef(config), schedule=make_schedule(config),
+        train_step, config=config, graphdef=model_graphdef(config, training=True),
+        schedule=make_schedule(config),
         micro_batches=accum * compute_chunks(config, per_device),
     )
     state_sharding = train_state_shardings(config, mesh)

@@ -31,7 +31,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ddpm_jax.models import winograd
+
 ATTENTION_TYPES = ("ddpm", "transformer")
+# How 3x3 convolutions are computed: XLA's convolution, or Winograd F(4x4, 3x3) where that
+# is faster (float32, 16x16 and larger; `winograd.py`). Same parameters either way.
+CONV_ALGORITHMS = {"direct": jax.lax.conv_general_dilated,
+                   "winograd": winograd.conv_general_dilated}
 TIME_PROJECTIONS = ("silu_linear", "linear")
 
 # Ho et al. initialise every layer with variance_scaling(1, fan_avg, uniform) and
@@ -55,15 +61,20 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 class _Layers:
     """Builds layers with the shared dtype/initialiser settings of one network."""
 
-    def __init__(self, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, dtype: jnp.dtype, rngs: nnx.Rngs, conv_algorithm: str = "direct"):
         self.dtype = dtype
         self.rngs = rngs
+        if conv_algorithm not in CONV_ALGORITHMS:
+            raise ValueError(f"unknown conv_algorithm {conv_algorithm!r}; choose one of "
+                             f"{tuple(CONV_ALGORITHMS)}")
+        self.conv_fn = CONV_ALGORITHMS[conv_algorithm]
 
     def conv(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, zero: bool = False):
         pad = kernel // 2
         return nnx.Conv(
             cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
             dtype=self.dtype, kernel_init=zero_init if zero else default_init, rngs=self.rngs,
+            conv_general_dilated=self.conv_fn,
         )
 
     def dense(self, cin: int, cout: int, zero: bool = False):
@@ -311,11 +322,12 @@ class UNet(nnx.Module):
         out_channels: int = 3,
         dtype: str = "float32",
         remat: bool = False,
+        conv_algorithm: str = "direct",
         rngs: nnx.Rngs,
     ):
         validate_architecture(image_size, channel_mults, attention_resolutions, attention_type,
                               base_channels, num_heads, layout, time_projection)
-        layers = _Layers(jnp.dtype(dtype), rngs)
+        layers = _Layers(jnp.dtype(dtype), rngs, conv_algorithm)
         temb_dim = 4 * base_channels
         self.time_embedding_width = time_embedding_width or base_channels
         self.remat = remat

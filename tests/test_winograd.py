@@ -1,0 +1,128 @@
+"""Winograd F(4x4, 3x3) convolutions against XLA's convolution and the algorithm's identity."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from ddpm_jax import models, train
+from ddpm_jax.models import winograd
+from ddpm_jax.models.unet import UNet
+from tests.conftest import micro_config, run_train_steps
+
+
+def direct(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def relative_error(got, want):
+    return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+
+
+def test_transform_matrices_compute_a_correlation_exactly():
+    """A^T [(G g) * (B^T d)] is the 4 outputs of correlating a 6-tap d with a 3-tap g (float64)."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        d, g = rng.standard_normal(6), rng.standard_normal(3)
+        want = np.array([d[i:i + 3] @ g for i in range(4)])
+        got = winograd.OUTPUT_TRANSFORM @ ((winograd.KERNEL_TRANSFORM @ g)
+                                           * (winograd.INPUT_TRANSFORM @ d))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16, 8, 12), (1, 7, 10, 5, 3), (1, 4, 4, 2, 2)])
+def test_convolution_and_gradients_match_xla(shape):
+    """Forward, input gradient and kernel gradient, also where H, W are not multiples of 4."""
+    n, height, width, cin, cout = shape
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (n, height, width, cin))
+    kernel = jax.random.normal(keys[1], (3, 3, cin, cout)) / np.sqrt(9 * cin)
+    cotangent = jax.random.normal(keys[2], (n, height, width, cout))
+
+    want, want_vjp = jax.vjp(direct, x, kernel)
+    got, got_vjp = jax.vjp(jax.jit(winograd.conv3x3), x, kernel)
+    assert relative_error(got, want) < 2e-5
+    for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+        assert got_grad.shape == want_grad.shape
+        assert relative_error(got_grad, want_grad) < 2e-5
+
+
+def test_transposed_transforms_are_the_transposes():
+    """<T x, y> == <x, T^T y> for the output and kernel transforms the backward pass uses."""
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    products = jax.random.normal(keys[0], (36, 2 * 2 * 3, 5))
+    grad = jax.random.normal(keys[1], (2, 6, 9, 5))  # 2x3 tiles, cropped to 6x9
+    lhs = jnp.vdot(winograd.transform_output(products, (2, 6, 9)), grad)
+    rhs = jnp.vdot(products, winograd.transform_output_transpose(grad))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+    kernel = jax.random.normal(keys[2], (3, 3, 4, 5))
+    frequencies = jax.random.normal(keys[3], (36, 4, 5))
+    lhs = jnp.vdot(winograd.transform_kernel(kernel), frequencies)
+    rhs = jnp.vdot(kernel, winograd.transform_kernel_transpose(frequencies))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+def test_dispatch_takes_winograd_only_where_it_applies():
+    def uses_winograd(x_shape, kernel_shape, strides=(1, 1), padding=((1, 1), (1, 1)),
+                      dtype=jnp.float32):
+        x = jax.ShapeDtypeStruct(x_shape, dtype)
+        kernel = jax.ShapeDtypeStruct(kernel_shape, dtype)
+        jaxpr = jax.make_jaxpr(lambda a, b: winograd.conv_general_dilated(
+            a, b, strides, padding,
+            dimension_numbers=jax.lax.conv_dimension_numbers(x_shape, kernel_shape,
+                                                             ("NHWC", "HWIO", "NHWC"))))(x, kernel)
+        text = str(jaxpr)
+        assert ("conv_general_dilated" in text) != ("custom_vjp_call" in text)
+        return "custom_vjp_call" in text
+
+    assert uses_winograd((2, 16, 16, 32), (3, 3, 32, 64))
+    assert uses_winograd((2, 32, 24, 128), (3, 3, 128, 16))
+    assert not uses_winograd((2, 8, 8, 32), (3, 3, 32, 64))  # too small to pay off
+    assert not uses_winograd((2, 16, 16, 3), (3, 3, 3, 64))  # too few input channels
+    assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), strides=(2, 2))
+    assert not uses_winograd((2, 16, 16, 32), (1, 1, 32, 64), padding=((0, 0), (0, 0)))
+    assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), padding=((0, 0), (0, 0)))
+    assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), dtype=jnp.bfloat16)
+
+
+def test_auto_picks_winograd_for_sampling_on_cpu_only(monkeypatch):
+    config = default.get_config()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert models.conv_algorithm(config) == "winograd"
+    assert models.conv_algorithm(config, training=True) == "direct"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert models.conv_algorithm(config) == "direct"
+    config.conv_algorithm = "winograd"
+    assert models.conv_algorithm(config) == models.conv_algorithm(config, training=True) == "winograd"
+    config.conv_algorithm = "direct"
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert models.conv_algorithm(config) == "direct"
+    with pytest.raises(ValueError, match="conv_algorithm"):
+        UNet(image_size=16, base_channels=32, conv_algorithm="fft", rngs=nnx.Rngs(0))
+
+
+def test_train_steps_with_winograd_match_direct_convolutions():
+    """Fixed seed, dropout off, random initial weights: the same losses and weights."""
+    config = micro_config()
+    config.data.image_size, config.model.base_channels, config.model.norm_groups = 16, 32, 8
+    config.model.attention_resolutions, config.model.dropout = (), 0.0
+    rng = np.random.default_rng(0)
+    data = [rng.integers(0, 256, (config.batch_size, 16, 16, 3), dtype=np.uint8)
+            for _ in range(3)]
+    results = {}
+    for algorithm in ("direct", "winograd"):
+        config.conv_algorithm = algorithm
+        mesh = train.create_mesh(config)
+        results[algorithm] = run_train_steps(config, mesh, data, weight_noise=0.05)
+    (direct_state, direct_losses), (winograd_state, winograd_losses) = results.values()
+    assert abs(direct_losses[0] - 1.0) > 0.05  # the loss sees the network, not just the noise
+    np.testing.assert_allclose(winograd_losses, direct_losses, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(winograd_state.params),
+                         jax.tree.leaves(direct_state.params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
