@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from benchmarks.common import report
 from configs import cifar10
 from ddpm_jax import train, xla
@@ -62,21 +63,12 @@ def train_runner(library: str, chunk: int, algorithm: str, batch: int, images: n
     return run
 
 
-def with_random_weights(state, scale: float = 0.05, seed: int = 0):
-    """`state` with N(0, scale^2) noise added to every parameter (same noise every call)."""
-    leaves, treedef = jax.tree.flatten(state.params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    noisy = [jax.device_put(leaf + scale * jax.random.normal(key, leaf.shape), leaf.sharding)
-             for leaf, key in zip(leaves, keys, strict=True)]
-    return state.replace(params=jax.tree.unflatten(treedef, noisy))
-
-
 def step_loss(library: str, chunk: int, algorithm: str, batch: int, images: np.ndarray) -> float:
     """The loss of step `LOSS_STEP` on the same batch, from the same random initial weights."""
     config = make_config(library, chunk, algorithm, batch, dropout=0.0)
     mesh = train.create_mesh(config)
     step = train.make_train_step(config, mesh)
-    state = with_random_weights(train.create_train_state(config, mesh))
+    state = common.with_random_weights(train.create_train_state(config, mesh))
     for _ in range(LOSS_STEP):
         state, metrics = step(state, train.global_batch(images, mesh))
     return float(metrics["loss"])

@@ -72,18 +72,15 @@ MICRO_FLAGS = [
 def run_train_steps(config, mesh, batches, weight_noise=0.0):
     """Fresh state, then one jitted train step per uint8 batch; returns (state, losses).
 
-    `weight_noise` > 0 adds that much N(0, 1) noise (fixed seed) to the initial weights, so
-    the zero-initialised output layers do not hide the rest of the network from the loss.
+    `weight_noise` > 0 adds N(0, weight_noise^2) noise (fixed seed) to the initial weights,
+    so the zero-initialised output layers do not hide the rest of the network from the loss.
     """
+    from benchmarks.common import with_random_weights
     from ddpm_jax import train
 
     state = train.create_train_state(config, mesh)
     if weight_noise:
-        leaves, treedef = jax.tree.flatten(state.params)
-        keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-        state = state.replace(params=jax.tree.unflatten(treedef, [
-            jax.device_put(leaf + weight_noise * jax.random.normal(key, leaf.shape), leaf.sharding)
-            for leaf, key in zip(leaves, keys, strict=True)]))
+        state = with_random_weights(state, weight_noise)
     step_fn = train.make_train_step(config, mesh)
     losses = []
     for batch in batches:
