@@ -89,6 +89,13 @@ def test_dispatch_takes_winograd_only_where_it_applies():
     assert not uses_winograd((2, 16, 16, 32), (1, 1, 32, 64), padding=((0, 0), (0, 0)))
     assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), padding=((0, 0), (0, 0)))
     assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), dtype=jnp.bfloat16)
+    x, kernel = jnp.zeros((1, 16, 16, 32)), jnp.zeros((3, 3, 32, 8))
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    assert winograd.applies(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, (1, 1), nhwc, 1, None)
+    assert not winograd.applies(x, kernel, (1, 1), ((1, 1), (1, 1)), None, 2, nhwc, 1, None)
+    assert not winograd.applies(x, kernel, (1, 1), "SAME", None, None, nhwc, 1, None)
+    assert not winograd.applies(x, kernel, (1, 1), ((1, 1), (1, 1)), None, None,
+                                ("NCHW", "OIHW", "NCHW"), 1, None)
 
 
 def test_auto_picks_winograd_for_sampling_on_cpu_only(monkeypatch):

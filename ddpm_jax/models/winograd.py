@@ -196,7 +196,8 @@ def applies(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], paddi
         return False
     if tuple(tuple(p) for p in padding) != ((1, 1), (1, 1)):
         return False
-    if any(tuple(d or (1, 1)) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
+    if any(d is not None and tuple(np.broadcast_to(d, (2,))) != (1, 1)
+           for d in (lhs_dilation, rhs_dilation)):
         return False
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
