@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import report
 from configs import cifar10
 from ddpm_jax import train, xla
 
@@ -126,7 +125,7 @@ def main() -> None:
         rows.append({"case": "forward, batch 64", "variant": name, "seconds": seconds[name],
                      "speedup_vs_defaults": seconds["xla defaults"] / seconds[name],
                      f"step_{LOSS_STEP}_loss_no_dropout": float("nan")})
-    report("CPU speed settings against XLA's defaults, DDPM CIFAR-10 net, float32", rows,
+    common.report("CPU speed settings against XLA's defaults, DDPM CIFAR-10 net, float32", rows,
            args.output)
 
 

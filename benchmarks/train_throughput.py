@@ -66,9 +66,10 @@ def main(argv):
     step = train.make_train_step(config, mesh)
     size = config.data.image_size
     batch = train.global_batch(np.zeros((config.batch_size, size, size, 3), np.uint8), mesh)
+    algorithm = models.conv_algorithm(config, training=True)
     executed_flops = step_flops(step, state, batch)
     flops = executed_flops
-    if models.conv_algorithm(config, training=True) != "direct":
+    if algorithm != "direct":
         direct_config = config.copy_and_resolve_references()
         direct_config.conv_algorithm = "direct"
         flops = step_flops(train.make_train_step(direct_config, mesh), state, batch)
@@ -85,7 +86,7 @@ def main(argv):
         "dtype": config.model.dtype, "batch": config.batch_size, "image_size": size,
         "params": sum(x.size for x in jax.tree.leaves(state.params)),
         "step_s": seconds, "images_per_s": config.batch_size / seconds,
-        "conv_algorithm": models.conv_algorithm(config, training=True),
+        "conv_algorithm": algorithm,
         "gflop_per_step": flops / 1e9, "executed_gflop_per_step": executed_flops / 1e9,
         "achieved_tflop_s": flops / seconds / 1e12,
         "peak_tflop_s": peak / 1e12, "utilisation": flops / seconds / peak,
