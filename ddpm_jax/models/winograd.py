@@ -54,6 +54,9 @@ OUTPUT_TRANSFORM = np.array([  # A^T: 6 frequencies -> a 4-tap output tile
     [0, 1, 1, 4, 4, 0],
     [0, 1, -1, 8, -8, 1],
 ], dtype=np.float64)
+# G (x) G: row 6a + b, column 3i + j holds G[a, i] G[b, j], so that the product with the
+# kernel's taps (flattened the same way) gives every frequency at once.
+_KERNEL_TRANSFORM_2D = np.einsum("ai,bj->abij", KERNEL_TRANSFORM, KERNEL_TRANSFORM).reshape(36, 9)
 TILE = 4  # output tile side
 TAPS = 6  # input tile side (TILE + 3 - 1)
 
@@ -81,6 +84,12 @@ def _combine(matrix: np.ndarray, terms: Sequence[jax.Array]) -> list[jax.Array]:
     return rows
 
 
+def _exact_dot(matrix: np.ndarray, values: jax.Array) -> jax.Array:
+    """``matrix @ values`` for a small constant matrix, in the values' dtype at full precision
+    (no reduced-precision passes on accelerators)."""
+    return jnp.dot(jnp.asarray(matrix, values.dtype), values, precision=lax.Precision.HIGHEST)
+
+
 def _tiles(size: int) -> int:
     return -(-size // TILE)
 
@@ -102,12 +111,18 @@ def transform_input(x: jax.Array) -> jax.Array:
 
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
-    """HWIO 3x3 kernel -> [36, I, O]: ``G g G^T``."""
-    taps = [[kernel[i, j] for j in range(3)] for i in range(3)]
-    by_cols = [_combine(KERNEL_TRANSFORM, [taps[i][j] for i in range(3)]) for j in range(3)]
-    frequencies = [_combine(KERNEL_TRANSFORM, [by_cols[j][a] for j in range(3)])
-                   for a in range(TAPS)]
-    return jnp.stack([f for row in frequencies for f in row])
+    """HWIO 3x3 kernel -> [36, I, O]: ``G g G^T``.
+
+    One product of the constant [36, 9] matrix ``G (x) G`` with the kernel's taps, a single
+    pass over the kernel. Unlike the activations' transforms (`_combine`), the kernel is
+    small and the product has I x O columns: on XLA:CPU it runs about 5x faster than 36
+    fused sums and their concatenation, which the forward pays on every call (the denoiser's
+    forward at batch 16: 1-2% faster).
+    """
+    _, _, in_channels, out_channels = kernel.shape
+    flat = kernel.reshape(9, in_channels * out_channels)
+    return _exact_dot(_KERNEL_TRANSFORM_2D, flat).reshape(TAPS * TAPS, in_channels,
+                                                          out_channels)
 
 
 def transform_output(products: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
@@ -137,13 +152,9 @@ def transform_output_transpose(grad: jax.Array) -> jax.Array:
 
 def transform_kernel_transpose(grad: jax.Array) -> jax.Array:
     """The transpose of `transform_kernel`: [36, I, O] -> HWIO 3x3 kernel gradient."""
-    grad = grad.reshape(TAPS, TAPS, *grad.shape[1:])
-    by_cols = [_combine(KERNEL_TRANSFORM.T, [grad[a, b] for a in range(TAPS)])
-               for b in range(TAPS)]
-    return jnp.stack([
-        jnp.stack(_combine(KERNEL_TRANSFORM.T, [by_cols[b][i] for b in range(TAPS)]))
-        for i in range(3)
-    ])
+    _, in_channels, out_channels = grad.shape
+    flat = grad.reshape(TAPS * TAPS, in_channels * out_channels)
+    return _exact_dot(_KERNEL_TRANSFORM_2D.T, flat).reshape(3, 3, in_channels, out_channels)
 
 
 def _batched_matmul(lhs: jax.Array, rhs: jax.Array, transpose_rhs: bool = False) -> jax.Array:
