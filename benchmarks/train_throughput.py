@@ -66,7 +66,7 @@ def main(argv):
     step = train.make_train_step(config, mesh)
     size = config.data.image_size
     batch = train.global_batch(np.zeros((config.batch_size, size, size, 3), np.uint8), mesh)
-    algorithm = models.conv_algorithm(config, training=True)
+    algorithm = models.conv_algorithm(config)
     executed_flops = step_flops(step, state, batch)
     flops = executed_flops
     if algorithm != "direct":

@@ -89,13 +89,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
     return diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 
-def model_graphdef(config: ml_collections.ConfigDict, training: bool = False) -> nnx.GraphDef:
-    """The static structure of the network, built without allocating parameters.
-
-    `training` picks the convolution algorithm for the train step (`models.conv_algorithm`);
-    the parameters are the same either way.
-    """
-    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0), training=training))
+def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+    """The static structure of the network, built without allocating parameters."""
+    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract, nnx.Param)
     return graphdef
 
@@ -263,7 +259,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     accum = config.grad_accum_steps
     per_device = config.batch_size // (mesh.devices.size * accum)
     step_fn = functools.partial(
-        train_step, config=config, graphdef=model_graphdef(config, training=True),
+        train_step, config=config, graphdef=model_graphdef(config),
         schedule=make_schedule(config),
         micro_batches=accum * compute_chunks(config, per_device),
     )

@@ -98,15 +98,14 @@ def test_dispatch_takes_winograd_only_where_it_applies():
                                 ("NCHW", "OIHW", "NCHW"), 1, None)
 
 
-def test_auto_picks_winograd_for_sampling_on_cpu_only(monkeypatch):
+def test_auto_picks_winograd_on_cpu_only(monkeypatch):
     config = default.get_config()
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert models.conv_algorithm(config) == "winograd"
-    assert models.conv_algorithm(config, training=True) == "direct"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert models.conv_algorithm(config) == "direct"
     config.conv_algorithm = "winograd"
-    assert models.conv_algorithm(config) == models.conv_algorithm(config, training=True) == "winograd"
+    assert models.conv_algorithm(config) == "winograd"
     config.conv_algorithm = "direct"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert models.conv_algorithm(config) == "direct"

@@ -11,25 +11,21 @@ from ddpm_jax.models.unet import CONV_ALGORITHMS, UNet
 CONV_ALGORITHM_CHOICES = ("auto", *CONV_ALGORITHMS)
 
 
-def conv_algorithm(config: ml_collections.ConfigDict, training: bool = False) -> str:
+def conv_algorithm(config: ml_collections.ConfigDict) -> str:
     """`config.conv_algorithm` with "auto" resolved.
 
-    "auto" is Winograd for sampling and evaluation on the CPU backend (the denoiser's forward
-    1.4-1.5x faster than XLA's convolutions there) and XLA's convolutions for the train step
-    (Winograd's gain there was 1.0-1.2x at batch 8 and a loss at 32) and on every other
+    "auto" is Winograd on the CPU backend (against XLA's convolutions there: the denoiser's
+    forward 1.4-1.7x faster, the train step 1.1-1.2x) and XLA's convolutions on every other
     backend (cuDNN and the TPU compiler choose their own algorithms). See docs/benchmarks.md.
     """
     choice = config.get("conv_algorithm", "auto")
     if choice == "auto":
-        return "winograd" if jax.default_backend() == "cpu" and not training else "direct"
+        return "winograd" if jax.default_backend() == "cpu" else "direct"
     return choice
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
-                 training: bool = False) -> UNet:
-    """Builds the UNet described by `config.model` for images of `config.data.image_size`.
-
-    `training` only picks the convolution algorithm (`conv_algorithm`)."""
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> UNet:
+    """Builds the UNet described by `config.model` for images of `config.data.image_size`."""
     m = config.model
     return UNet(
         image_size=config.data.image_size,
@@ -49,7 +45,7 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
         out_channels=3,
         dtype=m.dtype,
         remat=m.remat,
-        conv_algorithm=conv_algorithm(config, training),
+        conv_algorithm=conv_algorithm(config),
         rngs=rngs,
     )
 

@@ -6,12 +6,11 @@ it as ``A^T [(G g G^T) * (B^T d B)] A``: the input tiles and the kernel are mapp
 small matrices to 6x6 = 36 "frequencies", each frequency is one matrix product over channels,
 and the products are mapped back. That is 36 multiplications per 16 outputs where the direct
 convolution needs 144: 4x fewer FLOPs in the matrix products, for transforms that cost a few
-memory passes. On XLA:CPU, with it on the 16x16 and 32x32 layers, the DDPM CIFAR-10 net's
-forward pass runs 1.4-1.5x faster than with XLA's own convolution kernels; its train step
-gains less or loses (`docs/benchmarks.md`), so `conv_algorithm="auto"` uses it for sampling
-and evaluation on CPU only. Results differ from the direct convolution by float32 rounding
-(about 1e-5 relative; the transforms' coefficients reach 1/24 and 8), so it is used for
-float32 only.
+memory passes. On XLA:CPU, with it on the 16x16 and larger layers, the DDPM CIFAR-10 net's
+forward pass runs 1.4-1.7x faster than with XLA's own convolution kernels and its train step
+1.1-1.2x (`docs/benchmarks.md`), so `conv_algorithm="auto"` uses it on the CPU backend.
+Results differ from the direct convolution by float32 rounding (about 1e-5 relative; the
+transforms' coefficients reach 1/24 and 8), so it is used for float32 only.
 
 The gradients are Winograd convolutions too (custom VJP): the input gradient is the
 convolution of the output gradient with the flipped kernel, and the kernel gradient is a
