@@ -114,7 +114,11 @@ def test_auto_picks_winograd_on_cpu_only(monkeypatch):
 
 
 def test_train_steps_with_winograd_match_direct_convolutions():
-    """Fixed seed, dropout off, random initial weights: the same losses and weights."""
+    """Fixed seed, dropout off, random initial weights: the same losses and weights.
+
+    Over the 4 test devices; the Winograd run also splits its parameters and optimizer state
+    over 2 of them (FSDP), so the custom gradient is checked with sharded kernels too.
+    """
     config = micro_config()
     config.data.image_size, config.model.base_channels, config.model.norm_groups = 16, 32, 8
     config.model.attention_resolutions, config.model.dropout = (), 0.0
@@ -122,11 +126,14 @@ def test_train_steps_with_winograd_match_direct_convolutions():
     data = [rng.integers(0, 256, (config.batch_size, 16, 16, 3), dtype=np.uint8)
             for _ in range(3)]
     results = {}
-    for algorithm in ("direct", "winograd"):
-        config.conv_algorithm = algorithm
+    for algorithm, fsdp in (("direct", 1), ("winograd", 2)):
+        config.conv_algorithm, config.mesh.fsdp, config.mesh.fsdp_min_size = algorithm, fsdp, 1024
         mesh = train.create_mesh(config)
+        assert mesh.devices.size == 4
         results[algorithm] = run_train_steps(config, mesh, data, weight_noise=0.05)
     (direct_state, direct_losses), (winograd_state, winograd_losses) = results.values()
+    assert any(not leaf.sharding.is_fully_replicated and leaf.ndim == 4
+               for leaf in jax.tree.leaves(winograd_state.params))  # kernels split by FSDP
     assert abs(direct_losses[0] - 1.0) > 0.05  # the loss sees the network, not just the noise
     np.testing.assert_allclose(winograd_losses, direct_losses, rtol=1e-5)
     for got, want in zip(jax.tree.leaves(winograd_state.params),
