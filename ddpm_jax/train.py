@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -40,6 +40,9 @@ from ddpm_jax import (
     xla,
 )
 from ddpm_jax.models import create_model
+
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 create_mesh = sharding.create_mesh
 replicated = sharding.replicated
@@ -421,6 +424,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     initial_step = int(state.step)
     logging.info("starting at step %d of %d", initial_step, config.num_train_steps)
 
+    # Imported here: clu's writers and progress reports load TensorFlow (about 2 s), which the
+    # train step, the sampler and the benchmarks do not need (and GPU hosts may lack).
+    from clu import metric_writers, periodic_actions
+
     writer = metric_writers.create_default_writer(
         str(workdir_path), just_logging=jax.process_index() > 0
     )
@@ -436,7 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         num_steps=sample_cfg.num_steps, eta=sample_cfg.eta, num_snapshots=sample_cfg.num_snapshots,
     )
 
-    loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid)
+    loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid,
+                 periodic_actions.ReportProgress(num_train_steps=config.num_train_steps))
     with metric_writers.ensure_flushes(writer), preemption.PreemptionWatcher() as watcher:
         try:
             state = loop.run(state, step_fn, mesh, watcher)
@@ -454,7 +462,7 @@ class _Loop:
     """The host side of training: logging, samples, checkpoints, non-finite and stop checks."""
 
     def __init__(self, config, workdir_path, writer, manager, data_iter, sample_fn,
-                 evaluate_fid=None):
+                 evaluate_fid, report):
         self.config = config
         self.evaluate_fid = evaluate_fid
         self.workdir = str(workdir_path)
@@ -463,7 +471,7 @@ class _Loop:
         self.data_iter = data_iter
         self.sample_fn = sample_fn
         self.sample_rng = jax.random.PRNGKey(config.seed + 2)
-        self.report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps)
+        self.report = report
         self.pending: list[dict[str, jax.Array]] = []
         self.interval_start = time.perf_counter()
 
