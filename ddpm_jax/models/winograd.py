@@ -53,11 +53,12 @@ OUTPUT_TRANSFORM = np.array([  # A^T: 6 frequencies -> a 4-tap output tile
     [0, 1, 1, 4, 4, 0],
     [0, 1, -1, 8, -8, 1],
 ], dtype=np.float64)
-# G (x) G: row 6a + b, column 3i + j holds G[a, i] G[b, j], so that the product with the
-# kernel's taps (flattened the same way) gives every frequency at once.
-_KERNEL_TRANSFORM_2D = np.einsum("ai,bj->abij", KERNEL_TRANSFORM, KERNEL_TRANSFORM).reshape(36, 9)
 TILE = 4  # output tile side
 TAPS = 6  # input tile side (TILE + 3 - 1)
+# G (x) G: row 6a + b, column 3i + j holds G[a, i] G[b, j], so that the product with the
+# kernel's taps (flattened the same way) gives every frequency at once.
+_KERNEL_TRANSFORM_2D = np.einsum("ai,bj->abij", KERNEL_TRANSFORM,
+                                 KERNEL_TRANSFORM).reshape(TAPS * TAPS, 9)
 
 # Where the Winograd path is used by `conv_general_dilated` (measured on XLA:CPU: at 8x8 and
 # below, or with few input channels, the direct convolution is as fast or faster).
