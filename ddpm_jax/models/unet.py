@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ddpm_jax.models import winograd
+from ddpm_jax.models import group_norm, winograd
 
 ATTENTION_TYPES = ("ddpm", "transformer")
 # How 3x3 convolutions are computed: XLA's convolution, or Winograd F(4x4, 3x3) where that
@@ -89,8 +89,8 @@ class _Layers:
                 f"model.norm_groups={groups} does not divide a layer width of {channels}; "
                 "choose norm_groups that divides base_channels * every channel multiplier"
             )
-        return nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6, dtype=self.dtype,
-                             rngs=self.rngs)
+        return group_norm.GroupNorm(channels, num_groups=groups, epsilon=1e-6,
+                                    dtype=self.dtype, rngs=self.rngs)
 
     def layer_norm(self, channels: int):
         return nnx.LayerNorm(channels, epsilon=1e-5, dtype=self.dtype, rngs=self.rngs)
