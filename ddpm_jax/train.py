@@ -216,28 +216,30 @@ def train_step(
             )
             loss = loss + micro_loss / accum
             grads = jax.tree.map(lambda g, m: g + m / accum, grads, micro_grads)
-    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(config, state.step)
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply_gradients(state: TrainState) -> TrainState:
+        updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_at(config, state.step)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                  state.ema_params, params)
+        return state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
+
     # A non-finite loss or gradient never reaches the weights: the step keeps the old
     # params, EMA and optimizer state (the loop then stops or goes on, by config.on_nonfinite).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_bad = lambda new, old: jax.tree.map(  # noqa: E731
-        lambda n, o: jnp.where(finite, n, o), new, old)
+    # A conditional, not a select per leaf: the select is one more pass over the state and
+    # makes XLA copy every leaf it overwrites in place (the CIFAR-10 net's update alone: 116
+    # against 70 ms on CPU).
+    new_state = jax.lax.cond(finite, apply_gradients, lambda state: state, state)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
         "learning_rate": learning_rate_schedule(config)(state.step),
         "nonfinite": (~finite).astype(jnp.int32),
     }
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_bad(params, state.params),
-        ema_params=keep_if_bad(ema_params, state.ema_params),
-        opt_state=keep_if_bad(opt_state, state.opt_state),
-    )
+    new_state = new_state.replace(step=state.step + 1)
     return new_state, metrics
 
 

@@ -58,6 +58,32 @@ def test_ema_tracks_params_with_the_configured_decay():
         np.testing.assert_allclose(e, 0.5 * p0 + 0.5 * np.asarray(p1), rtol=1e-5, atol=1e-7)
 
 
+def test_a_nonfinite_step_leaves_params_ema_and_optimizer_state_untouched():
+    config = micro_config()
+    mesh = train.create_mesh(devices=jax.devices()[:2])
+    step = train.make_train_step(config, mesh)
+    batch = train.global_batch(fixed_batch(config), mesh)
+    state, _ = step(train.create_train_state(config, mesh), batch)  # optimizer state non-zero
+    # A NaN in one bias makes the loss and every gradient non-finite.
+    leaves, treedef = jax.tree.flatten(state.params)
+    leaves[0] = leaves[0].at[0].set(np.nan)
+    state = state.replace(params=jax.tree.unflatten(treedef, leaves))
+    before = jax.tree.map(np.asarray, (state.params, state.ema_params, state.opt_state))
+    new_state, metrics = step(state, batch)  # donates `state`
+    assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    assert int(new_state.step) == 2
+    after = (new_state.params, new_state.ema_params, new_state.opt_state)
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(old, np.asarray(new))
+    # The same step from finite params moves the weights (the check above is not vacuous).
+    kept = jax.tree.leaves(new_state.params)
+    kept[0] = kept[0].at[0].set(0.0)
+    moved, metrics = step(new_state.replace(params=jax.tree.unflatten(treedef, kept)), batch)
+    assert int(metrics["nonfinite"]) == 0
+    assert any(not np.array_equal(np.asarray(new), old) for new, old in
+               zip(jax.tree.leaves(moved.params)[1:], jax.tree.leaves(before[0])[1:], strict=True))
+
+
 def test_learning_rate_schedule():
     config = tiny_config()
     config.learning_rate, config.warmup_steps, config.num_train_steps = 1.0, 10, 110
