@@ -9,7 +9,7 @@ backward pass with the same two-stage sums (a custom VJP), so the train step doe
 inherit autodiff's reductions over the split channel axis.
 
 Same parameters and, up to float rounding, the same outputs and gradients as `nnx.GroupNorm`
-(`tests/test_unet.py` checks both). Like Flax, statistics are float32 and the variance is
+(`tests/test_group_norm.py` checks both). Like Flax, statistics are float32 and the variance is
 E[x^2] - E[x]^2 clamped at 0, whatever the compute dtype.
 """
 
@@ -49,11 +49,11 @@ def _statistics(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Arra
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
                epsilon: float) -> jax.Array:
     """GroupNorm of float32 channels-last `x` [B, ..., C] with per-channel scale and bias."""
-    mean, inverse_std = _statistics(x, num_groups, epsilon)
-    return (x - mean) * (inverse_std * scale) + bias
+    return _group_norm_forward(x, scale, bias, num_groups, epsilon)[0]
 
 
 def _group_norm_forward(x, scale, bias, num_groups, epsilon):
+    """The output and what the backward pass needs (x, scale and the statistics)."""
     mean, inverse_std = _statistics(x, num_groups, epsilon)
     return (x - mean) * (inverse_std * scale) + bias, (x, scale, mean, inverse_std)
 
