@@ -39,8 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     # as sequential chunks with the same gradient. 0: 8 on CPU (faster there), none elsewhere;
     # -1: never split.
     config.compute_chunk_size = 0
-    # CPU backend only: "eigen" compiles convolutions with XLA's own kernels (1.1-1.2x faster
-    # train steps here, ddpm_jax/xla.py); "default" leaves XLA's library choice.
+    # CPU backend only: "eigen" compiles convolutions and dots with XLA's own kernels (1.1-1.2x
+    # faster train steps here, ddpm_jax/xla.py); "default" leaves XLA's library choice.
     config.cpu_conv_library = "eigen"
     # 3x3 convolutions: "winograd" (F(4x4, 3x3), ddpm_jax/models/winograd.py: 4x fewer FLOPs,
     # float32 rounding-level differences), "direct" (XLA's), or "auto": Winograd on the CPU

@@ -2,8 +2,10 @@
 
 On the CPU backend, XLA hands convolutions, dots and reductions to the YNNPACK library by
 default. YNNPACK's convolution gradients are slow here (140-300 GFLOP/s on the DDPM UNet's
-layers, against 380-430 for XLA's own Eigen kernels, forward included), so ddpm-jax keeps
-YNNPACK for dots and reductions only. Measured in `docs/benchmarks.md`; switch it off with
+layers, against 380-430 for XLA's own Eigen kernels, forward included), and so are its batched
+matrix products (Winograd's per-frequency products: 160-270 GFLOP/s against 260-290), so
+ddpm-jax keeps YNNPACK for reductions only and gives convolutions and dots to XLA's own
+kernels. Measured in `docs/benchmarks.md`; switch it off with
 ``config.cpu_conv_library = "default"``. Other backends get no options.
 """
 
@@ -18,7 +20,7 @@ from absl import logging
 CPU_CONV_LIBRARIES = ("eigen", "default")
 _CPU_OPTIONS = (
     ("xla_cpu_experimental_ynn_fusion_type",
-     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"),
+     "LIBRARY_FUSION_TYPE_REDUCE"),
 )
 
 

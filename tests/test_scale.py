@@ -81,17 +81,20 @@ def test_cpu_conv_library_setting_reaches_the_compiler():
     state = jax.eval_shape(lambda: train.create_train_state(config, mesh))
     batch = jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)
 
-    def convolutions_in_library_fusions(library):
+    def library_fusions_with(library, op):
         config.cpu_conv_library = library
         hlo = train.make_train_step(config, mesh).lower(state, batch).compile().as_text()
         called = set(re.findall(r"calls=%?([\w.\-]+), [^\n]*__ynn_fusion", hlo))
         bodies = dict(re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
-        return sum(" convolution(" in bodies.get(name, "") for name in called)
+        return sum(f" {op}(" in bodies.get(name, "") for name in called)
 
     if xla.compiler_options(config) is None:
         pytest.fail("this jaxlib rejects the CPU compile options; update ddpm_jax/xla.py")
-    assert convolutions_in_library_fusions("default") > 0
-    assert convolutions_in_library_fusions("eigen") == 0
+    assert library_fusions_with("default", "convolution") > 0
+    assert library_fusions_with("default", "dot") > 0
+    assert library_fusions_with("eigen", "convolution") == 0
+    assert library_fusions_with("eigen", "dot") == 0
+    assert library_fusions_with("eigen", "reduce") > 0  # reductions stay in the library
 
 
 def test_remat_changes_nothing():

@@ -1,4 +1,5 @@
-"""Winograd F(4x4, 3x3) convolutions against XLA's convolution and the algorithm's identity."""
+"""Winograd F(4x4, 3x3) and F(2x2, 3x3) convolutions against XLA's convolution and the
+algorithms' identities."""
 
 from __future__ import annotations
 
@@ -24,20 +25,29 @@ def relative_error(got, want):
     return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
-def test_transform_matrices_compute_a_correlation_exactly():
-    """A^T [(G g) * (B^T d)] is the 4 outputs of correlating a 6-tap d with a 3-tap g (float64)."""
+ALGORITHMS = pytest.mark.parametrize("algorithm", [winograd.F4, winograd.F2],
+                                     ids=lambda algorithm: algorithm.name)
+
+
+@ALGORITHMS
+def test_transform_matrices_compute_a_correlation_exactly(algorithm):
+    """A^T [(G g) * (B^T d)] is the m outputs of correlating an (m + 2)-tap d with a 3-tap g
+    (float64)."""
     rng = np.random.default_rng(0)
+    tile, taps = algorithm.tile, algorithm.taps
+    assert algorithm.input_transform.shape == (taps, taps) and taps == tile + 2
     for _ in range(20):
-        d, g = rng.standard_normal(6), rng.standard_normal(3)
-        want = np.array([d[i:i + 3] @ g for i in range(4)])
-        got = winograd.OUTPUT_TRANSFORM @ ((winograd.KERNEL_TRANSFORM @ g)
-                                           * (winograd.INPUT_TRANSFORM @ d))
+        d, g = rng.standard_normal(taps), rng.standard_normal(3)
+        want = np.array([d[i:i + 3] @ g for i in range(tile)])
+        got = algorithm.output_transform @ ((algorithm.kernel_transform @ g)
+                                            * (algorithm.input_transform @ d))
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@ALGORITHMS
 @pytest.mark.parametrize("shape", [(2, 16, 16, 8, 12), (1, 7, 10, 5, 3), (1, 4, 4, 2, 2)])
-def test_convolution_and_gradients_match_xla(shape):
-    """Forward, input gradient and kernel gradient, also where H, W are not multiples of 4."""
+def test_convolution_and_gradients_match_xla(shape, algorithm):
+    """Forward, input gradient and kernel gradient, also where H, W are not whole tiles."""
     n, height, width, cin, cout = shape
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(keys[0], (n, height, width, cin))
@@ -45,57 +55,69 @@ def test_convolution_and_gradients_match_xla(shape):
     cotangent = jax.random.normal(keys[2], (n, height, width, cout))
 
     want, want_vjp = jax.vjp(direct, x, kernel)
-    got, got_vjp = jax.vjp(jax.jit(winograd.conv3x3), x, kernel)
-    assert relative_error(got, want) < 2e-5
+    got, got_vjp = jax.vjp(jax.jit(lambda a, b: winograd.conv3x3(a, b, algorithm)), x, kernel)
+    # F(2x2)'s coefficients are 1 and 1/2: its rounding is the direct convolution's order.
+    tolerance = 2e-5 if algorithm is winograd.F4 else 2e-6
+    assert relative_error(got, want) < tolerance
     for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
         assert got_grad.shape == want_grad.shape
-        assert relative_error(got_grad, want_grad) < 2e-5
+        assert relative_error(got_grad, want_grad) < tolerance
 
 
-def test_transposed_transforms_are_the_transposes():
+@ALGORITHMS
+def test_transposed_transforms_are_the_transposes(algorithm):
     """<T x, y> == <x, T^T y> for the output and kernel transforms the backward pass uses."""
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
-    products = jax.random.normal(keys[0], (36, 2 * 2 * 3, 5))
-    grad = jax.random.normal(keys[1], (2, 6, 9, 5))  # 2x3 tiles, cropped to 6x9
-    lhs = jnp.vdot(winograd.transform_output(products, (2, 6, 9)), grad)
-    rhs = jnp.vdot(products, winograd.transform_output_transpose(grad))
+    frequencies = algorithm.taps ** 2
+    tile = algorithm.tile
+    height, width = 2 * tile - 1, 3 * tile - 1  # 2x3 tiles, the last row and column cropped
+    products = jax.random.normal(keys[0], (frequencies, 2 * 2 * 3, 5))
+    grad = jax.random.normal(keys[1], (2, height, width, 5))
+    lhs = jnp.vdot(winograd.transform_output(products, (2, height, width), algorithm), grad)
+    rhs = jnp.vdot(products, winograd.transform_output_transpose(grad, algorithm))
     np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
 
     kernel = jax.random.normal(keys[2], (3, 3, 4, 5))
-    frequencies = jax.random.normal(keys[3], (36, 4, 5))
-    lhs = jnp.vdot(winograd.transform_kernel(kernel), frequencies)
-    rhs = jnp.vdot(kernel, winograd.transform_kernel_transpose(frequencies))
+    kernel_frequencies = jax.random.normal(keys[3], (frequencies, 4, 5))
+    lhs = jnp.vdot(winograd.transform_kernel(kernel, algorithm), kernel_frequencies)
+    rhs = jnp.vdot(kernel, winograd.transform_kernel_transpose(kernel_frequencies, algorithm))
     np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
 
 
-def test_dispatch_takes_winograd_only_where_it_applies():
-    def uses_winograd(x_shape, kernel_shape, strides=(1, 1), padding=((1, 1), (1, 1)),
-                      dtype=jnp.float32):
+def test_dispatch_picks_the_algorithm_by_map_size_and_only_where_one_applies():
+    def choice(x_shape, kernel_shape, strides=(1, 1), padding=((1, 1), (1, 1)),
+               dtype=jnp.float32):
         x = jax.ShapeDtypeStruct(x_shape, dtype)
         kernel = jax.ShapeDtypeStruct(kernel_shape, dtype)
-        jaxpr = jax.make_jaxpr(lambda a, b: winograd.conv_general_dilated(
-            a, b, strides, padding,
-            dimension_numbers=jax.lax.conv_dimension_numbers(x_shape, kernel_shape,
-                                                             ("NHWC", "HWIO", "NHWC"))))(x, kernel)
-        text = str(jaxpr)
+        numbers = jax.lax.conv_dimension_numbers(x_shape, kernel_shape, ("NHWC", "HWIO", "NHWC"))
+        text = str(jax.make_jaxpr(lambda a, b: winograd.conv_general_dilated(
+            a, b, strides, padding, dimension_numbers=numbers))(x, kernel))
+        algorithm = winograd.algorithm_for(x, kernel, strides, padding, None, None, numbers, 1,
+                                           None)
         assert ("conv_general_dilated" in text) != ("custom_vjp_call" in text)
-        return "custom_vjp_call" in text
+        assert ("custom_vjp_call" in text) == (algorithm is not None)
+        return algorithm
 
-    assert uses_winograd((2, 16, 16, 32), (3, 3, 32, 64))
-    assert uses_winograd((2, 32, 24, 128), (3, 3, 128, 16))
-    assert not uses_winograd((2, 8, 8, 32), (3, 3, 32, 64))  # too small to pay off
-    assert not uses_winograd((2, 16, 16, 3), (3, 3, 3, 64))  # too few input channels
-    assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), strides=(2, 2))
-    assert not uses_winograd((2, 16, 16, 32), (1, 1, 32, 64), padding=((0, 0), (0, 0)))
-    assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), padding=((0, 0), (0, 0)))
-    assert not uses_winograd((2, 16, 16, 32), (3, 3, 32, 64), dtype=jnp.bfloat16)
+    assert choice((2, 16, 16, 32), (3, 3, 32, 64)) is winograd.F4
+    assert choice((2, 32, 24, 128), (3, 3, 128, 16)) is winograd.F4
+    assert choice((2, 8, 8, 32), (3, 3, 32, 64)) is winograd.F2
+    assert choice((2, 4, 4, 256), (3, 3, 256, 256)) is winograd.F2
+    assert choice((2, 32, 8, 32), (3, 3, 32, 64)) is winograd.F2  # the smaller side decides
+    assert choice((2, 2, 2, 256), (3, 3, 256, 256)) is None  # too small to pay off
+    assert choice((2, 16, 16, 3), (3, 3, 3, 64)) is None  # too few input channels
+    assert choice((2, 16, 16, 32), (3, 3, 32, 64), strides=(2, 2)) is None
+    assert choice((2, 16, 16, 32), (1, 1, 32, 64), padding=((0, 0), (0, 0))) is None
+    assert choice((2, 16, 16, 32), (3, 3, 32, 64), padding=((0, 0), (0, 0))) is None
+    assert choice((2, 16, 16, 32), (3, 3, 32, 64), dtype=jnp.bfloat16) is None
     x, kernel = jnp.zeros((1, 16, 16, 32)), jnp.zeros((3, 3, 32, 8))
     nhwc = ("NHWC", "HWIO", "NHWC")
-    assert winograd.applies(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, (1, 1), nhwc, 1, None)
-    assert not winograd.applies(x, kernel, (1, 1), ((1, 1), (1, 1)), None, 2, nhwc, 1, None)
-    assert not winograd.applies(x, kernel, (1, 1), "SAME", None, None, nhwc, 1, None)
-    assert not winograd.applies(x, kernel, (1, 1), ((1, 1), (1, 1)), None, None,
-                                ("NCHW", "OIHW", "NCHW"), 1, None)
+    assert winograd.algorithm_for(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, (1, 1), nhwc, 1,
+                                  None) is winograd.F4
+    assert winograd.algorithm_for(x, kernel, (1, 1), ((1, 1), (1, 1)), None, 2, nhwc, 1,
+                                  None) is None
+    assert winograd.algorithm_for(x, kernel, (1, 1), "SAME", None, None, nhwc, 1, None) is None
+    assert winograd.algorithm_for(x, kernel, (1, 1), ((1, 1), (1, 1)), None, None,
+                                  ("NCHW", "OIHW", "NCHW"), 1, None) is None
 
 
 def test_auto_picks_winograd_on_cpu_only(monkeypatch):
@@ -122,6 +144,7 @@ def test_train_steps_with_winograd_match_direct_convolutions():
     config = micro_config()
     config.data.image_size, config.model.base_channels, config.model.norm_groups = 16, 32, 8
     config.model.attention_resolutions, config.model.dropout = (), 0.0
+    config.model.channel_mults = (1, 1)  # 16x16 maps (F(4x4, 3x3)) and 8x8 maps (F(2x2, 3x3))
     rng = np.random.default_rng(0)
     data = [rng.integers(0, 256, (config.batch_size, 16, 16, 3), dtype=np.uint8)
             for _ in range(3)]
