@@ -2,11 +2,11 @@
 
 The DDPM CIFAR-10 net (`configs/cifar10.py`, float32) on the CPU backend:
 
-* `cpu_conv_library`: "default" (XLA hands convolutions to YNNPACK) vs "eigen" (XLA's own
-  convolution kernels; YNNPACK keeps dots and reductions), see `ddpm_jax/xla.py`;
+* `cpu_conv_library`: "default" (XLA hands convolutions and dots to YNNPACK) vs "eigen" (XLA's
+  own convolution and dot kernels; YNNPACK keeps reductions), see `ddpm_jax/xla.py`;
 * `compute_chunk_size`: -1 (one pass over each device's batch) vs 0 (chunks of 8 on CPU);
 * `conv_algorithm`: "direct" (XLA's convolutions) vs "winograd" (F(4x4, 3x3) for the 16x16
-  and 32x32 layers, `ddpm_jax/models/winograd.py`).
+  and 32x32 layers, F(2x2, 3x3) for the 4x4 and 8x8 ones, `ddpm_jax/models/winograd.py`).
 
 Each variant is compiled once; timed calls alternate between variants (median of
 `--repeats`). The loss of the third step from the same initial state and batch is reported

@@ -42,9 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     # CPU backend only: "eigen" compiles convolutions and dots with XLA's own kernels (1.1-1.2x
     # faster train steps here, ddpm_jax/xla.py); "default" leaves XLA's library choice.
     config.cpu_conv_library = "eigen"
-    # 3x3 convolutions: "winograd" (F(4x4, 3x3), ddpm_jax/models/winograd.py: 4x fewer FLOPs,
-    # float32 rounding-level differences), "direct" (XLA's), or "auto": Winograd on the CPU
-    # backend (1.4-1.7x faster forward, 1.1-1.2x faster train step there), XLA's elsewhere.
+    # 3x3 convolutions: "winograd" (F(4x4, 3x3) from 16x16 maps, F(2x2, 3x3) on 4x4 and 8x8,
+    # ddpm_jax/models/winograd.py: 4x and 2.25x fewer FLOPs, float32 rounding-level
+    # differences), "direct" (XLA's), or "auto": Winograd on the CPU backend (1.4-1.7x faster
+    # forward, 1.1-1.2x faster train step there), XLA's elsewhere.
     config.conv_algorithm = "auto"
 
     # ---- devices -------------------------------------------------------------------
