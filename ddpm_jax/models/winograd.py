@@ -8,10 +8,11 @@ and the products are mapped back. That is 36 multiplications per 16 outputs wher
 convolution needs 144: 4x fewer FLOPs in the matrix products, for transforms that cost a few
 memory passes. F(2x2, 3x3) does the same with 4x4 input tiles and 16 frequencies per 2x2
 output tile (2.25x fewer FLOPs); on small maps its products have 4x more rows than F(4x4)'s,
-which keeps them efficient. On XLA:CPU, with F(4x4) on the 16x16 and larger layers and F(2x2)
-on the 4x4 and 8x8 ones, the DDPM CIFAR-10 net's forward pass runs about 1.5-1.8x faster than
-with XLA's own convolution kernels and its train step 1.1-1.2x (`docs/benchmarks.md`), so
-`conv_algorithm="auto"` uses it on the CPU backend. Results differ from the direct
+which keeps them efficient. On XLA:CPU, with F(4x4) on the 16x16 and larger layers, the DDPM
+CIFAR-10 net's forward pass runs 1.4-1.7x faster than with XLA's own convolution kernels and
+its train step 1.1-1.2x; F(2x2) on the 4x4 and 8x8 layers (with XLA's matrix products) made
+DDIM sampling 1.17x faster again and the train step about 1.05x (`docs/benchmarks.md`), so
+`conv_algorithm="auto"` uses them on the CPU backend. Results differ from the direct
 convolution by float32 rounding (about 1e-5 relative for F(4x4), whose coefficients reach
 1/24 and 8; about 1e-7 for F(2x2)), so it is used for float32 only.
 
