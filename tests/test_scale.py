@@ -81,19 +81,24 @@ def test_cpu_conv_library_setting_reaches_the_compiler():
     state = jax.eval_shape(lambda: train.create_train_state(config, mesh))
     batch = jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)
 
-    def library_fusions_with(library, op):
+    def library_fusions_with(library, op, without=None):
+        """How many YNNPACK fusions contain `op` (and not `without`)."""
         config.cpu_conv_library = library
         hlo = train.make_train_step(config, mesh).lower(state, batch).compile().as_text()
         called = set(re.findall(r"calls=%?([\w.\-]+), [^\n]*__ynn_fusion", hlo))
-        bodies = dict(re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
-        return sum(f" {op}(" in bodies.get(name, "") for name in called)
+        bodies = [body for name, body in re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}",
+                                                    hlo, re.S) if name in called]
+        return sum(f" {op}(" in body and not (without and f" {without}(" in body)
+                   for body in bodies)
 
     if xla.compiler_options(config) is None:
         pytest.fail("this jaxlib rejects the CPU compile options; update ddpm_jax/xla.py")
     assert library_fusions_with("default", "convolution") > 0
-    assert library_fusions_with("default", "dot") > 0
+    assert library_fusions_with("default", "dot", without="reduce") > 0
     assert library_fusions_with("eigen", "convolution") == 0
-    assert library_fusions_with("eigen", "dot") == 0
+    # Products go to XLA's kernels; a reduction fusion may still take in the product that
+    # feeds it (attention's scores and softmax, on newer jaxlibs).
+    assert library_fusions_with("eigen", "dot", without="reduce") == 0
     assert library_fusions_with("eigen", "reduce") > 0  # reductions stay in the library
 
 
