@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- compilation -----------------------------------------------------------------
     # Largest per-device micro-batch one forward/backward pass runs on; bigger batches run
-    # as sequential chunks with the same gradient. 0: 8 on CPU (faster there), none elsewhere;
+    # as sequential chunks with the same gradient. 0: 16 on CPU (faster there), none elsewhere;
     # -1: never split.
     config.compute_chunk_size = 0
     # CPU backend only: "eigen" compiles convolutions and dots with XLA's own kernels (1.1-1.2x

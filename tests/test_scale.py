@@ -72,6 +72,11 @@ def test_cpu_speed_settings_keep_the_loss():
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         assert_states_close(reference, state)
     assert train.compute_chunks(config, 4) == 2 and train.compute_chunks(config, 2) == 1
+    config.compute_chunk_size = 0  # automatic: chunks of at most CPU_CHUNK_SIZE on this CPU
+    size = train.CPU_CHUNK_SIZE
+    assert train.compute_chunks(config, size) == 1
+    assert train.compute_chunks(config, 2 * size) == 2
+    assert train.compute_chunks(config, 3 * size) == 3
 
 
 def test_cpu_conv_library_setting_reaches_the_compiler():
