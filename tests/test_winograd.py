@@ -25,7 +25,7 @@ def relative_error(got, want):
     return float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
 
 
-ALGORITHMS = pytest.mark.parametrize("algorithm", [winograd.F4, winograd.F2],
+ALGORITHMS = pytest.mark.parametrize("algorithm", winograd.ALGORITHMS,
                                      ids=lambda algorithm: algorithm.name)
 
 

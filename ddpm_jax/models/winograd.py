@@ -50,6 +50,7 @@ class Algorithm:
     input_transform: np.ndarray  # B^T: [taps, taps], an input tile -> frequencies
     kernel_transform: np.ndarray  # G: [taps, 3], a kernel -> frequencies
     output_transform: np.ndarray  # A^T: [tile, taps], frequencies -> an output tile
+    min_spatial: int  # smallest map side `conv_general_dilated` uses it for
 
     @property
     def tile(self) -> int:
@@ -95,6 +96,7 @@ F4 = Algorithm(
         [0, 1, 1, 4, 4, 0],
         [0, 1, -1, 8, -8, 1],
     ], dtype=np.float64),
+    min_spatial=16,
 )
 # F(2, 3) on the points 0, 1, -1 and infinity: 16 products per 4 outputs (2.25x fewer than
 # direct), coefficients 1 and 1/2 (rounding as small as the direct convolution's). For small
@@ -117,12 +119,14 @@ F2 = Algorithm(
         [1, 1, 1, 0],
         [0, 1, -1, -1],
     ], dtype=np.float64),
+    min_spatial=4,
 )
 
-# Where `conv_general_dilated` takes which (measured on XLA:CPU on the whole network, see
-# docs/benchmarks.md): F(4, 3) from 16x16, F(2, 3) on 4x4 and 8x8 maps; with fewer input
-# channels the per-frequency products are too thin and the direct convolution is as fast.
-MIN_SPATIAL = {F4: 16, F2: 4}
+# What `conv_general_dilated` takes, first match by `min_spatial` (measured on XLA:CPU on the
+# whole network, see docs/benchmarks.md): F(4, 3) from 16x16, F(2, 3) on 4x4 and 8x8 maps;
+# with fewer input channels the per-frequency products are too thin and the direct
+# convolution is as fast.
+ALGORITHMS = (F4, F2)
 MIN_IN_CHANNELS = 32
 
 
@@ -292,10 +296,8 @@ def algorithm_for(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     _, height, width, channels = lhs.shape
     if channels < MIN_IN_CHANNELS:
         return None
-    for algorithm in (F4, F2):
-        if min(height, width) >= MIN_SPATIAL[algorithm]:
-            return algorithm
-    return None
+    return next((algorithm for algorithm in ALGORITHMS
+                 if min(height, width) >= algorithm.min_spatial), None)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
