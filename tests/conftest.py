@@ -12,18 +12,21 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
+# Tests build the same tiny programs many times (each run of the loop re-jits its step, and
+# the command-line tests start `ddpm_jax.main` again to resume): one persistent compilation
+# cache for the whole run compiles each only once. It is passed on in the environment, so
+# pytest-xdist's workers (started after this file is loaded) and the programs tests start
+# share it; the process that made it removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="ddpm_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import pytest  # noqa: E402
 
 from configs import quickstart  # noqa: E402
-
-# Tests build the same tiny programs many times (each run of the loop re-jits its step);
-# a persistent compilation cache for the session compiles each only once.
-_cache_dir = tempfile.mkdtemp(prefix="ddpm_jax_xla_cache_")
-atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _cache_dir)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def tiny_config():
