@@ -128,9 +128,9 @@ def test_bfloat16_training_reaches_the_float32_loss():
     assert np.mean(bf16[-10:]) < 0.7 * bf16[0]  # and it did learn
 
 
-def run_processes(workdir, num_processes, devices_per_process, *flags, cache):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="2")
+def run_processes(workdir, num_processes, devices_per_process, *flags):
+    # The processes compile through the test run's cache (conftest.py), which they inherit.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         ["bash", "launch/local.sh", str(num_processes), str(devices_per_process), "--",
@@ -152,13 +152,12 @@ def restore(workdir, step):
 
 
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
-    cache = tmp_path / "cache"
-    run_processes(tmp_path / "two", 2, 2, cache=cache)
-    run_processes(tmp_path / "one", 1, 4, cache=cache)
+    run_processes(tmp_path / "two", 2, 2)
+    run_processes(tmp_path / "one", 1, 4)
     # Same global batches (each process reads its slice; the union is the 1-process batch)
     # and the same rng stream; gloo's all-reduce may add in another order than XLA's.
     assert_states_close(restore(tmp_path / "one", 3), restore(tmp_path / "two", 3))
     # The 2-process checkpoint restores in a 1-process run on another mesh, and goes on.
-    result = run_processes(tmp_path / "two", 1, 1, "--config.num_train_steps=4", cache=cache)
+    result = run_processes(tmp_path / "two", 1, 1, "--config.num_train_steps=4")
     assert "starting at step 3 of 4" in result.stderr
     assert restore(tmp_path / "two", 4).step == 4
