@@ -22,7 +22,7 @@ product of the same transformed input with the transformed output gradient.
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (the hook `nnx.Conv`
 takes): it takes a Winograd path where one applies and is known to be faster, and calls
-`jax.lax.conv_general_dilated` for everything else.
+`conv.conv_general_dilated` for everything else.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from ddpm_jax.models import conv
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -277,21 +279,14 @@ conv3x3.defvjp(_conv3x3_forward, _conv3x3_backward)
 
 def algorithm_for(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding,
                   lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count: int,
-                  precision) -> Algorithm | None:
+                  precision, **kwargs) -> Algorithm | None:
     """The Winograd algorithm that computes this `lax.conv_general_dilated` call faster, if any."""
-    if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or feature_group_count != 1:
+    if not conv.plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                           feature_group_count, precision, **kwargs):
         return None
-    if precision is not None or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+    if rhs.shape[:2] != (3, 3) or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return None
-    if tuple(window_strides) != (1, 1) or isinstance(padding, str):
-        return None
-    if tuple(tuple(p) for p in padding) != ((1, 1), (1, 1)):
-        return None
-    if any(d is not None and tuple(np.broadcast_to(d, (2,))) != (1, 1)
-           for d in (lhs_dilation, rhs_dilation)):
-        return None
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc:
+    if tuple(window_strides) != (1, 1) or tuple(tuple(p) for p in padding) != ((1, 1), (1, 1)):
         return None
     _, height, width, channels = lhs.shape
     if channels < MIN_IN_CHANNELS:
@@ -304,14 +299,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1,
                          precision=None, **kwargs) -> jax.Array:
-    """`jax.lax.conv_general_dilated`, by `conv3x3` where that applies."""
-    algorithm = None
-    if not kwargs.get("preferred_element_type") and not kwargs.get("out_sharding"):
-        algorithm = algorithm_for(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                  dimension_numbers, feature_group_count, precision)
+    """`jax.lax.conv_general_dilated`, by `conv3x3` where that applies, else by
+    `conv.conv_general_dilated`."""
+    algorithm = algorithm_for(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                              dimension_numbers, feature_group_count, precision, **kwargs)
     if algorithm is not None:
         return conv3x3(lhs, rhs, algorithm)
-    return lax.conv_general_dilated(
+    return conv.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         precision=precision, **kwargs)
