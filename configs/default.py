@@ -39,6 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     # as sequential chunks with the same gradient. 0: 16 on CPU (faster there), none elsewhere;
     # -1: never split.
     config.compute_chunk_size = 0
+    # Train steps per compiled call (a lax.scan over that many batches): fewer dispatches,
+    # and on CPU one set of temporary buffers for all of them (XLA:CPU maps them afresh on
+    # every call; 4 steps per call train the CIFAR-10 net 1.2x faster there). Logging,
+    # samples, checkpoints and stop requests are handled between calls, and steps next to an
+    # event that is not a multiple of it away run one per call. 0: on CPU the largest of 4, 2
+    # and 1 that divides every interval above, 1 elsewhere.
+    config.steps_per_dispatch = 0
     # CPU backend only: "eigen" compiles convolutions and dots with XLA's own kernels (1.1-1.2x
     # faster train steps here, ddpm_jax/xla.py); "default" leaves XLA's library choice.
     config.cpu_conv_library = "eigen"

@@ -131,6 +131,10 @@ def validate(
     if not isinstance(config.compute_chunk_size, int) or config.compute_chunk_size < -1:
         raise ConfigError("compute_chunk_size must be a positive integer, 0 (automatic) or -1 "
                           f"(never split), got {config.compute_chunk_size!r}")
+    per_call = config.get("steps_per_dispatch", 0)
+    if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 0:
+        raise ConfigError("steps_per_dispatch must be a positive integer or 0 (automatic), got "
+                          f"{per_call!r}")
     if config.keep_every_steps < 0:
         raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:

@@ -263,8 +263,37 @@ def compute_chunks(config: ml_collections.ConfigDict, per_device_batch: int) -> 
                 if per_device_batch % k == 0 and per_device_batch // k <= limit)
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """The jitted train step: state in its mesh sharding and donated, batch split over devices."""
+CPU_STEPS_PER_DISPATCH = 4  # steps_per_dispatch=0 on the CPU backend, where it divides the intervals
+
+
+def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
+    """Train steps each compiled call runs, `config.steps_per_dispatch` with 0 resolved.
+
+    0 means, on the CPU backend, the largest of `CPU_STEPS_PER_DISPATCH`, 2 and 1 that divides
+    every logging, sampling, saving and evaluation interval (so that one program serves the
+    whole run): XLA:CPU maps a call's temporary buffers afresh on every call, and 4 steps per
+    call train the CIFAR-10 net 1.2x faster at batch 8 (docs/benchmarks.md). 1 elsewhere
+    (not measured there).
+    """
+    chosen = config.get("steps_per_dispatch", 1)
+    if chosen:
+        return chosen
+    if jax.default_backend() != "cpu":
+        return 1
+    intervals = [config.log_every_steps, config.sample_every_steps, config.save_every_steps,
+                 config.get("eval_every_steps", 0)]
+    return next(k for k in (CPU_STEPS_PER_DISPATCH, 2, 1)
+                if all(interval % k == 0 for interval in intervals if interval > 0))
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                    num_steps: int = 1):
+    """The jitted train step: state in its mesh sharding and donated, batch split over devices.
+
+    With `num_steps` > 1, `fn(state, batches)` runs that many steps in one call (a `lax.scan`
+    over `batches` [num_steps, batch, ...]) and returns metrics with a leading [num_steps]
+    axis: the same steps, with one dispatch and one set of temporary buffers for all of them.
+    """
     accum = config.grad_accum_steps
     per_device = config.batch_size // (mesh.devices.size * accum)
     step_fn = functools.partial(
@@ -272,10 +301,14 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         schedule=make_schedule(config),
         micro_batches=accum * compute_chunks(config, per_device),
     )
+    data_sharding = batch_sharding(mesh)
+    if num_steps > 1:
+        step_fn = functools.partial(jax.lax.scan, step_fn)
+        data_sharding = stacked_batch_sharding(mesh)
     state_sharding = train_state_shardings(config, mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(state_sharding, batch_sharding(mesh)),
+        in_shardings=(state_sharding, data_sharding),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
         compiler_options=xla.compiler_options(config),
@@ -392,9 +425,20 @@ def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 # ------------------------------------------------------------------------------------ loop
 
 
+def stacked_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """[steps, batch, ...]: the batch axis split over every device, as in `batch_sharding`."""
+    return NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+
+
 def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
     """Assembles the global sharded batch from each process's slice."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), local_batch)
+
+
+def global_batches(local_batches: list[np.ndarray], mesh: jax.sharding.Mesh) -> jax.Array:
+    """Several steps' batches, stacked [steps, batch, ...], from each process's slices."""
+    return jax.make_array_from_process_local_data(stacked_batch_sharding(mesh),
+                                                  np.stack(local_batches))
 
 
 def absolute_path(path: str) -> epath.Path:
@@ -442,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         parameter_overview.log_parameter_overview(state.params, msg="model parameters",
                                                   jax_logging_process=0)
 
-    step_fn = make_train_step(config, mesh)
+    step_fns = _StepFunctions(config, mesh)
     sample_cfg = config.sample
     sample_fn = make_sample_fn(
         config, mesh, num_images=sample_cfg.num_images, sampler=sample_cfg.sampler,
@@ -453,11 +497,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                  periodic_actions.ReportProgress(num_train_steps=config.num_train_steps))
     with metric_writers.ensure_flushes(writer), preemption.PreemptionWatcher() as watcher:
         try:
-            state = loop.run(state, step_fn, mesh, watcher)
+            state = loop.run(state, step_fns, watcher)
         finally:
             manager.wait_until_finished()  # never leave a half-written checkpoint behind
             manager.close()
     return state
+
+
+class _StepFunctions:
+    """The train step as one step per call, and as `steps_per_dispatch` steps per call.
+
+    Each is compiled on its first use: a run whose events (logging, samples, checkpoints,
+    FID, its end) all fall on multiples of `steps_per_dispatch` from its start only ever
+    compiles the second.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+        self.mesh = mesh
+        self.per_call = steps_per_dispatch(config)
+        self.single = make_train_step(config, mesh)
+        self.multi = make_train_step(config, mesh, self.per_call) if self.per_call > 1 else None
+        logging.info("%d train steps per call", self.per_call)
+
+    def steps_in_next_call(self, step: int, next_event: int) -> int:
+        """`steps_per_dispatch` steps where no event falls inside them, else one."""
+        return self.per_call if step + self.per_call <= next_event else 1
+
+    def __call__(self, state: TrainState, local_batches: list[np.ndarray]):
+        if len(local_batches) == 1:
+            return self.single(state, global_batch(local_batches[0], self.mesh))
+        return self.multi(state, global_batches(local_batches, self.mesh))
 
 
 class NonFiniteError(FloatingPointError):
@@ -481,13 +550,15 @@ class _Loop:
         self.pending: list[dict[str, jax.Array]] = []
         self.interval_start = time.perf_counter()
 
-    def run(self, state: TrainState, step_fn, mesh, watcher) -> TrainState:
+    def run(self, state: TrainState, step_fns: _StepFunctions, watcher) -> TrainState:
         config = self.config
         step = int(state.step)
-        previous = None  # (step, metrics) of the step before, checked while this one runs
+        previous = None  # (step, metrics) of the call before, checked while this one runs
         while step < config.num_train_steps:
-            state, metrics = step_fn(state, global_batch(next(self.data_iter), mesh))
-            step += 1
+            count = step_fns.steps_in_next_call(step, self.next_event(step))
+            batches = [next(self.data_iter) for _ in range(count)]
+            state, metrics = step_fns(state, batches)
+            step += count
             if previous is not None:
                 self.check_finite(*previous)
             previous = (step, metrics)
@@ -513,6 +584,15 @@ class _Loop:
             self.check_finite(*previous)
         return state
 
+    def next_event(self, step: int) -> int:
+        """The first step after `step` that logs, samples, evaluates, saves or ends the run."""
+        config = self.config
+        intervals = [config.log_every_steps, config.sample_every_steps, config.save_every_steps]
+        if self.evaluate_fid:
+            intervals.append(config.eval_every_steps)
+        return min([config.num_train_steps]
+                   + [(step // interval + 1) * interval for interval in intervals if interval > 0])
+
     def log_fid(self, step: int, state: TrainState) -> None:
         start = time.perf_counter()
         value = self.evaluate_fid(state.ema_params if self.config.ema_decay > 0 else state.params)
@@ -522,21 +602,31 @@ class _Loop:
         self.interval_start = time.perf_counter()  # keep evaluation out of steps_per_sec
 
     def check_finite(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        if self.config.on_nonfinite == "stop" and int(metrics["nonfinite"]):
+        """Raises for a non-finite step among those of the call that ended at `step`."""
+        if self.config.on_nonfinite != "stop":
+            return
+        nonfinite = np.atleast_1d(jax.device_get(metrics["nonfinite"]))
+        if nonfinite.any():
+            first = int(np.argmax(nonfinite))
+            loss = np.atleast_1d(jax.device_get(metrics["loss"]))[first]
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); the "
-                "update was not applied and checkpoints up to the last save are intact. Lower "
-                "learning_rate, check the data, or set on_nonfinite='skip' to skip such steps."
+                f"non-finite loss or gradient at step {step - len(nonfinite) + first + 1} "
+                f"(loss={float(loss)}); the update was not applied and checkpoints up to the "
+                "last save are intact. Lower learning_rate, check the data, or set "
+                "on_nonfinite='skip' to skip such steps."
             )
 
     def log_scalars(self, step: int) -> None:
-        fetched = jax.device_get(self.pending)
+        fetched = jax.device_get(self.pending)  # per call: scalars, or [steps] arrays
         elapsed = time.perf_counter() - self.interval_start
-        scalars = {key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]}
-        scalars["learning_rate"] = float(fetched[-1]["learning_rate"])
-        scalars["nonfinite"] = float(sum(m["nonfinite"] for m in fetched))  # skipped steps
-        scalars["steps_per_sec"] = len(fetched) / elapsed
-        scalars["images_per_sec"] = len(fetched) * self.config.batch_size / elapsed
+        per_step = {key: np.concatenate([np.atleast_1d(m[key]) for m in fetched])
+                    for key in fetched[0]}
+        steps = len(per_step["loss"])
+        scalars = {key: float(np.mean(values)) for key, values in per_step.items()}
+        scalars["learning_rate"] = float(per_step["learning_rate"][-1])
+        scalars["nonfinite"] = float(np.sum(per_step["nonfinite"]))  # skipped steps
+        scalars["steps_per_sec"] = steps / elapsed
+        scalars["images_per_sec"] = steps * self.config.batch_size / elapsed
         self.writer.write_scalars(step, scalars)
         self.pending.clear()
         self.interval_start = time.perf_counter()

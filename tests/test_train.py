@@ -155,6 +155,74 @@ def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
     assert read_events(workdir)["loss"] == [2, 4, 6]
 
 
+def test_several_steps_per_call_match_one_step_per_call():
+    config = micro_config()
+    config.model.dropout = 0.1  # each step's masks come from its own step number
+    mesh = train.create_mesh(devices=jax.devices())
+    batches = [fixed_batch(config, seed) for seed in range(4)]
+    single, losses = run_train_steps(config, mesh, batches)
+    multi_step = train.make_train_step(config, mesh, num_steps=2)
+    state, multi_losses = train.create_train_state(config, mesh), []
+    for pair in (batches[:2], batches[2:]):
+        state, metrics = multi_step(state, train.global_batches(pair, mesh))
+        assert metrics["loss"].shape == (2,)
+        multi_losses.extend(np.asarray(metrics["loss"]).tolist())
+    assert int(state.step) == 4
+    np.testing.assert_allclose(multi_losses, losses, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_steps_per_dispatch_divides_every_interval_on_cpu(monkeypatch):
+    config = micro_config()  # log, sample and save every 2 steps
+    assert train.steps_per_dispatch(config) == 2
+    config.log_every_steps = config.sample_every_steps = config.save_every_steps = 100
+    assert train.steps_per_dispatch(config) == train.CPU_STEPS_PER_DISPATCH == 4
+    config.eval_every_steps = 50
+    assert train.steps_per_dispatch(config) == 2
+    config.log_every_steps = 25
+    assert train.steps_per_dispatch(config) == 1
+    config.steps_per_dispatch = 3  # chosen: kept, events in between run single steps
+    assert train.steps_per_dispatch(config) == 3
+    config.steps_per_dispatch = 0
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert train.steps_per_dispatch(config) == 1
+
+
+def test_loop_keeps_every_event_step_with_several_steps_per_call(tmp_path, monkeypatch):
+    """Events off the multiples of steps_per_dispatch still happen at their steps, and the
+    run ends where one step per call ends."""
+    config = micro_config()
+    config.num_train_steps, config.steps_per_dispatch = 11, 2
+    config.log_every_steps, config.save_every_steps, config.sample_every_steps = 5, 6, 8
+    config.keep_checkpoints = 5
+    calls = []
+    call = train._StepFunctions.__call__
+    monkeypatch.setattr(train._StepFunctions, "__call__",
+                        lambda self, state, batches: calls.append(len(batches))
+                        or call(self, state, batches))
+    workdir = str(tmp_path / "multi")
+    multi = train.train_and_evaluate(config, workdir)
+    assert calls == [2, 2, 1, 1, 2, 2, 1]  # events at 5, 6, 8, 10 and 11
+    tags = read_events(workdir)
+    assert tags["loss"] == tags["steps_per_sec"] == [5, 10, 11]
+    assert tags["samples"] == [8, 11]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["6", "11"]
+    config.steps_per_dispatch = 1
+    single = train.train_and_evaluate(config, str(tmp_path / "single"))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_check_names_the_step_inside_a_call():
+    loop = train._Loop(micro_config(), "", None, None, None, None, None, None)
+    loop.check_finite(8, {"nonfinite": np.zeros(4, np.int32), "loss": np.ones(4)})
+    metrics = {"nonfinite": np.array([0, 1, 1, 0], np.int32),
+               "loss": np.array([1.0, np.nan, np.inf, 1.0])}
+    with pytest.raises(train.NonFiniteError, match=r"at step 6 \(loss=nan\)"):
+        loop.check_finite(8, metrics)
+
+
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     config = micro_config()
     config.num_train_steps = 4
@@ -178,6 +246,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
         ("data.image_size", 17, "divisible by 2"),
         ("model.attention_resolutions", (3,), "only has resolutions"),
         ("data.source", "hub", "data.source"),
+        ("steps_per_dispatch", -1, "steps_per_dispatch"),
     ],
 )
 def test_bad_configs_fail_before_any_work(tmp_path, field, value, match):
