@@ -8,6 +8,8 @@ measured on the same backend with a large jitted matmul in the config's compute 
 Model-FLOP utilisation = the network's FLOPs per step (counted with direct convolutions)
 x steps per second / measured peak. Where the step computes its 3x3 convolutions by Winograd
 (`--config.conv_algorithm=winograd`) it executes fewer FLOPs than that; both are reported.
+Steps are timed as training runs them, `steps_per_dispatch` per compiled call
+(`--config.steps_per_dispatch=1` for one per call).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ddpm_jax import models, train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Training config.")
 flags.DEFINE_integer("batch", 0, "Global batch size (0: the config's).")
-flags.DEFINE_integer("repeats", 5, "Timed steps (median reported).")
+flags.DEFINE_integer("repeats", 5, "Timed calls (median reported).")
 flags.DEFINE_integer("matmul_size", 4096, "Side of the square matmul that measures the peak.")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 FLAGS = flags.FLAGS
@@ -73,19 +75,25 @@ def main(argv):
         direct_config = config.copy_and_resolve_references()
         direct_config.conv_algorithm = "direct"
         flops = step_flops(train.make_train_step(direct_config, mesh), state, batch)
+    # Timed as training runs it: `steps_per_dispatch` steps per compiled call.
+    steps = train.steps_per_dispatch(config)
+    if steps > 1:
+        step = train.make_train_step(config, mesh, steps)
+        batch = jax.device_put(jnp.stack([batch] * steps), train.stacked_batch_sharding(mesh))
     holder = {"state": state}
 
     def run():
         holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics)
 
-    seconds = common.time_call(run, warmup=2, repeats=FLAGS.repeats)
+    seconds = common.time_call(run, warmup=2, repeats=FLAGS.repeats) / steps
     peak = measured_peak_flops(config.model.dtype, FLAGS.matmul_size)
     rows = [{
         "backend": jax.default_backend(), "devices": jax.device_count(),
         "dtype": config.model.dtype, "batch": config.batch_size, "image_size": size,
         "params": sum(x.size for x in jax.tree.leaves(state.params)),
-        "step_s": seconds, "images_per_s": config.batch_size / seconds,
+        "steps_per_call": steps, "step_s": seconds,
+        "images_per_s": config.batch_size / seconds,
         "conv_algorithm": algorithm,
         "gflop_per_step": flops / 1e9, "executed_gflop_per_step": executed_flops / 1e9,
         "achieved_tflop_s": flops / seconds / 1e12,

@@ -4,7 +4,10 @@ The DDPM CIFAR-10 net (`configs/cifar10.py`, 35.7 M parameters) on both sides, r
 weights, float32, dropout 0.1 in training:
 
 * train step: noise, loss, backward, clip, AdamW, EMA; ddpm-jax's jitted step against the
-  same five operations in eager PyTorch (fused/foreach AdamW, `_foreach_lerp_` EMA);
+  same five operations in eager PyTorch (fused/foreach AdamW, `_foreach_lerp_` EMA). Each
+  call runs as many steps as ddpm-jax's training runs per compiled call
+  (`train.steps_per_dispatch`: 4 for this config on CPU), on both sides, and the times are
+  per step (`--steps_per_call` sets another number);
 * forward: one denoiser call (no dropout, no gradient);
 * DDIM: a 100-step deterministic sampling run (ddpm-jax's one-program sampler against
   diffusers' `DDIMScheduler` loop, as `DDIMPipeline` runs it).
@@ -70,11 +73,12 @@ def diffusers_unet(config):
 class TorchSide:
     """The PyTorch user's train step, forward and DDIM loop."""
 
-    def __init__(self, config, seed: int):
+    def __init__(self, config, seed: int, steps_per_call: int):
         import torch
 
         torch.manual_seed(seed)
         self.config = config
+        self.steps_per_call = steps_per_call
         self.unet = diffusers_unet(config)
         self.ema = [p.detach().clone() for p in self.unet.parameters()]
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.learning_rate,
@@ -96,6 +100,10 @@ class TorchSide:
                 else torch.from_numpy(a) for a in arrays]
 
     def train_step(self, images) -> float:
+        """`steps_per_call` train steps on the same images (new noise and timesteps each)."""
+        return [self._train_step(images) for _ in range(self.steps_per_call)][-1]
+
+    def _train_step(self, images) -> float:
         import torch
         import torch.nn.functional as F
 
@@ -145,13 +153,14 @@ class TorchSide:
 class JaxSide:
     """ddpm-jax's own train step, forward and sampler, as training and sampling run them."""
 
-    def __init__(self, config, seed: int):
+    def __init__(self, config, seed: int, steps_per_call: int):
         import jax
 
         from ddpm_jax import train, xla
 
         config.seed = seed
         self.config = config
+        self.steps_per_call = steps_per_call or train.steps_per_dispatch(config)
         self.mesh = train.create_mesh(config)
         self.state = train.create_train_state(config, self.mesh)
         self.step_fns = {}
@@ -172,15 +181,20 @@ class JaxSide:
         return [a if kind == "train" else jnp.asarray(a) for a in arrays]
 
     def train_step(self, images: np.ndarray) -> float:
+        """`steps_per_call` train steps on the same images, in one call as training runs them."""
         from ddpm_jax import train
 
-        batch = images.shape[0]
+        batch, steps = images.shape[0], self.steps_per_call
         if batch not in self.step_fns:  # the step as training compiles it for this batch size
             config = self.config.copy_and_resolve_references()
             config.batch_size = batch
-            self.step_fns[batch] = train.make_train_step(config, self.mesh)
-        self.state, metrics = self.step_fns[batch](self.state, train.global_batch(images, self.mesh))
-        return float(metrics["loss"])
+            self.step_fns[batch] = train.make_train_step(config, self.mesh, steps)
+        if steps == 1:
+            inputs = train.global_batch(images, self.mesh)
+        else:
+            inputs = train.global_batches([images] * steps, self.mesh)
+        self.state, metrics = self.step_fns[batch](self.state, inputs)
+        return float(np.asarray(metrics["loss"]).ravel()[-1])
 
     def forward(self, x, t):
         return self.forward_fn(self.state.params, x, t).block_until_ready()
@@ -208,11 +222,11 @@ def case_inputs(kind: str, batch: int, size: int) -> list[np.ndarray]:
     return []
 
 
-def worker(side: str, seed: int, connection) -> None:
+def worker(side: str, seed: int, steps_per_call: int, connection) -> None:
     """Builds one side, then runs (case -> seconds of one call) requests until told to stop."""
     config = cifar10.get_config()
-    runner = JaxSide(config, seed) if side == "jax" else TorchSide(config, seed)
-    connection.send(runner.parameter_count())
+    runner = (JaxSide if side == "jax" else TorchSide)(config, seed, steps_per_call)
+    connection.send((runner.parameter_count(), runner.steps_per_call))
     calls = {}
     while (case := connection.recv()) is not None:
         if case not in calls:
@@ -231,10 +245,12 @@ def worker(side: str, seed: int, connection) -> None:
 class Side:
     """Parent-side handle of a worker process, started with `environ` updates."""
 
-    def __init__(self, side: str, seed: int, environ: dict[str, str] | None = None):
+    def __init__(self, side: str, seed: int, steps_per_call: int = 0,
+                 environ: dict[str, str] | None = None):
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=worker, args=(side, seed, child), daemon=True)
+        self.process = context.Process(target=worker, args=(side, seed, steps_per_call, child),
+                                       daemon=True)
         saved = dict(os.environ)
         os.environ.update(environ or {})
         try:  # a spawned child starts with the parent's environment of this moment
@@ -242,7 +258,7 @@ class Side:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        self.parameter_count = self.connection.recv()
+        self.parameter_count, self.steps_per_call = self.connection.recv()
 
     def call(self, case: str, settle_s: float = 0.0) -> float:
         time.sleep(settle_s)
@@ -283,7 +299,11 @@ def run_case(name: str, jax_side: Side, torch_side: Side, repeats: int, warmup: 
              block: int) -> dict:
     (jax_s, torch_s), (jax_spread, torch_spread), first_call, (jax_switch, torch_switch) = (
         time_pair(name, jax_side, torch_side, repeats, warmup, block))
-    return {"case": name, "batch": CASES[name][1], "pytorch_s": torch_s, "ddpm_jax_s": jax_s,
+    steps = jax_side.steps_per_call if CASES[name][0] == "train" else 1
+    jax_s, torch_s, jax_switch, torch_switch = (
+        value / steps for value in (jax_s, torch_s, jax_switch, torch_switch))
+    return {"case": name, "batch": CASES[name][1], "steps_per_call": steps,
+            "pytorch_s": torch_s, "ddpm_jax_s": jax_s,
             "speedup": torch_s / jax_s, "jax_compile_call_s": first_call,
             "jax_after_switch_s": jax_switch, "torch_after_switch_s": torch_switch,
             "jax_spread": jax_spread, "torch_spread": torch_spread}
@@ -299,9 +319,12 @@ def main() -> None:
     parser.add_argument("--ddim_repeats", type=int, default=3)
     parser.add_argument("--output", default="vs_pytorch.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps_per_call", type=int, default=0,
+                        help="train steps per call on both sides; 0: as ddpm-jax trains")
     args = parser.parse_args()
 
-    jax_side, torch_side = Side("jax", args.seed), Side("torch", args.seed)
+    jax_side = Side("jax", args.seed, args.steps_per_call)
+    torch_side = Side("torch", args.seed, jax_side.steps_per_call)
     assert jax_side.parameter_count == torch_side.parameter_count, (
         jax_side.parameter_count, torch_side.parameter_count)
     print(f"parameters: {jax_side.parameter_count:,} on both sides", flush=True)

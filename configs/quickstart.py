@@ -12,7 +12,7 @@ def get_config():
     config.warmup_steps = 50
     config.ema_decay = 0.995
     config.ema_warmup = True
-    config.log_every_steps = 25
+    config.log_every_steps = 20
     config.sample_every_steps = 300
     config.save_every_steps = 200
 
