@@ -152,8 +152,11 @@ def restore(workdir, step):
 
 
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
-    run_processes(tmp_path / "two", 2, 2)
-    run_processes(tmp_path / "one", 1, 4)
+    # All three steps in one call: each process stacks its slices of three batches.
+    in_one_call = ("--config.log_every_steps=3", "--config.steps_per_dispatch=3")
+    for result in (run_processes(tmp_path / "two", 2, 2, *in_one_call),
+                   run_processes(tmp_path / "one", 1, 4, *in_one_call)):
+        assert "3 train steps per call" in result.stderr
     # Same global batches (each process reads its slice; the union is the 1-process batch)
     # and the same rng stream; gloo's all-reduce may add in another order than XLA's.
     assert_states_close(restore(tmp_path / "one", 3), restore(tmp_path / "two", 3))
