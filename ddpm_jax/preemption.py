@@ -1,6 +1,7 @@
-"""Graceful stops: SIGTERM (preemption) or SIGINT (Ctrl-C) end the run after the current step.
+"""Graceful stops: SIGTERM (preemption) or SIGINT (Ctrl-C) end the run after the current call
+of the train step (one step, or `steps_per_dispatch` steps).
 
-One process: both signals set a flag that the loop reads after each step; it then saves a
+One process: both signals set a flag that the loop reads after each call; it then saves a
 checkpoint, flushes logs and returns normally. A second Ctrl-C interrupts at once.
 Several processes: JAX's distributed runtime catches SIGTERM, and
 `multihost_utils.reached_preemption_sync_point` makes every process agree on the same step
@@ -19,7 +20,7 @@ from jax.experimental import multihost_utils
 
 
 class PreemptionWatcher:
-    """Call `should_stop(step)` after each step; use as a context manager to restore handlers."""
+    """Call `should_stop(step)` after each train call; use as a context manager to restore handlers."""
 
     def __init__(self) -> None:
         self._requested = threading.Event()
@@ -34,7 +35,7 @@ class PreemptionWatcher:
         if self._requested.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._requested.set()
-        logging.warning("received %s: stopping after the current step, with a checkpoint",
+        logging.warning("received %s: stopping after the current train call, with a checkpoint",
                         signal.Signals(signum).name)
 
     def should_stop(self, step: int) -> bool:
