@@ -65,25 +65,26 @@ def main(argv):
         config.batch_size = FLAGS.batch
     mesh = train.create_mesh(config)
     state = train.create_train_state(config, mesh)
-    step = train.make_train_step(config, mesh)
     size = config.data.image_size
-    batch = train.global_batch(np.zeros((config.batch_size, size, size, 3), np.uint8), mesh)
+    local_batch = np.zeros((config.batch_size, size, size, 3), np.uint8)
+    batch = train.global_batch(local_batch, mesh)
     algorithm = models.conv_algorithm(config)
-    executed_flops = step_flops(step, state, batch)
+    # Counted on the step without chunks or micro-batches: they run in a loop, whose body
+    # XLA's cost analysis counts once. Same FLOPs per step.
+    flops_config = config.copy_and_resolve_references()
+    flops_config.compute_chunk_size, flops_config.grad_accum_steps = -1, 1
+    executed_flops = step_flops(train.make_train_step(flops_config, mesh), state, batch)
     flops = executed_flops
     if algorithm != "direct":
-        direct_config = config.copy_and_resolve_references()
-        direct_config.conv_algorithm = "direct"
-        flops = step_flops(train.make_train_step(direct_config, mesh), state, batch)
+        flops_config.conv_algorithm = "direct"
+        flops = step_flops(train.make_train_step(flops_config, mesh), state, batch)
     # Timed as training runs it: `steps_per_dispatch` steps per compiled call.
-    steps = train.steps_per_dispatch(config)
-    if steps > 1:
-        step = train.make_train_step(config, mesh, steps)
-        batch = jax.device_put(jnp.stack([batch] * steps), train.stacked_batch_sharding(mesh))
+    step_fns = train.StepFunctions(config, mesh)
+    steps = step_fns.per_call
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = step(holder["state"], batch)
+        holder["state"], metrics = step_fns(holder["state"], [local_batch] * steps)
         jax.block_until_ready(metrics)
 
     seconds = common.time_call(run, warmup=2, repeats=FLAGS.repeats) / steps

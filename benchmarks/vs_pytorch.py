@@ -184,16 +184,12 @@ class JaxSide:
         """`steps_per_call` train steps on the same images, in one call as training runs them."""
         from ddpm_jax import train
 
-        batch, steps = images.shape[0], self.steps_per_call
+        batch = images.shape[0]
         if batch not in self.step_fns:  # the step as training compiles it for this batch size
             config = self.config.copy_and_resolve_references()
-            config.batch_size = batch
-            self.step_fns[batch] = train.make_train_step(config, self.mesh, steps)
-        if steps == 1:
-            inputs = train.global_batch(images, self.mesh)
-        else:
-            inputs = train.global_batches([images] * steps, self.mesh)
-        self.state, metrics = self.step_fns[batch](self.state, inputs)
+            config.batch_size, config.steps_per_dispatch = batch, self.steps_per_call
+            self.step_fns[batch] = train.StepFunctions(config, self.mesh)
+        self.state, metrics = self.step_fns[batch](self.state, [images] * self.steps_per_call)
         return float(np.asarray(metrics["loss"]).ravel()[-1])
 
     def forward(self, x, t):

@@ -283,10 +283,17 @@ def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
         return chosen
     if jax.default_backend() != "cpu":
         return 1
-    intervals = [config.log_every_steps, config.sample_every_steps, config.save_every_steps,
-                 config.get("eval_every_steps", 0)]
+    intervals = event_intervals(config, with_fid=True)
     return next(k for k in (CPU_STEPS_PER_DISPATCH, 2, 1)
-                if all(interval % k == 0 for interval in intervals if interval > 0))
+                if all(interval % k == 0 for interval in intervals))
+
+
+def event_intervals(config: ml_collections.ConfigDict, with_fid: bool) -> list[int]:
+    """The step intervals at which the loop logs, samples, saves and (`with_fid`) evaluates."""
+    intervals = [config.log_every_steps, config.sample_every_steps, config.save_every_steps]
+    if with_fid:
+        intervals.append(config.get("eval_every_steps", 0))
+    return [interval for interval in intervals if interval > 0]
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -489,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         parameter_overview.log_parameter_overview(state.params, msg="model parameters",
                                                   jax_logging_process=0)
 
-    step_fns = _StepFunctions(config, mesh)
+    step_fns = StepFunctions(config, mesh)
     sample_cfg = config.sample
     sample_fn = make_sample_fn(
         config, mesh, num_images=sample_cfg.num_images, sampler=sample_cfg.sampler,
@@ -507,12 +514,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-class _StepFunctions:
-    """The train step as one step per call, and as `steps_per_dispatch` steps per call.
+class StepFunctions:
+    """The train step as one step per call, and as `steps_per_dispatch` steps per call:
+    `fns(state, local_batches)` runs one step per local batch, in one call.
 
     Each is compiled on its first use: a run whose events (logging, samples, checkpoints,
     FID, its end) all fall on multiples of `steps_per_dispatch` from its start only ever
-    compiles the second.
+    compiles the second. The training loop and the benchmarks call it.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -553,7 +561,7 @@ class _Loop:
         self.pending: list[dict[str, jax.Array]] = []
         self.interval_start = time.perf_counter()
 
-    def run(self, state: TrainState, step_fns: _StepFunctions, watcher) -> TrainState:
+    def run(self, state: TrainState, step_fns: StepFunctions, watcher) -> TrainState:
         config = self.config
         step = int(state.step)
         previous = None  # (step, metrics) of the call before, checked while this one runs
@@ -589,12 +597,9 @@ class _Loop:
 
     def next_event(self, step: int) -> int:
         """The first step after `step` that logs, samples, evaluates, saves or ends the run."""
-        config = self.config
-        intervals = [config.log_every_steps, config.sample_every_steps, config.save_every_steps]
-        if self.evaluate_fid:
-            intervals.append(config.eval_every_steps)
-        return min([config.num_train_steps]
-                   + [(step // interval + 1) * interval for interval in intervals if interval > 0])
+        intervals = event_intervals(self.config, with_fid=self.evaluate_fid is not None)
+        return min([self.config.num_train_steps]
+                   + [(step // interval + 1) * interval for interval in intervals])
 
     def log_fid(self, step: int, state: TrainState) -> None:
         start = time.perf_counter()

@@ -197,8 +197,8 @@ def test_loop_keeps_every_event_step_with_several_steps_per_call(tmp_path, monke
     config.log_every_steps, config.save_every_steps, config.sample_every_steps = 5, 6, 8
     config.keep_checkpoints = 5
     calls = []
-    call = train._StepFunctions.__call__
-    monkeypatch.setattr(train._StepFunctions, "__call__",
+    call = train.StepFunctions.__call__
+    monkeypatch.setattr(train.StepFunctions, "__call__",
                         lambda self, state, batches: calls.append(len(batches))
                         or call(self, state, batches))
     workdir = str(tmp_path / "multi")
