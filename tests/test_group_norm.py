@@ -85,3 +85,16 @@ def test_mask_falls_back_to_flax():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
     mask = jnp.broadcast_to(jnp.arange(16).reshape(1, 4, 4, 1) % 3 > 0, x.shape)
     np.testing.assert_array_equal(ours(x, mask=mask), flax_norm(x, mask=mask))
+
+
+def test_group_values_reach_their_channels_exactly():
+    """The one-hot product that puts group statistics on channels gives the same values as a
+    repeat, exactly, for values of any magnitude and sign (one nonzero term per output)."""
+    from ddpm_jax.models.group_norm import _per_channel
+
+    rng = np.random.RandomState(0)
+    per_group = (rng.normal(size=(3, 8)) * 10.0 ** rng.randint(-30, 30, size=(3, 8)))
+    per_group = per_group.astype(np.float32)
+    per_group[0, :3] = [0.0, -0.0, np.finfo(np.float32).tiny]
+    got = np.asarray(jax.jit(_per_channel, static_argnums=1)(jnp.asarray(per_group), 5))
+    np.testing.assert_array_equal(got, np.repeat(per_group, 5, axis=1))
