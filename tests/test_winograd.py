@@ -100,17 +100,19 @@ def test_dispatch_picks_the_algorithm_by_map_size_and_only_where_one_applies():
         return algorithm
 
     assert choice((2, 16, 16, 32), (3, 3, 32, 64)) is winograd.F4
-    assert choice((2, 32, 24, 128), (3, 3, 128, 16)) is winograd.F4
+    assert choice((2, 32, 24, 128), (3, 3, 128, 32)) is winograd.F4
     assert choice((2, 8, 8, 32), (3, 3, 32, 64)) is winograd.F2
     assert choice((2, 4, 4, 256), (3, 3, 256, 256)) is winograd.F2
     assert choice((2, 32, 8, 32), (3, 3, 32, 64)) is winograd.F2  # the smaller side decides
     assert choice((2, 2, 2, 256), (3, 3, 256, 256)) is None  # too small to pay off
     assert choice((2, 16, 16, 3), (3, 3, 3, 64)) is None  # too few input channels
+    assert choice((2, 32, 32, 128), (3, 3, 128, 3)) is None  # too few output channels
+    assert choice((2, 32, 32, 128), (3, 3, 128, 16)) is None
     assert choice((2, 16, 16, 32), (3, 3, 32, 64), strides=(2, 2)) is None
     assert choice((2, 16, 16, 32), (1, 1, 32, 64), padding=((0, 0), (0, 0))) is None
     assert choice((2, 16, 16, 32), (3, 3, 32, 64), padding=((0, 0), (0, 0))) is None
     assert choice((2, 16, 16, 32), (3, 3, 32, 64), dtype=jnp.bfloat16) is None
-    x, kernel = jnp.zeros((1, 16, 16, 32)), jnp.zeros((3, 3, 32, 8))
+    x, kernel = jnp.zeros((1, 16, 16, 32)), jnp.zeros((3, 3, 32, 32))
     nhwc = ("NHWC", "HWIO", "NHWC")
     assert winograd.algorithm_for(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, (1, 1), nhwc, 1,
                                   None) is winograd.F4

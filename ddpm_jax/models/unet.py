@@ -36,8 +36,8 @@ from ddpm_jax.models import conv, group_norm, winograd
 ATTENTION_TYPES = ("ddpm", "transformer")
 # How 3x3 convolutions are computed: XLA's convolution (`conv.py`: on CPU with gradients in
 # the layout of XLA:CPU's fast kernel), or Winograd's F(4x4, 3x3) or F(2x2, 3x3) where that is
-# faster (float32, 4x4 and larger maps, at least 32 input channels; `winograd.py`). Same
-# parameters either way.
+# faster (float32, 4x4 and larger maps, at least 32 input and output channels;
+# `winograd.py`). Same parameters either way.
 CONV_ALGORITHMS = {"direct": conv.conv_general_dilated,
                    "winograd": winograd.conv_general_dilated}
 TIME_PROJECTIONS = ("silu_linear", "linear")
