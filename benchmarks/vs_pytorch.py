@@ -318,6 +318,10 @@ def main() -> None:
     parser.add_argument("--steps_per_call", type=int, default=0,
                         help="train steps per call on both sides; 0: as ddpm-jax trains")
     args = parser.parse_args()
+    cases = args.cases.split(",")
+    unknown = [name for name in cases if name not in CASES]
+    if unknown:
+        parser.error(f"unknown --cases {unknown}; choose from {','.join(CASES)}")
 
     jax_side = Side("jax", args.seed, args.steps_per_call)
     torch_side = Side("torch", args.seed, jax_side.steps_per_call)
@@ -325,7 +329,7 @@ def main() -> None:
         jax_side.parameter_count, torch_side.parameter_count)
     print(f"parameters: {jax_side.parameter_count:,} on both sides", flush=True)
     rows = []
-    for name in args.cases.split(","):
+    for name in cases:
         sampling = CASES[name][0] == "ddim"  # one long call: switching costs are negligible
         rows.append(run_case(name, jax_side, torch_side,
                              args.ddim_repeats if sampling else args.repeats, args.warmup,

@@ -64,6 +64,55 @@ def test_convolution_and_gradients_match_xla(shape, algorithm):
         assert relative_error(got_grad, want_grad) < tolerance
 
 
+def test_upsample_kernel_gives_each_output_phase():
+    """Against the definition, tap by tap: output row 2i + a of the conv after nearest x2
+    upsampling reads input rows i - 1 + u with the phase kernel's row u."""
+    kernel = np.random.RandomState(0).standard_normal((3, 3, 2, 3)).astype(np.float32)
+    combined = np.asarray(winograd.upsample_kernel(jnp.asarray(kernel))).reshape(3, 3, 2, 2, 2, 3)
+    for a in range(2):
+        for b in range(2):
+            want = np.zeros((3, 3, 2, 3), np.float32)
+            for i in range(3):
+                for j in range(3):  # upsampled offset i - 1 -> input offset (a + i - 1) // 2
+                    want[(a + i - 1) // 2 + 1, (b + j - 1) // 2 + 1] += kernel[i, j]
+            np.testing.assert_allclose(combined[:, :, :, a, b], want, rtol=1e-6, atol=1e-6)
+
+
+def test_upsample_conv_and_gradients_match_upsampling_then_convolving():
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (2, 16, 20, 32))
+    kernel = jax.random.normal(keys[1], (3, 3, 32, 40)) / np.sqrt(9 * 32)
+    cotangent = jax.random.normal(keys[2], (2, 32, 40, 40))
+
+    def upsample_then_direct(a, b):
+        return direct(jnp.repeat(jnp.repeat(a, 2, axis=1), 2, axis=2), b)
+
+    want, want_vjp = jax.vjp(upsample_then_direct, x, kernel)
+    got, got_vjp = jax.vjp(jax.jit(winograd.upsample_conv3x3), x, kernel)
+    assert got.shape == want.shape and relative_error(got, want) < 2e-5
+    for got_grad, want_grad in zip(got_vjp(cotangent), want_vjp(cotangent), strict=True):
+        assert relative_error(got_grad, want_grad) < 2e-5
+    # Where F(4x4) does not apply to the small map, the caller upsamples and convolves.
+    assert winograd.upsample_conv3x3(x[:, :8, :8], kernel) is None
+    assert winograd.upsample_conv3x3(x[..., :16], kernel[:, :, :16]) is None
+
+
+def test_upsample_block_by_phases_matches_the_direct_block():
+    """The net's Upsample block: same parameters, same output with Winograd (by phases on a
+    16x16 map) as with the direct convolution of the upsampled map."""
+    from ddpm_jax.models.unet import Upsample, _Layers
+
+    blocks = {algorithm: Upsample(32, _Layers(jnp.float32, nnx.Rngs(0), algorithm))
+              for algorithm in ("direct", "winograd")}
+    assert blocks["winograd"].by_phases and not blocks["direct"].by_phases
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 32))
+    bias = jax.random.normal(jax.random.PRNGKey(2), (32,))
+    for block in blocks.values():
+        block.conv.bias[...] = bias  # initialised to zero: make it count
+    want, got = (nnx.jit(lambda block, x: block(x))(block, x) for block in blocks.values())
+    assert relative_error(got, want) < 2e-5
+
+
 @ALGORITHMS
 def test_transposed_transforms_are_the_transposes(algorithm):
     """<T x, y> == <x, T^T y> for the output and kernel transforms the backward pass uses."""

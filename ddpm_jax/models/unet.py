@@ -186,12 +186,24 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
+    """Nearest-neighbour x2 then a 3x3 conv.
+
+    With Winograd convolutions, computed where it pays as one convolution of the small map
+    that gives the four output phases (`winograd.upsample_conv3x3`): the same parameters and
+    values, up to float32 rounding.
+    """
 
     def __init__(self, channels: int, layers: _Layers):
         self.conv = layers.conv(channels, channels)
+        self.by_phases = layers.conv_fn is winograd.conv_general_dilated
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.by_phases:
+            x, kernel, bias = self.conv.promote_dtype(
+                (x, self.conv.kernel[...], self.conv.bias[...]), dtype=self.conv.dtype)
+            y = winograd.upsample_conv3x3(x, kernel)
+            if y is not None:
+                return y + bias
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.conv(x)
 
