@@ -115,3 +115,35 @@ def test_mirror_layout_runs_and_attends_after_each_downsample():
     with pytest.raises(ValueError, match="only has resolutions"):
         UNet(image_size=16, base_channels=8, channel_mults=(1, 2), layout="mirror",
              attention_resolutions=(16,), norm_groups=4, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_ddpm_attention_block_matches_float64_reference(heads):
+    """GroupNorm, q/k/v projections, softmax over positions, output projection, residual, with
+    nonzero biases everywhere; the single-head block folds its projections (a different
+    computation of the same function), the multi-head one does not."""
+    from ddpm_jax.models.unet import DDPMAttention, _Layers
+
+    block = DDPMAttention(32, num_heads=heads, norm_groups=8,
+                          layers=_Layers(jnp.float32, nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    layers = (block.q, block.k, block.v, block.proj_out)
+    for layer in layers:
+        layer.kernel[...] = jnp.asarray(rng.normal(0, 0.3, layer.kernel.shape), jnp.float32)
+        layer.bias[...] = jnp.asarray(rng.normal(0, 0.5, layer.bias.shape), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 4, 6, 32)), jnp.float32)
+
+    h = np.asarray(block.norm(x), np.float64).reshape(2, 24, 32)
+    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = (
+        (np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64))
+        for layer in layers)
+    split = lambda a: a.reshape(2, 24, heads, 32 // heads)  # noqa: E731
+    q, k, v = split(h @ wq + bq), split(h @ wk + bk), split(h @ wv + bv)
+    scores = np.einsum("blhd,bmhd->bhlm", q, k) / np.sqrt(32 // heads)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum("bhlm,bmhd->blhd", weights, v).reshape(2, 24, 32)
+    want = np.asarray(x, np.float64) + (attended @ wo + bo).reshape(x.shape)
+
+    got = nnx.jit(lambda block, x: block(x))(block, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

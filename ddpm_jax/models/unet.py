@@ -127,11 +127,13 @@ class ResBlock(nnx.Module):
         return x + h
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
-    """Multi-head attention over [B, L, C] tokens via jax.nn.dot_product_attention."""
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+            scale: float | None = None) -> jax.Array:
+    """Multi-head attention over [B, L, C] tokens via jax.nn.dot_product_attention (scores
+    scaled by `scale`, default 1 / sqrt(head width))."""
     b, length, channels = q.shape
     split = lambda a: a.reshape(b, length, num_heads, channels // num_heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v), scale=scale)
     return out.reshape(b, length, channels)
 
 
@@ -149,8 +151,38 @@ class DDPMAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, channels = x.shape
         h = self.norm(x).reshape(b, height * width, channels)
-        h = _attend(self.q(h), self.k(h), self.v(h), self.num_heads)
-        return x + self.proj_out(h).reshape(x.shape)
+        if self.num_heads == 1:
+            out = self._single_head(h)
+        else:
+            out = self.proj_out(_attend(self.q(h), self.k(h), self.v(h), self.num_heads))
+        return x + out.reshape(x.shape)
+
+    def _single_head(self, h: jax.Array) -> jax.Array:
+        """``proj_out(attention(q(h), k(h), v(h)))`` with the four projections folded into two.
+
+        The scores ``(h Wq + bq)(h Wk + bk)^T / sqrt(C)`` are, up to terms that are the same
+        for every key of a query (which the softmax over keys cancels), ``(h M + u) h^T`` with
+        ``M = Wq Wk^T / sqrt(C)`` and ``u = Wk bq / sqrt(C)``; and since each query's weights
+        sum to 1, ``softmax(s) (h Wv + bv) Wo + bo = softmax(s) h (Wv Wo) + (bv Wo + bo)``.
+        So attention runs with queries ``h M + u``, keys ``h`` and values ``h (Wv Wo)``: two
+        products per position with a [C, C] matrix instead of four, a third fewer FLOPs in the
+        block (1.07 of 3.2 GFLOP per layer at batch 16 on 16x16 maps, 256 channels; the [C, C]
+        products of weights are computed once per call, outside a sampling loop). The same
+        parameters; values equal up to float rounding (`tests/test_unet.py`). Attention stays
+        `jax.nn.dot_product_attention`: written as plain products, XLA:CPU hands the whole
+        block to one YNNPACK fusion that ran DDIM no faster.
+        """
+        dtype = self.q.dtype
+        (w_q, b_q), (w_k, _), (w_v, b_v), (w_o, b_o) = (
+            (layer.kernel[...], layer.bias[...])
+            for layer in (self.q, self.k, self.v, self.proj_out))
+        h, w_q, b_q, w_k, w_v, b_v, w_o, b_o = self.q.promote_dtype(
+            (h, w_q, b_q, w_k, w_v, b_v, w_o, b_o), dtype=dtype)
+        scale = 1.0 / math.sqrt(h.shape[-1])
+        queries = h @ (w_q @ w_k.T * scale) + w_k @ b_q * scale
+        values = h @ (w_v @ w_o)
+        out = _attend(queries, h, values, num_heads=1, scale=1.0)
+        return out + (b_v @ w_o + b_o)
 
 
 class TransformerAttention(nnx.Module):
