@@ -22,7 +22,8 @@ product of the same transformed input with the transformed output gradient.
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (the hook `nnx.Conv`
 takes): it takes a Winograd path where one applies and is known to be faster, and calls
-`conv.conv_general_dilated` for everything else.
+`conv.conv_general_dilated` for everything else. `upsample_conv3x3` computes nearest x2
+upsampling then a 3x3 convolution as one F(4x4) convolution of the small map.
 """
 
 from __future__ import annotations
