@@ -5,9 +5,9 @@
 memory bandwidth, and its gradient repeats that pattern. Here every mean over a group is
 summed in two stages: per channel over the positions (contiguous rows of C), then over the
 group's channels (a tiny [B, G, C/G] sum). Group statistics go back onto the channels by
-a product with a one-hot [G, C] matrix (`_per_channel`). The gradient is the closed form of GroupNorm's
-backward pass with the same two-stage sums (a custom VJP), so the train step does not
-inherit autodiff's reductions over the split channel axis.
+a product with a one-hot [G, C] matrix (`_per_channel`). The gradient is the closed form of
+GroupNorm's backward pass with the same two-stage sums (a custom VJP), so the train step does
+not inherit autodiff's reductions over the split channel axis.
 
 Same parameters and, up to float rounding, the same outputs and gradients as `nnx.GroupNorm`
 (`tests/test_group_norm.py` checks both). Like Flax, statistics are float32 and the variance is
