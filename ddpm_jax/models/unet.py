@@ -227,7 +227,11 @@ class Upsample(nnx.Module):
 
     def __init__(self, channels: int, layers: _Layers):
         self.conv = layers.conv(channels, channels)
-        self.by_phases = layers.conv_fn is winograd.conv_general_dilated
+
+    @property
+    def by_phases(self) -> bool:
+        """Whether this block's convolutions are Winograd's (then it may go by phases)."""
+        return self.conv.conv_general_dilated is winograd.conv_general_dilated
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.by_phases:
@@ -236,8 +240,7 @@ class Upsample(nnx.Module):
             y = winograd.upsample_conv3x3(x, kernel)
             if y is not None:
                 return y + bias
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return self.conv(winograd.upsample_nearest2x(x))
 
 
 class _Plan:

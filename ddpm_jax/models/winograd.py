@@ -334,8 +334,13 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array | None:
     return _upsample_conv3x3(x, kernel)
 
 
+def upsample_nearest2x(x: jax.Array) -> jax.Array:
+    """NHWC nearest-neighbour x2 upsampling: each position repeated in a 2x2 block."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
 def _upsample_then_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return conv3x3(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), kernel, F4)
+    return conv3x3(upsample_nearest2x(x), kernel, F4)
 
 
 @jax.custom_vjp
