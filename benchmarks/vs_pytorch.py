@@ -28,6 +28,9 @@ Needs the `bench` extra (`pip install -e ".[bench]"`; on a CPU-only machine inst
 CPU wheel of torch first, e.g. `pip install torch==2.13.0`).
 
     python -m benchmarks.vs_pytorch --output=vs_pytorch.json [--cases=train8,forward64]
+
+`--huge_pages` starts both workers with glibc's malloc asking for transparent huge pages
+(the same environment on both sides; not ddpm-jax's default, see `docs/benchmarks.md`).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ import numpy as np
 from benchmarks.common import report
 from configs import cifar10
 
+# glibc's malloc asks for transparent huge pages (madvise) on what it maps: fewer TLB misses
+# in XLA:CPU's memory passes over its large per-call buffers (`docs/benchmarks.md`).
+HUGE_PAGES_ENV = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
 SETTLE_S = 1.0  # idle time before each timed call, so the other side's threads are asleep
 CASES = {  # name: (kind, batch)
     "train8": ("train", 8), "train32": ("train", 32), "forward64": ("forward", 64),
@@ -317,14 +323,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps_per_call", type=int, default=0,
                         help="train steps per call on both sides; 0: as ddpm-jax trains")
+    parser.add_argument("--huge_pages", action="store_true",
+                        help="both sides' large allocations in transparent huge pages "
+                             f"({HUGE_PAGES_ENV}; glibc 2.35 or later)")
     args = parser.parse_args()
     cases = args.cases.split(",")
     unknown = [name for name in cases if name not in CASES]
     if unknown:
         parser.error(f"unknown --cases {unknown}; choose from {','.join(CASES)}")
 
-    jax_side = Side("jax", args.seed, args.steps_per_call)
-    torch_side = Side("torch", args.seed, jax_side.steps_per_call)
+    environ = dict([HUGE_PAGES_ENV.split("=", 1)]) if args.huge_pages else {}
+    jax_side = Side("jax", args.seed, args.steps_per_call, environ)
+    torch_side = Side("torch", args.seed, jax_side.steps_per_call, environ)
     assert jax_side.parameter_count == torch_side.parameter_count, (
         jax_side.parameter_count, torch_side.parameter_count)
     print(f"parameters: {jax_side.parameter_count:,} on both sides", flush=True)
@@ -333,7 +343,7 @@ def main() -> None:
         sampling = CASES[name][0] == "ddim"  # one long call: switching costs are negligible
         rows.append(run_case(name, jax_side, torch_side,
                              args.ddim_repeats if sampling else args.repeats, args.warmup,
-                             1 if sampling else args.block))
+                             1 if sampling else args.block) | {"huge_pages": args.huge_pages})
         print(rows[-1], flush=True)
     jax_side.close()
     torch_side.close()
