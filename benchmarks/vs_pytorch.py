@@ -49,7 +49,7 @@ from configs import cifar10
 
 # glibc's malloc asks for transparent huge pages (madvise) on what it maps: fewer TLB misses
 # in XLA:CPU's memory passes over its large per-call buffers (`docs/benchmarks.md`).
-HUGE_PAGES_ENV = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
+HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 SETTLE_S = 1.0  # idle time before each timed call, so the other side's threads are asleep
 CASES = {  # name: (kind, batch)
     "train8": ("train", 8), "train32": ("train", 32), "forward64": ("forward", 64),
@@ -325,14 +325,14 @@ def main() -> None:
                         help="train steps per call on both sides; 0: as ddpm-jax trains")
     parser.add_argument("--huge_pages", action="store_true",
                         help="both sides' large allocations in transparent huge pages "
-                             f"({HUGE_PAGES_ENV}; glibc 2.35 or later)")
+                             "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1; glibc 2.35 or later)")
     args = parser.parse_args()
     cases = args.cases.split(",")
     unknown = [name for name in cases if name not in CASES]
     if unknown:
         parser.error(f"unknown --cases {unknown}; choose from {','.join(CASES)}")
 
-    environ = dict([HUGE_PAGES_ENV.split("=", 1)]) if args.huge_pages else {}
+    environ = HUGE_PAGES_ENV if args.huge_pages else {}
     jax_side = Side("jax", args.seed, args.steps_per_call, environ)
     torch_side = Side("torch", args.seed, jax_side.steps_per_call, environ)
     assert jax_side.parameter_count == torch_side.parameter_count, (
