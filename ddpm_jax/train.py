@@ -275,8 +275,9 @@ def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
     0 means, on the CPU backend, the largest of `CPU_STEPS_PER_DISPATCH`, 2 and 1 that divides
     every logging, sampling, saving and evaluation interval (so that one program serves the
     whole run): XLA:CPU maps a call's temporary buffers afresh on every call, and 4 steps per
-    call train the CIFAR-10 net 1.2x faster at batch 8 (docs/benchmarks.md). 1 elsewhere
-    (not measured there).
+    call train the CIFAR-10 net 1.2x faster at batch 8 (docs/benchmarks.md). 1 elsewhere: on
+    an H200 four per call were 1.1-1.25x faster only in runs that waited after every call,
+    which the loop does not (it keeps one call in flight), so not yet a default there.
     """
     chosen = config.get("steps_per_dispatch", 1)
     if chosen:
