@@ -58,15 +58,3 @@ def _fmt(value: object) -> str:
         return f"{value:.4g}"
     return str(value)
 
-
-def with_random_weights(state, scale: float = 0.05, seed: int = 0):
-    """A train state with N(0, scale^2) noise added to every parameter (fixed seed).
-
-    Zero-initialised output layers make a fresh network's loss independent of everything
-    before them; checks that two ways of computing the network agree need random weights.
-    """
-    leaves, treedef = jax.tree.flatten(state.params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    noisy = [jax.device_put(leaf + scale * jax.random.normal(key, leaf.shape), leaf.sharding)
-             for leaf, key in zip(leaves, keys, strict=True)]
-    return state.replace(params=jax.tree.unflatten(treedef, noisy))

@@ -3,11 +3,11 @@
 The DDPM CIFAR-10 net (`configs/cifar10.py`, float32) on the CPU backend:
 
 * `cpu_conv_library`: "default" (XLA hands convolutions and dots to YNNPACK) vs "eigen" (XLA's
-  own convolution and dot kernels; YNNPACK keeps reductions), see `ddpm_jax/xla.py`;
+  own convolution and dot kernels; YNNPACK keeps reductions), see `ddpm_jax/ops/xla.py`;
 * `compute_chunk_size`: -1 (one pass over each device's batch) vs 8 (chunks of 8; the
   default, 0, now means 16 on CPU, measured in docs/benchmarks.md);
 * `conv_algorithm`: "direct" (XLA's convolutions) vs "winograd" (F(4x4, 3x3) for the 16x16
-  and 32x32 layers, F(2x2, 3x3) for the 4x4 and 8x8 ones, `ddpm_jax/models/winograd.py`).
+  and 32x32 layers, F(2x2, 3x3) for the 4x4 and 8x8 ones, `ddpm_jax/ops/winograd.py`).
 
 Each variant is compiled once; timed calls alternate between variants (median of
 `--repeats`). The loss of the third step from the same initial state and batch is reported
@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import common
 from configs import cifar10
-from ddpm_jax import train, xla
+from ddpm_jax import network, ops, train
 
 VARIANTS = {  # name: (cpu_conv_library, compute_chunk_size, conv_algorithm)
     "xla defaults": ("default", -1, "direct"),
@@ -68,7 +68,8 @@ def step_loss(library: str, chunk: int, algorithm: str, batch: int, images: np.n
     config = make_config(library, chunk, algorithm, batch, dropout=0.0)
     mesh = train.create_mesh(config)
     step = train.make_train_step(config, mesh)
-    state = common.with_random_weights(train.create_train_state(config, mesh))
+    state = train.create_train_state(config, mesh)
+    state = state.replace(params=network.perturbed(state.params))
     for _ in range(LOSS_STEP):
         state, metrics = step(state, train.global_batch(images, mesh))
     return float(metrics["loss"])
@@ -77,10 +78,10 @@ def step_loss(library: str, chunk: int, algorithm: str, batch: int, images: np.n
 def forward_runner(library: str, algorithm: str, batch: int):
     config = make_config(library, -1, algorithm, batch)
     mesh = train.create_mesh(config)
-    graphdef = train.model_graphdef(config)
+    graphdef = network.graphdef(config)
     params = train.create_train_state(config, mesh).params
-    forward = jax.jit(lambda p, x, t: train.apply_model(graphdef, p, x, t),
-                      compiler_options=xla.compiler_options(config))
+    forward = jax.jit(lambda p, x, t: network.apply(graphdef, p, x, t),
+                      compiler_options=ops.compiler_options(config))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)).astype(np.float32))
     t = jnp.asarray(rng.integers(0, 1000, batch))

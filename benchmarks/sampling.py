@@ -20,7 +20,8 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from ddpm_jax import diffusion, train  # noqa: E402
+from ddpm_jax import diffusion, network, sampling, train  # noqa: E402
+from ddpm_jax.samplers import SamplerSettings  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Model/diffusion config.")
 flags.DEFINE_integer("batch", 16, "Images per sampling run.")
@@ -39,7 +40,7 @@ def python_loop_sampler(config, params, graphdef, schedule, shape, sampler, num_
     @functools.partial(jax.jit, static_argnums=())
     def one_step(x, t, t_prev, rng):
         t_batch = jnp.full((shape[0],), t, jnp.int32)
-        out = train.apply_model(graphdef, params, x, t_batch)
+        out = network.apply(graphdef, params, x, t_batch)
         noise = jax.random.normal(rng, shape)
         if sampler == "ddpm":
             return diffusion.ddpm_step(schedule, out, x, t_batch, noise,
@@ -67,15 +68,15 @@ def main(argv):
         config.model.norm_groups = 4
     mesh = train.create_mesh(config)
     state = train.create_train_state(config, mesh)
-    graphdef = train.model_graphdef(config)
-    schedule = train.make_schedule(config)
+    graphdef = network.graphdef(config)
+    schedule = diffusion.schedule_from_config(config)
     size = config.data.image_size
     shape = (FLAGS.batch, size, size, 3)
     rng = jax.random.PRNGKey(0)
     rows = []
     for sampler, num_steps in (("ddim", 100), ("ddpm", None)):
-        scan_fn = train.make_sample_fn(config, mesh, num_images=FLAGS.batch, sampler=sampler,
-                                       num_steps=num_steps or 0, eta=0.0)
+        scan_fn = sampling.make_sample_fn(config, mesh, SamplerSettings(sampler, num_steps or 0),
+                                          num_images=FLAGS.batch)
         scan_time = common.time_call(lambda fn=scan_fn: fn(state.params, rng).block_until_ready(),
                                      repeats=FLAGS.repeats)
         loop = python_loop_sampler(config, state.params, graphdef, schedule, shape, sampler,

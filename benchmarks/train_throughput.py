@@ -34,7 +34,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from ddpm_jax import models, train  # noqa: E402
+from ddpm_jax import ops, train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Training config.")
 flags.DEFINE_integer("batch", 0, "Global batch size (0: the config's).")
@@ -133,7 +133,7 @@ def main(argv):
     local_batch = np.random.default_rng(0).integers(
         0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
     batch = train.global_batch(local_batch, mesh)
-    algorithm = models.conv_algorithm(config)
+    algorithm = ops.conv_algorithm(config)
     if FLAGS.flops_only:
         counts = count_flops(config, mesh, state, batch, algorithm)
         print(json.dumps(counts and {"network": counts[0], "executed": counts[1]}))

@@ -162,7 +162,7 @@ class JaxSide:
     def __init__(self, config, seed: int, steps_per_call: int):
         import jax
 
-        from ddpm_jax import train, xla
+        from ddpm_jax import network, ops, train
 
         config.seed = seed
         self.config = config
@@ -170,9 +170,9 @@ class JaxSide:
         self.mesh = train.create_mesh(config)
         self.state = train.create_train_state(config, self.mesh)
         self.step_fns = {}
-        graphdef = train.model_graphdef(config)
-        self.forward_fn = jax.jit(lambda p, x, t: train.apply_model(graphdef, p, x, t),
-                                  compiler_options=xla.compiler_options(config))
+        graphdef = network.graphdef(config)
+        self.forward_fn = jax.jit(lambda p, x, t: network.apply(graphdef, p, x, t),
+                                  compiler_options=ops.compiler_options(config))
         self.samplers = {}
 
     def parameter_count(self) -> int:
@@ -204,12 +204,13 @@ class JaxSide:
     def ddim(self, batch: int, num_steps: int):
         import jax
 
-        from ddpm_jax import train
+        from ddpm_jax import sampling
+        from ddpm_jax.samplers import SamplerSettings
 
         if batch not in self.samplers:
-            self.samplers[batch] = train.make_sample_fn(
-                self.config, self.mesh, num_images=batch, sampler="ddim", num_steps=num_steps,
-                eta=0.0)
+            self.samplers[batch] = sampling.make_sample_fn(
+                self.config, self.mesh, SamplerSettings("ddim", num_steps, {"eta": 0.0}),
+                num_images=batch)
         return self.samplers[batch](self.state.params, jax.random.PRNGKey(0)).block_until_ready()
 
 

@@ -34,26 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_every_steps = 0  # also keep every checkpoint at a multiple of this (0: none)
     config.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" the run or "skip" the step
 
-    # ---- compilation -----------------------------------------------------------------
-    # Largest per-device micro-batch one forward/backward pass runs on; bigger batches run
-    # as sequential chunks with the same gradient. 0: 16 on CPU (faster there), none elsewhere;
-    # -1: never split.
-    config.compute_chunk_size = 0
-    # Train steps per compiled call (a lax.scan over that many batches): fewer dispatches,
-    # and on CPU one set of temporary buffers for all of them (XLA:CPU maps them afresh on
-    # every call; 4 steps per call train the CIFAR-10 net 1.2x faster there). Logging,
-    # samples, checkpoints and stop requests are handled between calls, and steps next to an
-    # event that is not a multiple of it away run one per call. 0: on CPU the largest of 4, 2
-    # and 1 that divides every interval above, 1 elsewhere.
-    config.steps_per_dispatch = 0
-    # CPU backend only: "eigen" compiles convolutions and dots with XLA's own kernels (1.1-1.2x
-    # faster train steps here, ddpm_jax/xla.py); "default" leaves XLA's library choice.
-    config.cpu_conv_library = "eigen"
-    # 3x3 convolutions: "winograd" (F(4x4, 3x3) from 16x16 maps, F(2x2, 3x3) on 4x4 and 8x8,
-    # ddpm_jax/models/winograd.py: 4x and 2.25x fewer FLOPs, float32 rounding-level
-    # differences), "direct" (XLA's), or "auto": Winograd on the CPU backend (1.4-1.7x faster
-    # forward, 1.1-1.2x faster train step there), XLA's elsewhere.
-    config.conv_algorithm = "auto"
+    # ---- speed (ddpm_jax/ops; none of these changes results) --------------------------
+    config.compute_chunk_size = 0  # max examples per device per pass; 0: automatic, -1: never split
+    config.steps_per_dispatch = 0  # train steps per compiled call; 0: automatic
+    config.cpu_conv_library = "eigen"  # CPU: "eigen" (XLA's own conv/dot kernels) or "default"
+    config.conv_algorithm = "auto"  # "auto", "winograd" or "direct" (XLA's convolutions)
 
     # ---- devices -------------------------------------------------------------------
     config.mesh = mesh = ml_collections.ConfigDict()
@@ -62,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- data ----------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
-    data.source = "tfds"  # "tfds", "folder" or "bundled" (offline LFW faces)
+    data.source = "tfds"  # registered source: "tfds", "folder" or "bundled" (offline LFW faces)
     data.name = "celeb_a"  # TFDS dataset name (source="tfds")
     data.split = "train"
     data.image_key = "image"  # feature holding the image in each TFDS record
@@ -80,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- network ---------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
+    model.name = "unet"  # registered network (ddpm_jax/models)
     model.layout = "ddpm"  # "ddpm" (Ho et al.) or "mirror" (the PyTorch project's encoder/decoder)
     model.base_channels = 128
     model.channel_mults = (1, 2, 2, 2)  # width multiplier per resolution level
@@ -97,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- diffusion -----------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
-    diffusion.schedule = "linear"  # "linear", "cosine" or "quadratic" betas
+    diffusion.schedule = "linear"  # registered beta schedule: "linear", "cosine" or "quadratic"
     diffusion.num_timesteps = 1000
     diffusion.beta_start = 1e-4
     diffusion.beta_end = 0.02
@@ -107,9 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.clip_x0 = True  # clip the predicted x0 to [-1, 1] while sampling
 
     # ---- sampling during training -----------------------------------------------------
+    # A sampling section names a sampler, its steps and one field per knob of a registered
+    # sampler (DDIM: eta); `eval` below has the same shape.
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_images = 16  # images in each logged grid
-    sample.sampler = "ddpm"  # "ddpm" (all T steps) or "ddim"
+    sample.sampler = "ddpm"  # registered sampler: "ddpm" (all T steps) or "ddim"
     sample.num_steps = 0  # sampler steps; 0 means all T
     sample.eta = 0.0  # DDIM noise scale (0 deterministic, 1 ~ DDPM)
     sample.num_snapshots = 0  # also log x_t at this many points along the chain

@@ -27,9 +27,8 @@ def get_config():
     config.model.num_heads = 1
     config.model.dropout = 0.0
     config.model.norm_groups = 8
-    # XLA's convolutions: on this small net Winograd's speed-up on CPU (1.0x per train step,
-    # 1.2x per sampling step) does not repay its compile time (16 -> 34 s for the train step)
-    # in a 600-step run. docs/benchmarks.md.
+    # XLA's convolutions: on this small net Winograd does not repay its compile time in a
+    # 600-step run (docs/performance-notes.md).
     config.conv_algorithm = "direct"
 
     config.sample.num_images = 16

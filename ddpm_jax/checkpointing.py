@@ -54,9 +54,29 @@ def save(
     )
 
 
+def with_defaults(saved: dict) -> dict:
+    """`saved` over the base config (configs/default.py): a field added after a run was saved
+    takes its default there, so every reader of a saved config sees every field."""
+    from configs import default
+
+    merged = default.get_config().to_dict()
+
+    def merge(base: dict, update: dict) -> None:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                merge(base[key], value)
+            else:
+                base[key] = value
+
+    merge(merged, saved)
+    return merged
+
+
 def config_at(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The resolved config saved with checkpoint `step`."""
-    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    """The resolved config saved with checkpoint `step`, fields added since then at their
+    defaults."""
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return with_defaults(saved)
 
 
 def latest_config(manager: ocp.CheckpointManager) -> dict | None:

@@ -1,6 +1,9 @@
 """Validation of a config before any data is read or anything is compiled.
 
-Every message names the config field to change and how.
+Each part of the config is checked by the module that uses it (the network, the diffusion
+math, the samplers, the data source, the speed settings); `validate` calls them in order,
+adds the checks of the run as a whole, and turns their errors into `ConfigError`. Every
+message names the config field to change and how.
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ import uuid
 import ml_collections
 from etils import epath
 
-from ddpm_jax import diffusion, input_pipeline, models, xla
-from ddpm_jax.models import unet
+from ddpm_jax import diffusion, input_pipeline, models, ops, samplers
 
 
 class ConfigError(ValueError):
@@ -25,6 +27,14 @@ def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
             value = value[part]
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _checked(check, *args) -> None:
+    """Runs a module's own config check, reporting its ValueError as a ConfigError."""
+    try:
+        check(*args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -87,11 +97,7 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
     _positive(config, "eval.batch_size")
     if not isinstance(e.num_samples, int) or e.num_samples < 2:
         raise ConfigError(f"eval.num_samples must be >= 2 (a covariance needs two), got {e.num_samples}")
-    _choice("eval.sampler", e.sampler, diffusion.SAMPLERS)
-    try:
-        diffusion.sampling_timesteps(config.diffusion.num_timesteps, e.sampler, e.num_steps or None)
-    except ValueError as error:
-        raise ConfigError(f"eval.*: {error}") from error
+    _checked(samplers.check_section, e, "eval", config.diffusion.num_timesteps)
     for field in ("inception_weights", "reference_stats"):
         path = e[field]
         if path and not epath.Path(path).exists():
@@ -126,64 +132,25 @@ def validate(
         raise ConfigError(f"learning_rate must be positive, got {config.learning_rate}")
     _choice("lr_schedule", config.lr_schedule, ("cosine", "constant"))
     _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
-    _choice("cpu_conv_library", config.cpu_conv_library, xla.CPU_CONV_LIBRARIES)
-    _choice("conv_algorithm", config.get("conv_algorithm", "auto"), models.CONV_ALGORITHM_CHOICES)
-    if not isinstance(config.compute_chunk_size, int) or config.compute_chunk_size < -1:
-        raise ConfigError("compute_chunk_size must be a positive integer, 0 (automatic) or -1 "
-                          f"(never split), got {config.compute_chunk_size!r}")
-    per_call = config.get("steps_per_dispatch", 0)
-    if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 0:
-        raise ConfigError("steps_per_dispatch must be a positive integer or 0 (automatic), got "
-                          f"{per_call!r}")
     if config.keep_every_steps < 0:
         raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    _checked(ops.check_config, config)
 
-    d = config.diffusion
-    _choice("diffusion.schedule", d.schedule, diffusion.SCHEDULES)
-    _choice("diffusion.prediction", d.prediction, diffusion.PREDICTIONS)
-    _choice("diffusion.loss", d.loss, diffusion.LOSSES)
-    _choice("diffusion.variance", d.variance, diffusion.VARIANCES)
-    _choice("sample.sampler", config.sample.sampler, diffusion.SAMPLERS)
+    _checked(diffusion.check_config, config)
+    _checked(samplers.check_section, config.sample, "sample", config.diffusion.num_timesteps)
     try:
-        steps = diffusion.sampling_timesteps(
-            d.num_timesteps, config.sample.sampler, config.sample.num_steps or None
-        )
+        steps = diffusion.sampling_timesteps(config.diffusion.num_timesteps,
+                                             config.sample.sampler, config.sample.num_steps)
         diffusion.snapshot_slots(len(steps), config.sample.num_snapshots)
     except ValueError as error:
         raise ConfigError(f"sample.*: {error}") from error
-
     _check_eval(config)
 
-    data = config.data
-    _choice("data.source", data.source, input_pipeline.SOURCES)
-    _choice("data.crop", data.crop, input_pipeline.CROPS)
-    if data.crop == "center" and data.crop_size <= 0:
-        raise ConfigError("data.crop='center' needs a positive data.crop_size")
-    if data.source == "folder" and not data.path:
-        raise ConfigError("data.source='folder' needs data.path, the folder of images")
-    if data.source == "tfds" and not data.name:
-        raise ConfigError("data.source='tfds' needs data.name, a TFDS dataset name")
+    _checked(input_pipeline.check_config, config.data)
 
-    m = config.model
-    _positive(config, "model.base_channels", "model.num_res_blocks", "model.num_heads",
-              "model.norm_groups")
-    _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    try:
-        unet.validate_architecture(data.image_size, tuple(m.channel_mults),
-                                   tuple(m.attention_resolutions), m.attention_type,
-                                   m.base_channels, m.num_heads, m.layout, m.time_projection)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    for mult in m.channel_mults:
-        if (m.base_channels * mult) % m.norm_groups:
-            raise ConfigError(
-                f"model.norm_groups={m.norm_groups} must divide every level width "
-                f"(base_channels={m.base_channels} x channel_mults={tuple(m.channel_mults)})"
-            )
+    _checked(models.check_config, config)
 
     if workdir is not None:
         check_workdir_writable(workdir)

@@ -3,7 +3,8 @@
 Everything here is independent of the network and of the training loop. A noise
 schedule is a pytree of per-timestep arrays (`Schedule`); every other function
 takes it as its first argument, so it can be passed through `jax.jit` like any
-other array.
+other array. Beta schedules (`schedules.py`) and samplers (`samplers/`) are chosen
+by name from registries.
 
 Conventions:
   * Timesteps are integers in ``[0, T)``; ``t = 0`` is the least noisy step.
@@ -15,19 +16,19 @@ Conventions:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-SCHEDULES = ("linear", "cosine", "quadratic")
+from ddpm_jax.schedules import BETA_SCHEDULES
+
 PREDICTIONS = ("eps", "x0", "v")
 LOSSES = ("mse", "l1", "huber")
 VARIANCES = ("fixed_small", "fixed_large")
-SAMPLERS = ("ddpm", "ddim")
 
 
 class Schedule(NamedTuple):
@@ -57,23 +58,19 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def make_betas(
     kind: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
 ) -> np.ndarray:
-    """Beta schedule in float64.
+    """Beta schedule `kind` (registered in `schedules.BETA_SCHEDULES`) in float64.
 
-    ``linear`` and ``quadratic`` follow Ho et al. (2020); ``cosine`` is Nichol &
-    Dhariwal (2021): ``alphas_cumprod(t) = cos(((t/T + s)/(1 + s)) * pi/2)^2`` with
-    s = 0.008 and betas capped at 0.999 (``beta_start``/``beta_end`` are unused).
+    Raises ValueError for an unknown kind, T < 1, or betas outside (0, 1).
     """
-    _check_choice("beta schedule", kind, SCHEDULES)
+    schedule = BETA_SCHEDULES.get(kind)
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
-    if kind == "linear":
-        return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
-    if kind == "quadratic":
-        return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
-    s = 0.008
-    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
-    f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    return np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+    betas = np.asarray(schedule(num_timesteps, beta_start, beta_end), np.float64)
+    if betas.shape != (num_timesteps,) or not np.all((betas > 0) & (betas < 1)):
+        raise ValueError(
+            f"the {kind} schedule with beta_start={beta_start}, beta_end={beta_end} gives betas "
+            f"in [{betas.min():.3g}, {betas.max():.3g}]; every beta must lie in (0, 1)")
+    return betas
 
 
 def make_schedule(
@@ -106,6 +103,12 @@ def make_schedule(
         posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
     )
     return Schedule(**{k: jnp.asarray(v, dtype=dtype) for k, v in arrays.items()})
+
+
+def schedule_from_config(config: ml_collections.ConfigDict) -> Schedule:
+    """The schedule of `config.diffusion`."""
+    d = config.diffusion
+    return make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
 
 
 def extract(coefficients: jax.Array, t: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
@@ -259,19 +262,10 @@ def ddim_step(
 
 
 def sampling_timesteps(num_timesteps: int, sampler: str, num_steps: int | None) -> np.ndarray:
-    """Descending timesteps a sampler visits: all T for DDPM, `num_steps` evenly spaced for DDIM."""
-    _check_choice("sampler", sampler, SAMPLERS)
-    if num_steps is None or num_steps == 0:
-        num_steps = num_timesteps
-    if sampler == "ddpm" and num_steps != num_timesteps:
-        raise ValueError(
-            f"the ddpm sampler visits all {num_timesteps} timesteps; got num_steps={num_steps}. "
-            "Use sampler='ddim' (eta=1 gives stochastic sampling) for fewer steps."
-        )
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
-    steps = np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
-    return steps[::-1].copy()
+    """Descending timesteps sampler `sampler` visits with `num_steps` (None or 0: its default)."""
+    from ddpm_jax.samplers import SAMPLERS  # the samplers' files import this module
+
+    return SAMPLERS.get(sampler).timesteps(num_timesteps, num_steps or 0)
 
 
 def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
@@ -305,15 +299,22 @@ def sample(
     clip_x0: bool = True,
     num_snapshots: int = 0,
     initial_noise_sharding: jax.sharding.Sharding | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """A whole reverse-diffusion run as one `lax.scan` (one compiled program when jitted).
 
     `denoise_fn(x_t, t)` returns the network output for a batch `x_t` and per-example
-    timesteps `t` (int32, shape [B]). Returns the final samples, and with
-    `num_snapshots > 0` also an array [num_snapshots, *shape] of intermediate x_t
-    (the last snapshot is the final sample). Call it under `jax.jit`.
+    timesteps `t` (int32, shape [B]). `sampler` names a registered sampler; `eta` and
+    `options` set its knobs (those it does not have are ignored). Returns the final
+    samples, and with `num_snapshots > 0` also an array [num_snapshots, *shape] of
+    intermediate x_t (the last snapshot is the final sample). Call it under `jax.jit`.
     """
-    steps = sampling_timesteps(schedule.num_timesteps, sampler, num_steps)
+    from ddpm_jax.samplers import SAMPLERS  # the samplers' files import this module
+
+    chosen = SAMPLERS.get(sampler)
+    given = {"eta": eta, **(options or {})}
+    knobs = {key: given.get(key, default) for key, default in chosen.options.items()}
+    steps = chosen.timesteps(schedule.num_timesteps, num_steps or 0)
     prev_steps = np.append(steps[1:], -1).astype(np.int32)
     slots = snapshot_slots(len(steps), num_snapshots)
     init_rng, loop_rng = jax.random.split(rng)
@@ -323,33 +324,40 @@ def sample(
     snapshots = jnp.zeros((max(num_snapshots, 1),) + tuple(shape), jnp.float32)
 
     def body(carry, inputs):
-        x, snapshots = carry
+        x, state, snapshots = carry
         t, t_prev, slot, step_rng = inputs
         t_batch = jnp.full((shape[0],), t, jnp.int32)
         model_output = denoise_fn(x, t_batch).astype(jnp.float32)
         noise = jax.random.normal(step_rng, shape, jnp.float32)
-        if sampler == "ddpm":
-            x = ddpm_step(
-                schedule, model_output, x, t_batch, noise,
-                prediction=prediction, variance=variance, clip_x0=clip_x0,
-            )
-        else:
-            x = ddim_step(
-                schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev), noise, eta,
-                prediction=prediction, clip_x0=clip_x0,
-            )
+        x, state = chosen.step(schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev),
+                               noise, state, prediction=prediction, variance=variance,
+                               clip_x0=clip_x0, **knobs)
         if num_snapshots > 0:
             snapshots = jax.lax.cond(
                 slot >= 0, lambda s: s.at[slot].set(x), lambda s: s, snapshots
             )
-        return (x, snapshots), None
+        return (x, state, snapshots), None
 
     step_rngs = jax.random.split(loop_rng, len(steps))
-    (x, snapshots), _ = jax.lax.scan(
+    (x, _, snapshots), _ = jax.lax.scan(
         body,
-        (x, snapshots),
+        (x, chosen.init_state(x), snapshots),
         (jnp.asarray(steps), jnp.asarray(prev_steps), jnp.asarray(slots), step_rngs),
     )
     if num_snapshots > 0:
         return x, snapshots
     return x
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when `config.diffusion` cannot train or sample."""
+    d = config.diffusion
+    for field, value, choices in (("prediction", d.prediction, PREDICTIONS),
+                                  ("loss", d.loss, LOSSES), ("variance", d.variance, VARIANCES)):
+        if value not in choices:
+            raise ValueError(f"unknown diffusion.{field}={value!r}; choose one of "
+                             f"{', '.join(choices)}")
+    try:
+        make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    except ValueError as error:
+        raise ValueError(f"diffusion.*: {error}") from error

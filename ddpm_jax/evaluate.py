@@ -54,9 +54,6 @@ def define_flags() -> None:
 
 
 COMMANDS = ("fid-stats", "fid", "convert-weights")
-# configs/default.py's eval section, for runs whose saved config predates it
-EVAL_DEFAULTS = {"inception_weights": "", "reference_stats": "", "num_samples": 10_000,
-                 "sampler": "ddim", "num_steps": 100, "eta": 0.0}
 
 
 def _required(**values: object) -> None:
@@ -118,25 +115,23 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
                batch_size: int = 100, step: int | None = None, sampler: str | None = None,
                num_steps: int | None = None, eta: float | None = None, seed: int = 0) -> dict:
     """FID of a folder, an .npz or a workdir's samples against `reference` statistics."""
-    from ddpm_jax import fid, input_pipeline, sample, sharding, train
+    from ddpm_jax import fid, input_pipeline, sample, sampling, sharding
+    from ddpm_jax.samplers import SamplerSettings
 
     path = epath.Path(samples)
     result: dict = {"samples": samples}
     if (path / "checkpoints").exists():
         config, params, step, mesh = sample.load_run(samples, step)
-        e = {**EVAL_DEFAULTS, **(config.get("eval") or {})}  # runs saved before eval.* existed
-        weights = weights or e["inception_weights"]
-        reference = reference or e["reference_stats"]
+        e = config.eval
+        weights = weights or e.inception_weights
+        reference = reference or e.reference_stats
         _required(weights=weights, reference=reference)
-        settings = {"sampler": sampler or e["sampler"],
-                    "num_steps": e["num_steps"] if num_steps is None else num_steps,
-                    "eta": e["eta"] if eta is None else eta}
-        sample_fid = train.make_sample_fid_fn(
-            config, mesh, weights=weights, reference=reference,
-            num_samples=num_images or e["num_samples"], batch_size=batch_size, progress=True,
-            **settings)
+        settings = SamplerSettings.from_config(e, sampler=sampler, num_steps=num_steps, eta=eta)
+        sample_fid = sampling.make_sample_fid_fn(
+            config, mesh, settings, weights=weights, reference=reference,
+            num_samples=num_images or e.num_samples, batch_size=batch_size, progress=True)
         value, count = sample_fid(params, jax.random.PRNGKey(seed))
-        result.update(step=step, seed=seed, **settings)
+        result.update(step=step, seed=seed, **settings.describe())
     else:
         _required(weights=weights, reference=reference)
         mu, sigma, _ = fid.load_statistics(reference)  # fail before reading images

@@ -23,7 +23,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ddpm_jax import image_utils, inception, sharding, xla
+from ddpm_jax import image_utils, inception, ops, sharding
 
 
 class FIDError(ValueError):
@@ -127,7 +127,7 @@ class InceptionFeatures:
 
         self._features = jax.jit(
             features, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-            out_shardings=sharding.batch_sharding(mesh), compiler_options=xla.compiler_options())
+            out_shardings=sharding.batch_sharding(mesh), compiler_options=ops.compiler_options())
 
     def of_global(self, images: jax.Array) -> np.ndarray:
         """Features [B, 2048] of a global batch (uint8, or floats in [-1, 1]), on every host."""

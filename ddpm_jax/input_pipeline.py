@@ -1,6 +1,6 @@
 """Input pipeline: image sources, preprocessing and a deterministic, checkpointable grain iterator.
 
-Sources (`config.data.source`):
+Sources (`config.data.source`, registered in `DATA_SOURCES`; README, "Extending"):
   * ``tfds``: any TFDS image dataset (`data.name`, e.g. ``celeb_a``), read through
     `tfds.data_source` (ArrayRecord, random access);
   * ``folder``: every JPEG/PNG/WebP image under `data.path`, recursively;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -26,13 +26,31 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-SOURCES = ("tfds", "folder", "bundled")
+from ddpm_jax.registry import Registry
+
 CROPS = ("none", "center", "box")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class DataError(ValueError):
     """Raised before training when the configured data cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A registered data source.
+
+    open: `fn(data_config) -> source`, a random-access sequence (`len`, `[i]`) of uint8 images
+        [H, W, C]; raises DataError, saying what to change, when the data cannot be read.
+    check: `fn(data_config)`, raising ValueError naming the field when the settings cannot
+        work, before anything is read.
+    """
+
+    open: Callable[[ml_collections.ConfigDict], Any]
+    check: Callable[[ml_collections.ConfigDict], None] = lambda data_config: None
+
+
+DATA_SOURCES: Registry[DataSource] = Registry("data.source")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -239,20 +257,51 @@ def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
     return TfdsImageSource(source, data_config.image_key)
 
 
+def _open_folder(data_config: ml_collections.ConfigDict) -> FolderSource:
+    paths = scan_folder(list_image_files(data_config.path), data_config)
+    return FolderSource(paths, data_config.max_bad_fraction)
+
+
+def _check_folder(data_config: ml_collections.ConfigDict) -> None:
+    if not data_config.path:
+        raise ValueError("data.source='folder' needs data.path, the folder of images")
+
+
+def _open_tfds(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
+    source = tfds_source(data_config)
+    first = source[0]  # one decode: check the crop against the dataset's image size
+    crop_image(np.empty(first.shape[:2] + (0,), np.uint8), data_config.crop,
+               data_config.crop_size, tuple(data_config.crop_box))
+    return source
+
+
+def _check_tfds(data_config: ml_collections.ConfigDict) -> None:
+    if not data_config.name:
+        raise ValueError("data.source='tfds' needs data.name, a TFDS dataset name")
+
+
+DATA_SOURCES.register("tfds", DataSource(open=_open_tfds, check=_check_tfds))
+DATA_SOURCES.register("folder", DataSource(open=_open_folder, check=_check_folder))
+DATA_SOURCES.register("bundled", DataSource(open=lambda data_config: ArraySource(bundled_faces())))
+
+
 def make_source(data_config: ml_collections.ConfigDict) -> Any:
     """The random-access image source named by `data_config.source`."""
-    if data_config.source == "bundled":
-        return ArraySource(bundled_faces())
-    if data_config.source == "folder":
-        paths = scan_folder(list_image_files(data_config.path), data_config)
-        return FolderSource(paths, data_config.max_bad_fraction)
-    if data_config.source == "tfds":
-        source = tfds_source(data_config)
-        first = source[0]  # one decode: check the crop against the dataset's image size
-        crop_image(np.empty(first.shape[:2] + (0,), np.uint8), data_config.crop,
-                   data_config.crop_size, tuple(data_config.crop_box))
-        return source
-    raise DataError(f"unknown data.source {data_config.source!r}; choose one of {SOURCES}")
+    try:
+        source = DATA_SOURCES.get(data_config.source)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return source.open(data_config)
+
+
+def check_config(data_config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when `config.data` cannot work."""
+    source = DATA_SOURCES.get(data_config.source)
+    if data_config.crop not in CROPS:
+        raise ValueError(f"unknown data.crop={data_config.crop!r}; choose one of {', '.join(CROPS)}")
+    if data_config.crop == "center" and data_config.crop_size <= 0:
+        raise ValueError("data.crop='center' needs a positive data.crop_size")
+    source.check(data_config)
 
 
 # ----------------------------------------------------------------------- preprocessing

@@ -65,11 +65,11 @@ def dry_run(config) -> None:
     """Validates `config` and prints the per-module parameter overview, compiling nothing."""
     from clu import parameter_overview
 
-    from ddpm_jax import config_checks, train
+    from ddpm_jax import config_checks, network
 
     config_checks.validate(config, device_count=jax.device_count(),
                            process_count=jax.process_count())
-    params = train.abstract_params(config)
+    params = network.abstract_params(config)
     print(parameter_overview.get_parameter_overview(params, include_stats=False))
     print(f"total parameters: {parameter_overview.count_parameters(params)}")
 

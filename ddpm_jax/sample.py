@@ -38,8 +38,9 @@ def define_flags() -> None:
 
 
 def load_run(workdir: str, step: int | None = None):
-    """(config, sampling params, step) of a run's checkpoint, restored onto this host's mesh."""
-    from ddpm_jax import checkpointing, train
+    """(config, sampling params, step, mesh) of a run's checkpoint, restored onto this host's
+    mesh; the config has every field, those added since the run at their defaults."""
+    from ddpm_jax import checkpointing, sampling, train
 
     directory = train.absolute_path(workdir) / "checkpoints"
     if not directory.exists():
@@ -52,8 +53,7 @@ def load_run(workdir: str, step: int | None = None):
     mesh = train.create_mesh(config)
     state = checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
     manager.close()
-    params = state.ema_params if config.ema_decay > 0 else state.params
-    return config, params, step, mesh
+    return config, sampling.sampling_params(config, state), step, mesh
 
 
 def generate(
@@ -61,18 +61,20 @@ def generate(
     num_steps: int | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 64,
     snapshots: int = 0, progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """uint8 samples [N, S, S, 3] (and [N, K, S, S, 3] snapshots when `snapshots` > 0)."""
-    from ddpm_jax import image_utils, train
+    """uint8 samples [N, S, S, 3] (and [N, K, S, S, 3] snapshots when `snapshots` > 0).
+
+    `sampler`, `num_steps` and `eta` default to the run's `config.sample`.
+    """
+    from ddpm_jax import image_utils, sampling
+    from ddpm_jax.samplers import SamplerSettings
 
     config, params, step, mesh = load_run(workdir, step)
-    sampler = sampler or config.sample.sampler
-    num_steps = config.sample.num_steps if num_steps is None else num_steps
-    eta = config.sample.eta if eta is None else eta
+    settings = SamplerSettings.from_config(config.sample, sampler=sampler, num_steps=num_steps,
+                                           eta=eta)
     batch_size = min(batch_size, num_samples)
-    sample_fn = train.make_sample_fn(config, mesh, num_images=batch_size, sampler=sampler,
-                                     num_steps=num_steps, eta=eta, num_snapshots=snapshots)
-    logging.info("sampling %d images from step %d with %s (%s steps)", num_samples, step,
-                 sampler, num_steps or "all")
+    sample_fn = sampling.make_sample_fn(config, mesh, settings, num_images=batch_size,
+                                        num_snapshots=snapshots)
+    logging.info("sampling %d images from step %d with %s", num_samples, step, settings.describe())
     images, strips = [], []
     batches = range(-(-num_samples // batch_size))
     if progress and jax.process_index() == 0:

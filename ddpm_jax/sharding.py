@@ -44,6 +44,11 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """[steps or snapshots, batch, ...]: the batch axis split over every device."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def padded_to_devices(count: int, mesh: jax.sharding.Mesh) -> int:
     """Smallest multiple of the mesh's device count >= count, so a batch shards evenly."""
     devices = mesh.devices.size
@@ -64,18 +69,24 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
     return P(*([None] * axis + [FSDP_AXIS]))
 
 
-def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
-                    config: ml_collections.ConfigDict) -> Any:
-    """Shardings for a `TrainState`: model-sized trees by the FSDP rule, the rest replicated."""
+def tree_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh,
+                   config: ml_collections.ConfigDict) -> Any:
+    """Shardings for a model-sized tree (params, EMA, optimizer state) by the FSDP rule."""
     fsdp = mesh.shape[FSDP_AXIS]
 
     def rule(leaf):
         return NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp, config.mesh.fsdp_min_size))
 
+    return jax.tree.map(rule, abstract_tree)
+
+
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
+                    config: ml_collections.ConfigDict) -> Any:
+    """Shardings for a `TrainState`: model-sized trees by the FSDP rule, the rest replicated."""
     return abstract_state.replace(
         step=replicated(mesh),
         rng=replicated(mesh),
-        params=jax.tree.map(rule, abstract_state.params),
-        ema_params=jax.tree.map(rule, abstract_state.ema_params),
-        opt_state=jax.tree.map(rule, abstract_state.opt_state),
+        params=tree_shardings(abstract_state.params, mesh, config),
+        ema_params=tree_shardings(abstract_state.ema_params, mesh, config),
+        opt_state=tree_shardings(abstract_state.opt_state, mesh, config),
     )

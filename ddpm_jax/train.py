@@ -1,10 +1,12 @@
-"""Training: the train state, the jitted sharded train step, in-graph sampling and the loop.
+"""Training: the train state, the jitted sharded train step and the loop.
 
 The network is a Flax NNX module, split once into a static `graphdef` and a pure
-dict of parameters; the train step is a plain `jax.jit` function over the
-`TrainState` pytree that merges them back inside the trace. The batch is sharded
+dict of parameters (`network.py`); the train step is a plain `jax.jit` function over
+the `TrainState` pytree that merges them back inside the trace. The batch is sharded
 over every device of a (data, fsdp) mesh; the state is replicated or FSDP-split
-(`sharding.py`).
+(`sharding.py`). Every example draws its own timestep, noise and dropout masks, so a
+step gives the same result however its batch is cut into devices, chunks or
+micro-batches. Samples and FID during training come from `sampling.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax
 import jax
@@ -24,25 +26,19 @@ from absl import logging
 from clu import parameter_overview
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import (
     checkpointing,
     config_checks,
     diffusion,
-    fid,
-    image_utils,
     input_pipeline,
+    network,
+    ops,
     preemption,
+    sampling,
     sharding,
-    xla,
 )
-from ddpm_jax.models import create_model
-
-if TYPE_CHECKING:
-    from clu import metric_writers
+from ddpm_jax.samplers import SamplerSettings
 
 create_mesh = sharding.create_mesh
 replicated = sharding.replicated
@@ -87,29 +83,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return adamw
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
-    d = config.diffusion
-    return diffusion.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-
-
-def model_graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
-    """The static structure of the network, built without allocating parameters."""
-    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract, nnx.Param)
-    return graphdef
-
-
-def abstract_params(config: ml_collections.ConfigDict) -> Any:
-    """Parameter shapes and dtypes (a pure dict of ShapeDtypeStruct), allocating nothing."""
-    abstract = nnx.eval_shape(lambda: create_model(config, nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-
-
 def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
     """Fresh parameters, EMA copy, optimizer state and base rng (call under jit)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    model = create_model(config, nnx.Rngs(params=init_rng))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = network.init_params(config, init_rng)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -140,16 +117,6 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.M
     )
 
 
-def apply_model(
-    graphdef: nnx.GraphDef, params: Any, x_t: jax.Array, t: jax.Array,
-    dropout_rng: jax.Array | None = None,
-) -> jax.Array:
-    """Runs the network on a pure-dict of parameters; dropout is on only with `dropout_rng`."""
-    model = nnx.merge(graphdef, params)
-    rngs = nnx.Rngs(dropout=dropout_rng) if dropout_rng is not None else None
-    return model(x_t, t, rngs=rngs)
-
-
 def images_to_model_space(batch: jax.Array) -> jax.Array:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return batch.astype(jnp.float32) / 127.5 - 1.0
@@ -165,6 +132,26 @@ def ema_decay_at(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Arra
 # ------------------------------------------------------------------------------- train step
 
 
+def example_randomness(
+    rng: jax.Array, image_shape: tuple[int, ...], num_timesteps: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per example i of a batch: its timestep, its noise and its dropout key.
+
+    Each is drawn from `fold_in(rng, i)` alone (i the example's index in the global batch),
+    so an example gets the same draws however the batch is split over devices, chunks or
+    micro-batches.
+    """
+
+    def draw(key):
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        t = diffusion.sample_timesteps(t_key, 1, num_timesteps)[0]
+        return t, jax.random.normal(noise_key, image_shape[1:], jnp.float32), dropout_key
+
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(image_shape[0]))
+    return jax.vmap(draw)(keys)
+
+
+
 def train_step(
     state: TrainState,
     batch: jax.Array,
@@ -177,26 +164,23 @@ def train_step(
     """One optimizer step on a global uint8 batch; returns the new state and scalar metrics.
 
     With `micro_batches` > 1 the gradient is the mean of that many sequential micro-batch
-    gradients (the same value as one pass over the batch, in less memory or, on CPU, less
-    time); each micro-batch draws its own dropout masks.
+    gradients: the same value as one pass over the batch (to float rounding), in less memory.
     """
     x0 = images_to_model_space(batch)
-    step_rng = jax.random.fold_in(state.rng, state.step)
-    t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
-    t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule.num_timesteps)
-    noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+    t, noise, dropout_keys = example_randomness(
+        jax.random.fold_in(state.rng, state.step), x0.shape, schedule.num_timesteps)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     target = diffusion.prediction_target(schedule, config.diffusion.prediction, x0, t, noise)
     use_dropout = config.model.dropout > 0
 
-    def loss_fn(params, x_t, t, target, dropout_rng):
-        output = apply_model(graphdef, params, x_t, t, dropout_rng if use_dropout else None)
+    def loss_fn(params, x_t, t, target, dropout_keys):
+        output = network.apply(graphdef, params, x_t, t, dropout_keys if use_dropout else None)
         return jnp.mean(diffusion.regression_loss(output, target, config.diffusion.loss))
 
     grad_fn = jax.value_and_grad(loss_fn)
     accum = micro_batches
     if accum == 1:
-        loss, grads = grad_fn(state.params, x_t, t, target, dropout_rng)
+        loss, grads = grad_fn(state.params, x_t, t, target, dropout_keys)
     else:
         # Micro-batch i takes rows i, i + accum, ...: with the batch split over devices in
         # contiguous blocks, every device holds an equal share of every micro-batch.
@@ -205,14 +189,12 @@ def train_step(
             return jax.lax.dynamic_index_in_dim(array, i, axis=1, keepdims=False)
 
         # A loop, so that the micro-batches run one after another (the memory saving of
-        # accumulation) and compile once: on XLA:CPU (with `models/conv.py`'s gradients) as
-        # fast as unrolling them and faster to compile (CIFAR-10 net at batch 32, 2 chunks:
-        # 2.96 against 3.12 s per step, 29 against 40 s to compile).
+        # accumulation) and compile once.
         def accumulate(carry, i):
             loss, grads = carry
             micro_loss, micro_grads = grad_fn(
                 state.params, micro(x_t, i), micro(t, i), micro(target, i),
-                jax.random.fold_in(dropout_rng, i),
+                micro(dropout_keys, i),
             )
             grads = jax.tree.map(lambda g, m: g + m / accum, grads, micro_grads)
             return (loss + micro_loss / accum, grads), None
@@ -232,9 +214,7 @@ def train_step(
 
     # A non-finite loss or gradient never reaches the weights: the step keeps the old
     # params, EMA and optimizer state (the loop then stops or goes on, by config.on_nonfinite).
-    # A conditional, not a select per leaf: the select is one more pass over the state and
-    # makes XLA copy every leaf it overwrites in place (the CIFAR-10 net's update alone: 116
-    # against 70 ms on CPU).
+    # A conditional, not a select per leaf, which would make XLA copy every leaf it updates.
     new_state = jax.lax.cond(finite, apply_gradients, lambda state: state, state)
     metrics = {
         "loss": loss,
@@ -246,47 +226,9 @@ def train_step(
     return new_state, metrics
 
 
-CPU_CHUNK_SIZE = 16  # compute_chunk_size=0 on the CPU backend
-
-
-def compute_chunks(config: ml_collections.ConfigDict, per_device_batch: int) -> int:
-    """Sequential chunks each device's (micro-)batch is split into (1: none).
-
-    `config.compute_chunk_size` caps the examples one forward/backward pass runs on; 0 means
-    `CPU_CHUNK_SIZE` on the CPU backend, where XLA:CPU loses speed on larger batches (a batch
-    of 32 trains 6% faster as 2 chunks of 16, and compiles in half the time of 4 chunks of 8;
-    docs/benchmarks.md), and no cap elsewhere.
-    """
-    limit = config.get("compute_chunk_size", 0)
-    if limit == 0:
-        limit = CPU_CHUNK_SIZE if jax.default_backend() == "cpu" else -1
-    if limit < 0 or per_device_batch <= limit:
-        return 1
-    return next(k for k in range(2, per_device_batch + 1)
-                if per_device_batch % k == 0 and per_device_batch // k <= limit)
-
-
-CPU_STEPS_PER_DISPATCH = 4  # steps_per_dispatch=0 on the CPU backend, where it divides the intervals
-
-
 def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
-    """Train steps each compiled call runs, `config.steps_per_dispatch` with 0 resolved.
-
-    0 means, on the CPU backend, the largest of `CPU_STEPS_PER_DISPATCH`, 2 and 1 that divides
-    every logging, sampling, saving and evaluation interval (so that one program serves the
-    whole run): XLA:CPU maps a call's temporary buffers afresh on every call, and 4 steps per
-    call train the CIFAR-10 net 1.2x faster at batch 8 (docs/benchmarks.md). 1 elsewhere: on
-    an H200 four per call were 1.1-1.25x faster only in runs that waited after every call,
-    which the loop does not (it keeps one call in flight), so not yet a default there.
-    """
-    chosen = config.get("steps_per_dispatch", 1)
-    if chosen:
-        return chosen
-    if jax.default_backend() != "cpu":
-        return 1
-    intervals = event_intervals(config, with_fid=True)
-    return next(k for k in (CPU_STEPS_PER_DISPATCH, 2, 1)
-                if all(interval % k == 0 for interval in intervals))
+    """Train steps per compiled call for `config` on this backend (`ops.steps_per_dispatch`)."""
+    return ops.steps_per_dispatch(config, event_intervals(config, with_fid=True))
 
 
 def event_intervals(config: ml_collections.ConfigDict, with_fid: bool) -> list[int]:
@@ -308,137 +250,25 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     accum = config.grad_accum_steps
     per_device = config.batch_size // (mesh.devices.size * accum)
     step_fn = functools.partial(
-        train_step, config=config, graphdef=model_graphdef(config),
-        schedule=make_schedule(config),
-        micro_batches=accum * compute_chunks(config, per_device),
+        train_step, config=config, graphdef=network.graphdef(config),
+        schedule=diffusion.schedule_from_config(config),
+        micro_batches=accum * ops.compute_chunks(config, per_device),
     )
     data_sharding = batch_sharding(mesh)
     if num_steps > 1:
         step_fn = functools.partial(jax.lax.scan, step_fn)
-        data_sharding = stacked_batch_sharding(mesh)
+        data_sharding = sharding.stacked_batch_sharding(mesh)
     state_sharding = train_state_shardings(config, mesh)
     return jax.jit(
         step_fn,
         in_shardings=(state_sharding, data_sharding),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
-        compiler_options=xla.compiler_options(config),
+        compiler_options=ops.compiler_options(config),
     )
 
 
-# ------------------------------------------------------------------------------- sampling
-
-
-def make_sample_fn(
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    *,
-    num_images: int,
-    sampler: str,
-    num_steps: int,
-    eta: float,
-    num_snapshots: int = 0,
-):
-    """Jitted `fn(params, rng) -> images [N, S, S, 3]` in [-1, 1] (and snapshots), one program.
-
-    The batch is sharded over the mesh; N is `num_images` rounded up to a multiple of
-    the device count.
-    """
-    graphdef = model_graphdef(config)
-    schedule = make_schedule(config)
-    size = config.data.image_size
-    shape = (sharding.padded_to_devices(num_images, mesh), size, size, 3)
-    out_sharding = batch_sharding(mesh)
-
-    def run(params, rng):
-        return diffusion.sample(
-            lambda x, t: apply_model(graphdef, params, x, t),
-            schedule, shape, rng,
-            sampler=sampler, num_steps=num_steps or None, eta=eta,
-            prediction=config.diffusion.prediction, variance=config.diffusion.variance,
-            clip_x0=config.diffusion.clip_x0, num_snapshots=num_snapshots,
-            initial_noise_sharding=out_sharding,
-        )
-
-    snapshot_sharding = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
-    outs = (out_sharding, snapshot_sharding) if num_snapshots else out_sharding
-    params_sharding = train_state_shardings(config, mesh).params
-    return jax.jit(run, in_shardings=(params_sharding, replicated(mesh)), out_shardings=outs,
-                   compiler_options=xla.compiler_options(config))
-
-
-def log_sample_grid(
-    sample_fn, params: Any, rng: jax.Array, step: int, num_images: int,
-    writer: metric_writers.MetricWriter, workdir: str,
-) -> None:
-    """Samples, gathers to every host, and writes a grid to TensorBoard and workdir/samples."""
-    outputs = sample_fn(params, rng)
-    images = outputs[0] if isinstance(outputs, tuple) else outputs
-    images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:num_images]
-    grid = image_utils.make_grid(image_utils.to_uint8(images))
-    writer.write_images(step, {"samples": grid[None]})
-    if isinstance(outputs, tuple):
-        snapshots = np.asarray(multihost_utils.process_allgather(outputs[1], tiled=True))
-        strip = snapshots[:, :num_images].transpose(1, 0, 2, 3, 4)  # [N, K, H, W, C]
-        strip = strip.reshape((-1,) + strip.shape[2:])
-        writer.write_images(
-            step, {"denoising": image_utils.make_grid(image_utils.to_uint8(strip),
-                                                       num_columns=snapshots.shape[0])[None]}
-        )
-    if jax.process_index() == 0:
-        image_utils.save_png(grid, str(epath.Path(workdir) / "samples" / f"step_{step:08d}.png"))
-
-
-def make_sample_fid_fn(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, weights: str, reference: str,
-    num_samples: int, batch_size: int, sampler: str, num_steps: int, eta: float,
-    progress: bool = False,
-):
-    """`fn(params, rng) -> (FID, images scored)` of `num_samples` samples against `reference`.
-
-    Loads the Inception weights and reference statistics at once (a wrong path fails before
-    any sampling); samples go from the sampler to the Inception network on device.
-    """
-    reference_mu, reference_sigma, _ = fid.load_statistics(reference)
-    features = fid.InceptionFeatures(weights, mesh)
-    sample_fn = make_sample_fn(config, mesh, num_images=min(batch_size, num_samples),
-                               sampler=sampler, num_steps=num_steps, eta=eta)
-
-    def evaluate(params: Any, rng: jax.Array) -> tuple[float, int]:
-        stats = features.sample_statistics(sample_fn, params, rng, num_samples, progress)
-        return fid.distance_to(stats, reference_mu, reference_sigma), stats.count
-
-    return evaluate
-
-
-def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """`fn(params) -> FID` of `config.eval.num_samples` samples, or None when FID is off.
-
-    Built before training, so a wrong path stops the run first. Every evaluation draws from
-    the same noise (`seed + 3`), so changes in the curve come from the weights, not the draw.
-    """
-    e = config.eval
-    if config.eval_every_steps <= 0:
-        return None
-    if not (e.inception_weights and e.reference_stats):
-        logging.warning("eval_every_steps=%d, but eval.inception_weights and eval.reference_stats "
-                        "are not both set: no FID during training (see README, FID)",
-                        config.eval_every_steps)
-        return None
-    sample_fid = make_sample_fid_fn(
-        config, mesh, weights=e.inception_weights, reference=e.reference_stats,
-        num_samples=e.num_samples, batch_size=e.batch_size, sampler=e.sampler,
-        num_steps=e.num_steps, eta=e.eta)
-    rng = jax.random.PRNGKey(config.seed + 3)
-    return lambda params: sample_fid(params, rng)[0]
-
-
 # ------------------------------------------------------------------------------------ loop
-
-
-def stacked_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """[steps, batch, ...]: the batch axis split over every device, as in `batch_sharding`."""
-    return NamedSharding(mesh, P(None, sharding.BATCH_AXES))
 
 
 def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
@@ -448,7 +278,7 @@ def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
 
 def global_batches(local_batches: list[np.ndarray], mesh: jax.sharding.Mesh) -> jax.Array:
     """Several steps' batches, stacked [steps, batch, ...], from each process's slices."""
-    return jax.make_array_from_process_local_data(stacked_batch_sharding(mesh),
+    return jax.make_array_from_process_local_data(sharding.stacked_batch_sharding(mesh),
                                                   np.stack(local_batches))
 
 
@@ -465,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     source = input_pipeline.make_source(config.data)  # fails fast on missing data
     mesh = create_mesh(config)
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
-    evaluate_fid = make_fid_evaluator(config, mesh)  # fails fast on missing files
+    evaluate_fid = sampling.make_fid_evaluator(config, mesh)  # fails fast on missing files
 
     make_data_iter = functools.partial(
         input_pipeline.create_dataset, config, source, process_index=jax.process_index(),
@@ -498,10 +328,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                   jax_logging_process=0)
 
     step_fns = StepFunctions(config, mesh)
-    sample_cfg = config.sample
-    sample_fn = make_sample_fn(
-        config, mesh, num_images=sample_cfg.num_images, sampler=sample_cfg.sampler,
-        num_steps=sample_cfg.num_steps, eta=sample_cfg.eta, num_snapshots=sample_cfg.num_snapshots,
+    sample_fn = sampling.make_sample_fn(
+        config, mesh, SamplerSettings.from_config(config.sample),
+        num_images=config.sample.num_images, num_snapshots=config.sample.num_snapshots,
     )
 
     loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid,
@@ -581,9 +410,10 @@ class _Loop:
             if step % config.log_every_steps == 0 or last or stop:
                 self.log_scalars(step)
             if step % config.sample_every_steps == 0 or last:
-                params = state.ema_params if config.ema_decay > 0 else state.params
-                log_sample_grid(self.sample_fn, params, jax.random.fold_in(self.sample_rng, step),
-                                step, config.sample.num_images, self.writer, self.workdir)
+                sampling.log_sample_grid(
+                    self.sample_fn, sampling.sampling_params(config, state),
+                    jax.random.fold_in(self.sample_rng, step), step, config.sample.num_images,
+                    self.writer, self.workdir)
             if self.evaluate_fid and (step % config.eval_every_steps == 0 or last):
                 self.log_fid(step, state)
             if step % config.save_every_steps == 0 or last or stop:
@@ -604,7 +434,7 @@ class _Loop:
 
     def log_fid(self, step: int, state: TrainState) -> None:
         start = time.perf_counter()
-        value = self.evaluate_fid(state.ema_params if self.config.ema_decay > 0 else state.params)
+        value = self.evaluate_fid(sampling.sampling_params(self.config, state))
         logging.info("step %d: FID %.3f over %d samples (%.0f s)", step, value,
                      self.config.eval.num_samples, time.perf_counter() - start)
         self.writer.write_scalars(step, {"fid": value})

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpm_jax import train
-from tests.conftest import micro_config
+from tests.helpers import micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 8x8 maps with 32 channels: Winograd's F(2x2, 3x3) applies, so it executes fewer FLOPs.

@@ -5,7 +5,7 @@ import importlib
 import pytest
 from clu import parameter_overview
 
-from ddpm_jax import config_checks, train
+from ddpm_jax import config_checks, network
 
 CONFIGS = ["quickstart", "celeba", "cifar10", "celebahq256", "celeba64"]
 
@@ -57,7 +57,7 @@ def celeba64_reference_count():
      ("celeba64", celeba64_reference_count())],
 )
 def test_published_parameter_counts_within_half_a_percent(name, expected):
-    count = parameter_overview.count_parameters(train.abstract_params(load(name)))
+    count = parameter_overview.count_parameters(network.abstract_params(load(name)))
     assert abs(count / expected - 1) < 0.005, (name, count, expected)
 
 
@@ -66,7 +66,7 @@ def test_seed_net_scales_like_the_reference_at_other_widths():
     for base, expected in ((64, 27.2e6), (128, 108.6e6)):
         config.model.base_channels = base
         config.model.time_embedding_width = 2 * base
-        count = parameter_overview.count_parameters(train.abstract_params(config))
+        count = parameter_overview.count_parameters(network.abstract_params(config))
         assert abs(count / expected - 1) < 0.005, (base, count)
 
 

@@ -14,8 +14,7 @@ import scipy.linalg
 from PIL import Image
 
 from ddpm_jax import config_checks, evaluate, fid, inception, train
-from tests.conftest import micro_config
-from tests.test_main import ROOT
+from tests.helpers import ROOT, micro_config
 
 # ------------------------------------------------------------------ the Frechet distance
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddpm_jax.models.group_norm import GroupNorm
+from ddpm_jax.ops.group_norm import GroupNorm
 
 
 def make_pair(channels, groups, dtype=None):
@@ -90,7 +90,7 @@ def test_mask_falls_back_to_flax():
 def test_group_values_reach_their_channels_exactly():
     """The one-hot product that puts group statistics on channels gives the same values as a
     repeat, exactly, for values of any magnitude and sign (one nonzero term per output)."""
-    from ddpm_jax.models.group_norm import _per_channel
+    from ddpm_jax.ops.group_norm import _per_channel
 
     rng = np.random.RandomState(0)
     per_group = (rng.normal(size=(3, 8)) * 10.0 ** rng.randint(-30, 30, size=(3, 8)))

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ddpm_jax import input_pipeline
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def take(iterator, n):

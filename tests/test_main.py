@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 TINY_FLAGS = [
     "--config.num_train_steps=3", "--config.batch_size=8", "--config.log_every_steps=1",

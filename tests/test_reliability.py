@@ -12,9 +12,7 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, config_checks, train
-from tests.conftest import MICRO_FLAGS, micro_config, tiny_config
-from tests.test_main import ROOT
-from tests.test_train import read_events
+from tests.helpers import MICRO_FLAGS, ROOT, micro_config, read_events, tiny_config
 
 STEPS = 8
 FLAGS = [*MICRO_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import image_utils, sample, train
-from tests.conftest import micro_config
-from tests.test_main import ROOT
+from tests.helpers import ROOT, micro_config
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,14 @@
 """The train step and loop on tiny configs: learning, sharding invariance, checkpoints, resume."""
 
-import glob
 import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from ddpm_jax import checkpointing, config_checks, input_pipeline, train
-from tests.conftest import micro_config, run_train_steps, tiny_config
+from ddpm_jax import checkpointing, config_checks, input_pipeline, ops, sampling, train
+from ddpm_jax.samplers import SamplerSettings
+from tests.helpers import micro_config, read_events, run_train_steps, tiny_config
 
 
 def fixed_batch(config, seed=0):
@@ -30,19 +29,6 @@ def test_train_step_overfits_one_batch():
     assert int(state.step) == 60
     # Fixed images: the denoiser can learn x0 exactly, so the eps loss collapses.
     assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:5])
-
-
-def test_four_devices_give_the_same_result_as_one():
-    assert jax.device_count() == 4
-    config = micro_config()
-    config.model.dropout = 0.1  # dropout masks must not depend on the sharding either
-    batches = [fixed_batch(config, seed) for seed in range(3)]
-    one, losses_one = run_train_steps(config, train.create_mesh(devices=jax.devices()[:1]), batches)
-    four, losses_four = run_train_steps(config, train.create_mesh(devices=jax.devices()), batches)
-    # Same math; only the order of floating-point reductions differs between shardings.
-    np.testing.assert_allclose(losses_one, losses_four, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_ema_tracks_params_with_the_configured_decay():
@@ -125,16 +111,6 @@ def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
     np.testing.assert_array_equal(next(fresh_iter), expected_next)
 
 
-def read_events(workdir):
-    """Tag -> list of steps, from every TensorBoard event file under workdir."""
-    tags = {}
-    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append(event.step)
-    return {tag: sorted(steps) for tag, steps in tags.items()}
-
-
 def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
     config = tiny_config()
     workdir = str(tmp_path / "run")
@@ -155,29 +131,11 @@ def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
     assert read_events(workdir)["loss"] == [2, 4, 6]
 
 
-def test_several_steps_per_call_match_one_step_per_call():
-    config = micro_config()
-    config.model.dropout = 0.1  # each step's masks come from its own step number
-    mesh = train.create_mesh(devices=jax.devices())
-    batches = [fixed_batch(config, seed) for seed in range(4)]
-    single, losses = run_train_steps(config, mesh, batches)
-    multi_step = train.make_train_step(config, mesh, num_steps=2)
-    state, multi_losses = train.create_train_state(config, mesh), []
-    for pair in (batches[:2], batches[2:]):
-        state, metrics = multi_step(state, train.global_batches(pair, mesh))
-        assert metrics["loss"].shape == (2,)
-        multi_losses.extend(np.asarray(metrics["loss"]).tolist())
-    assert int(state.step) == 4
-    np.testing.assert_allclose(multi_losses, losses, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(state), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-
-
 def test_steps_per_dispatch_divides_every_interval_on_cpu(monkeypatch):
     config = micro_config()  # log, sample and save every 2 steps
     assert train.steps_per_dispatch(config) == 2
     config.log_every_steps = config.sample_every_steps = config.save_every_steps = 100
-    assert train.steps_per_dispatch(config) == train.CPU_STEPS_PER_DISPATCH == 4
+    assert train.steps_per_dispatch(config) == ops.dispatch.CPU_STEPS_PER_DISPATCH == 4
     config.eval_every_steps = 50
     assert train.steps_per_dispatch(config) == 2
     config.log_every_steps = 25
@@ -277,8 +235,8 @@ def test_loss_and_in_loop_sampler_honour_the_prediction_target():
     for prediction in ("eps", "x0", "v"):
         config.diffusion.prediction = prediction
         state = train.create_train_state(config, mesh)
-        sample_fn = train.make_sample_fn(config, mesh, num_images=4, sampler="ddim", num_steps=5,
-                                         eta=0.0)
+        sample_fn = sampling.make_sample_fn(config, mesh, SamplerSettings("ddim", 5, {"eta": 0.0}),
+                                            num_images=4)
         finals[prediction] = np.asarray(sample_fn(state.params, jax.random.PRNGKey(0)))
         _, metrics = train.make_train_step(config, mesh)(state, train.global_batch(batch, mesh))
         if prediction == "x0":

@@ -62,14 +62,19 @@ def test_output_depends_on_input_and_timestep_after_perturbing_weights():
     np.testing.assert_allclose(single[0], a[0], atol=1e-5)
 
 
-def test_dropout_only_with_rngs():
+def test_dropout_only_with_keys_and_per_example():
     model = UNet(image_size=8, base_channels=8, channel_mults=(1,), norm_groups=4,
                  attention_resolutions=(), dropout=0.5, rngs=nnx.Rngs(0))
     perturb_zero_kernels(model)
     x = jnp.ones((1, 8, 8, 3))
     t = jnp.array([3])
     np.testing.assert_array_equal(model(x, t), model(x, t))
-    assert not np.allclose(model(x, t, rngs=nnx.Rngs(dropout=1)), model(x, t, rngs=nnx.Rngs(dropout=2)))
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    assert not np.allclose(model(x, t, dropout_keys=keys[:1]), model(x, t, dropout_keys=keys[1:]))
+    # Each example's masks come from its own key alone: the same in any batch.
+    pair = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), dropout_keys=keys)
+    np.testing.assert_allclose(pair[1:], model(x, t, dropout_keys=keys[1:]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pair[0], pair[1])
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -122,10 +127,11 @@ def test_ddpm_attention_block_matches_float64_reference(heads):
     """GroupNorm, q/k/v projections, softmax over positions, output projection, residual, with
     nonzero biases everywhere; the single-head block folds its projections (a different
     computation of the same function), the multi-head one does not."""
-    from ddpm_jax.models.unet import DDPMAttention, _Layers
+    from ddpm_jax.models.layers import Layers
+    from ddpm_jax.models.unet import DDPMAttention
 
     block = DDPMAttention(32, num_heads=heads, norm_groups=8,
-                          layers=_Layers(jnp.float32, nnx.Rngs(0)))
+                          layers=Layers(jnp.float32, nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     layers = (block.q, block.k, block.v, block.proj_out)
     for layer in layers:

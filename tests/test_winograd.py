@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from configs import default
-from ddpm_jax import models, train
-from ddpm_jax.models import winograd
-from ddpm_jax.models.unet import UNet
-from tests.conftest import micro_config, run_train_steps
+from ddpm_jax import ops, train
+from ddpm_jax.models import layers
+from ddpm_jax.ops import winograd
+from tests.helpers import micro_config, run_train_steps
 
 
 def direct(x, kernel):
@@ -100,12 +100,15 @@ def test_upsample_conv_and_gradients_match_upsampling_then_convolving():
 def test_upsample_block_by_phases_matches_the_direct_block():
     """The net's Upsample block: same parameters, same output with Winograd (by phases on a
     16x16 map) as with the direct convolution of the upsampled map."""
-    from ddpm_jax.models.unet import Upsample, _Layers
+    from ddpm_jax.models.unet import Upsample
 
-    blocks = {algorithm: Upsample(32, _Layers(jnp.float32, nnx.Rngs(0), algorithm))
-              for algorithm in ("direct", "winograd")}
-    assert blocks["winograd"].by_phases and not blocks["direct"].by_phases
+    winograd_ops = layers.LayerOps(conv_general_dilated=winograd.conv_general_dilated,
+                                   upsample_conv=winograd.upsample_conv)
+    blocks = {name: Upsample(32, layers.Layers(jnp.float32, nnx.Rngs(0), layer_ops))
+              for name, layer_ops in (("default", None), ("winograd", winograd_ops))}
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 32))
+    # F(4x4) applies to this map, so the Winograd block goes by phases.
+    assert winograd.upsample_conv3x3(x, blocks["winograd"].conv.kernel[...]) is not None
     bias = jax.random.normal(jax.random.PRNGKey(2), (32,))
     for block in blocks.values():
         block.conv.bias[...] = bias  # initialised to zero: make it count
@@ -175,16 +178,19 @@ def test_dispatch_picks_the_algorithm_by_map_size_and_only_where_one_applies():
 def test_auto_picks_winograd_on_cpu_only(monkeypatch):
     config = default.get_config()
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert models.conv_algorithm(config) == "winograd"
+    assert ops.conv_algorithm(config) == "winograd"
+    assert ops.layer_ops(config).conv_general_dilated is winograd.conv_general_dilated
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert models.conv_algorithm(config) == "direct"
+    assert ops.conv_algorithm(config) == "direct"
+    assert ops.layer_ops(config).upsample_conv is layers.upsample_then_conv
     config.conv_algorithm = "winograd"
-    assert models.conv_algorithm(config) == "winograd"
+    assert ops.conv_algorithm(config) == "winograd"
     config.conv_algorithm = "direct"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert models.conv_algorithm(config) == "direct"
+    assert ops.conv_algorithm(config) == "direct"
+    config.conv_algorithm = "fft"
     with pytest.raises(ValueError, match="conv_algorithm"):
-        UNet(image_size=16, base_channels=32, conv_algorithm="fft", rngs=nnx.Rngs(0))
+        ops.check_config(config)
 
 
 def test_train_steps_with_winograd_match_direct_convolutions():

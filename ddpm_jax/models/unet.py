@@ -19,7 +19,9 @@ Attention comes in two styles, chosen by `attention_type`:
   * ``transformer``: pre-LayerNorm multi-head attention and a GELU MLP, each with
     a residual (the block of the PyTorch project this trainer reimplements).
 
-Inputs are NHWC. Parameters are float32; `dtype` sets the compute dtype.
+Inputs are NHWC. Parameters are float32; `dtype` sets the compute dtype. How convolutions,
+norms and upsampling are computed comes from outside (`layer_ops`, see `layers.py`); by
+default they are Flax's `nnx.Conv` and `nnx.GroupNorm`.
 """
 
 from __future__ import annotations
@@ -29,23 +31,14 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from ddpm_jax.models import conv, group_norm, winograd
+from ddpm_jax.models.base import MODELS, Network
+from ddpm_jax.models.layers import LayerOps, Layers
 
 ATTENTION_TYPES = ("ddpm", "transformer")
-# How 3x3 convolutions are computed: XLA's convolution (`conv.py`: on CPU with gradients in
-# the layout of XLA:CPU's fast kernel), or Winograd's F(4x4, 3x3) or F(2x2, 3x3) where that is
-# faster (float32, 4x4 and larger maps, at least 32 input and output channels;
-# `winograd.py`). Same parameters either way.
-CONV_ALGORITHMS = {"direct": conv.conv_general_dilated,
-                   "winograd": winograd.conv_general_dilated}
 TIME_PROJECTIONS = ("silu_linear", "linear")
-
-# Ho et al. initialise every layer with variance_scaling(1, fan_avg, uniform) and
-# the last layer of each residual branch with (near) zero.
-default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
-zero_init = nnx.initializers.zeros_init()
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -60,42 +53,16 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return embedding
 
 
-class _Layers:
-    """Builds layers with the shared dtype/initialiser settings of one network."""
+def dropout(x: jax.Array, rate: float, keys: jax.Array | None) -> jax.Array:
+    """Inverted dropout; example i's mask is drawn from `keys[i]` alone (no-op without keys).
 
-    def __init__(self, dtype: jnp.dtype, rngs: nnx.Rngs, conv_algorithm: str = "direct"):
-        self.dtype = dtype
-        self.rngs = rngs
-        if conv_algorithm not in CONV_ALGORITHMS:
-            raise ValueError(f"unknown conv_algorithm {conv_algorithm!r}; choose one of "
-                             f"{tuple(CONV_ALGORITHMS)}")
-        self.conv_fn = CONV_ALGORITHMS[conv_algorithm]
-
-    def conv(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, zero: bool = False):
-        pad = kernel // 2
-        return nnx.Conv(
-            cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-            dtype=self.dtype, kernel_init=zero_init if zero else default_init, rngs=self.rngs,
-            conv_general_dilated=self.conv_fn,
-        )
-
-    def dense(self, cin: int, cout: int, zero: bool = False):
-        return nnx.Linear(
-            cin, cout, dtype=self.dtype, kernel_init=zero_init if zero else default_init,
-            rngs=self.rngs,
-        )
-
-    def group_norm(self, channels: int, groups: int):
-        if channels % groups:
-            raise ValueError(
-                f"model.norm_groups={groups} does not divide a layer width of {channels}; "
-                "choose norm_groups that divides base_channels * every channel multiplier"
-            )
-        return group_norm.GroupNorm(channels, num_groups=groups, epsilon=1e-6,
-                                    dtype=self.dtype, rngs=self.rngs)
-
-    def layer_norm(self, channels: int):
-        return nnx.LayerNorm(channels, epsilon=1e-5, dtype=self.dtype, rngs=self.rngs)
+    Per-example keys make a training step's result independent of how its batch is split
+    into chunks, micro-batches or devices.
+    """
+    if keys is None or rate == 0.0:
+        return x
+    keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(keys)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 class ResBlock(nnx.Module):
@@ -106,21 +73,21 @@ class ResBlock(nnx.Module):
     """
 
     def __init__(self, cin: int, cout: int, temb_dim: int, *, dropout: float, norm_groups: int,
-                 time_activation: bool, layers: _Layers):
+                 time_activation: bool, layers: Layers):
         self.time_activation = time_activation
         self.norm1 = layers.group_norm(cin, norm_groups)
         self.conv1 = layers.conv(cin, cout)
         self.temb_proj = layers.dense(temb_dim, cout)
         self.norm2 = layers.group_norm(cout, norm_groups)
-        self.dropout = nnx.Dropout(dropout)
+        self.dropout_rate = dropout
         self.conv2 = layers.conv(cout, cout, zero=True)
         self.skip = layers.dense(cin, cout) if cin != cout else None
 
-    def __call__(self, x: jax.Array, temb: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, dropout_keys: jax.Array | None) -> jax.Array:
         h = self.conv1(nnx.silu(self.norm1(x)))
         h = h + self.temb_proj(nnx.silu(temb) if self.time_activation else temb)[:, None, None, :]
         h = nnx.silu(self.norm2(h))
-        h = self.dropout(h, deterministic=rngs is None, rngs=rngs)
+        h = dropout(h, self.dropout_rate, dropout_keys)
         h = self.conv2(h)
         if self.skip is not None:
             x = self.skip(x)
@@ -140,7 +107,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
 class DDPMAttention(nnx.Module):
     """GroupNorm, q/k/v projections, attention over positions, zero-init projection, residual."""
 
-    def __init__(self, channels: int, *, num_heads: int, norm_groups: int, layers: _Layers):
+    def __init__(self, channels: int, *, num_heads: int, norm_groups: int, layers: Layers):
         self.num_heads = num_heads
         self.norm = layers.group_norm(channels, norm_groups)
         self.q = layers.dense(channels, channels)
@@ -166,11 +133,7 @@ class DDPMAttention(nnx.Module):
         sum to 1, ``softmax(s) (h Wv + bv) Wo + bo = softmax(s) h (Wv Wo) + (bv Wo + bo)``.
         So attention runs with queries ``h M + u``, keys ``h`` and values ``h (Wv Wo)``: two
         products per position with a [C, C] matrix instead of four, a third fewer FLOPs in the
-        block (1.07 of 3.2 GFLOP per layer at batch 16 on 16x16 maps, 256 channels; the [C, C]
-        products of weights are computed once per call, outside a sampling loop). The same
-        parameters; values equal up to float rounding (`tests/test_unet.py`). Attention stays
-        `jax.nn.dot_product_attention`: written as plain products, XLA:CPU hands the whole
-        block to one YNNPACK fusion that ran DDIM no faster.
+        block. The same parameters; values equal up to float rounding (`tests/test_unet.py`).
         """
         dtype = self.q.dtype
         (w_q, b_q), (w_k, _), (w_v, b_v), (w_o, b_o) = (
@@ -188,7 +151,7 @@ class DDPMAttention(nnx.Module):
 class TransformerAttention(nnx.Module):
     """Pre-LayerNorm multi-head self-attention and GELU MLP, each with a residual."""
 
-    def __init__(self, channels: int, *, num_heads: int, mlp_ratio: float, layers: _Layers):
+    def __init__(self, channels: int, *, num_heads: int, mlp_ratio: float, layers: Layers):
         self.num_heads = num_heads
         self.norm1 = layers.layer_norm(channels)
         self.qkv = layers.dense(channels, 3 * channels)
@@ -210,7 +173,7 @@ class TransformerAttention(nnx.Module):
 class Downsample(nnx.Module):
     """Stride-2 3x3 conv."""
 
-    def __init__(self, channels: int, layers: _Layers):
+    def __init__(self, channels: int, layers: Layers):
         self.conv = layers.conv(channels, channels, stride=2)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -218,29 +181,14 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2 then a 3x3 conv.
+    """Nearest-neighbour x2 then a 3x3 conv (computed by the net's `LayerOps.upsample_conv`)."""
 
-    With Winograd convolutions, computed where it pays as one convolution of the small map
-    that gives the four output phases (`winograd.upsample_conv3x3`): the same parameters and
-    values, up to float32 rounding.
-    """
-
-    def __init__(self, channels: int, layers: _Layers):
+    def __init__(self, channels: int, layers: Layers):
         self.conv = layers.conv(channels, channels)
-
-    @property
-    def by_phases(self) -> bool:
-        """Whether this block's convolutions are Winograd's (then it may go by phases)."""
-        return self.conv.conv_general_dilated is winograd.conv_general_dilated
+        self.upsample_conv = layers.ops.upsample_conv
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.by_phases:
-            x, kernel, bias = self.conv.promote_dtype(
-                (x, self.conv.kernel[...], self.conv.bias[...]), dtype=self.conv.dtype)
-            y = winograd.upsample_conv3x3(x, kernel)
-            if y is not None:
-                return y + bias
-        return self.conv(winograd.upsample_nearest2x(x))
+        return self.upsample_conv(self.conv, x)
 
 
 class _Plan:
@@ -251,7 +199,7 @@ class _Plan:
     such a plan, and one forward pass runs either.
     """
 
-    def __init__(self, layers: _Layers, make_attention, make_res_block):
+    def __init__(self, layers: Layers, make_attention, make_res_block):
         self.layers = layers
         self.attention = make_attention
         self.res_block = make_res_block
@@ -347,8 +295,9 @@ class UNet(nnx.Module):
 
     `layout` picks the block arrangement (``ddpm``: Ho et al.; ``mirror``: the PyTorch
     project's encoder/decoder); `attention_type` and `time_projection` pick the block
-    variants; `remat` recomputes residual blocks in the backward pass to save memory. Pass
-    `rngs` (with a `dropout` stream) when training; without it dropout is off.
+    variants; `remat` recomputes residual blocks in the backward pass to save memory;
+    `layer_ops` says how layers are computed (default: Flax's). Pass `dropout_keys` (one
+    PRNG key per example, [B]) when training; without them dropout is off.
     """
 
     def __init__(
@@ -371,12 +320,12 @@ class UNet(nnx.Module):
         out_channels: int = 3,
         dtype: str = "float32",
         remat: bool = False,
-        conv_algorithm: str = "direct",
+        layer_ops: LayerOps | None = None,
         rngs: nnx.Rngs,
     ):
         validate_architecture(image_size, channel_mults, attention_resolutions, attention_type,
-                              base_channels, num_heads, layout, time_projection)
-        layers = _Layers(jnp.dtype(dtype), rngs, conv_algorithm)
+                              base_channels, num_heads, layout, time_projection, norm_groups)
+        layers = Layers(jnp.dtype(dtype), rngs, layer_ops)
         temb_dim = 4 * base_channels
         self.time_embedding_width = time_embedding_width or base_channels
         self.remat = remat
@@ -407,29 +356,35 @@ class UNet(nnx.Module):
         self.norm_out = layers.group_norm(channels, norm_groups) if layout == "ddpm" else None
         self.conv_out = layers.conv(channels, out_channels, zero=True)
 
-    def _apply(self, block: nnx.Module, h: jax.Array, temb: jax.Array, rngs: nnx.Rngs | None):
+    def _apply(self, block: nnx.Module, index: int, h: jax.Array, temb: jax.Array,
+               dropout_keys: jax.Array | None):
+        """Runs block `index` (its position in the net); residual blocks get their own keys."""
         if not isinstance(block, ResBlock):
             return block(h)
+        if dropout_keys is not None:
+            dropout_keys = jax.vmap(jax.random.fold_in, (0, None))(dropout_keys, index)
         if self.remat:  # keep only block inputs; recompute the inside in the backward pass
-            return nnx.remat(lambda blk, x, e, r: blk(x, e, r))(block, h, temb, rngs)
-        return block(h, temb, rngs)
+            return nnx.remat(lambda blk, x, e, k: blk(x, e, k))(block, h, temb, dropout_keys)
+        return block(h, temb, dropout_keys)
 
-    def __call__(self, x: jax.Array, t: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, *,
+                 dropout_keys: jax.Array | None = None) -> jax.Array:
         temb = timestep_embedding(t, self.time_embedding_width)
         temb = self.temb_dense2(nnx.silu(self.temb_dense1(temb)))
 
         h = self.conv_in(x)
         skips = [h]
+        blocks = iter(range(len(self.encoder) + len(self.middle) + len(self.decoder)))
         for block, push in zip(self.encoder, self.push, strict=True):
-            h = self._apply(block, h, temb, rngs)
+            h = self._apply(block, next(blocks), h, temb, dropout_keys)
             if push:
                 skips.append(h)
         for block in self.middle:
-            h = self._apply(block, h, temb, rngs)
+            h = self._apply(block, next(blocks), h, temb, dropout_keys)
         for block, pop in zip(self.decoder, self.pop, strict=True):
             if pop:
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = self._apply(block, h, temb, rngs)
+            h = self._apply(block, next(blocks), h, temb, dropout_keys)
 
         if self.norm_out is not None:
             h = nnx.silu(self.norm_out(h))
@@ -445,6 +400,7 @@ def validate_architecture(
     num_heads: int,
     layout: str = "ddpm",
     time_projection: str = "silu_linear",
+    norm_groups: int = 1,
 ) -> None:
     """Checks that the net can be built for this image size; messages name the field to change."""
     if layout not in LAYOUTS:
@@ -474,8 +430,59 @@ def validate_architecture(
             f"model.attention_resolutions has {unknown}, but at data.image_size={image_size} "
             f"the net only has resolutions {sorted(resolutions, reverse=True)}"
         )
-    if any((base_channels * m) % num_heads for m in channel_mults):
-        raise ValueError(
-            f"model.num_heads={num_heads} must divide every level width "
-            f"(base_channels={base_channels} x channel_mults={tuple(channel_mults)})"
-        )
+    widths = [base_channels * m for m in channel_mults]
+    for field, value, divided in (("num_heads", num_heads, widths),
+                                  ("norm_groups", norm_groups, [base_channels, *widths])):
+        if any(width % value for width in divided):
+            raise ValueError(
+                f"model.{field}={value} must divide every level width "
+                f"(base_channels={base_channels} x channel_mults={tuple(channel_mults)})"
+            )
+
+
+def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
+          layer_ops: LayerOps | None = None) -> UNet:
+    """The UNet of `config.model` for images of `config.data.image_size`."""
+    m = config.model
+    return UNet(
+        image_size=config.data.image_size,
+        base_channels=m.base_channels,
+        channel_mults=tuple(m.channel_mults),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(m.attention_resolutions),
+        attention_type=m.attention_type,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        dropout=m.dropout,
+        norm_groups=m.norm_groups,
+        layout=m.layout,
+        time_embedding_width=m.time_embedding_width,
+        time_projection=m.time_projection,
+        in_channels=3,
+        out_channels=3,
+        dtype=m.dtype,
+        remat=m.remat,
+        layer_ops=layer_ops,
+        rngs=rngs,
+    )
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when `config.model` cannot be built for
+    `config.data.image_size`."""
+    m = config.model
+    for field in ("base_channels", "num_res_blocks", "num_heads", "norm_groups"):
+        value = m[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"model.{field} must be a positive integer, got {value!r}")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unknown model.dtype={m.dtype!r}; choose one of float32, bfloat16, "
+                         "float16")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    validate_architecture(config.data.image_size, tuple(m.channel_mults),
+                          tuple(m.attention_resolutions), m.attention_type, m.base_channels,
+                          m.num_heads, m.layout, m.time_projection, m.norm_groups)
+
+
+MODELS.register("unet", Network(build=build, check=check))

@@ -8,13 +8,11 @@ and the products are mapped back. That is 36 multiplications per 16 outputs wher
 convolution needs 144: 4x fewer FLOPs in the matrix products, for transforms that cost a few
 memory passes. F(2x2, 3x3) does the same with 4x4 input tiles and 16 frequencies per 2x2
 output tile (2.25x fewer FLOPs); on small maps its products have 4x more rows than F(4x4)'s,
-which keeps them efficient. On XLA:CPU, with F(4x4) on the 16x16 and larger layers, the DDPM
-CIFAR-10 net's forward pass runs 1.4-1.7x faster than with XLA's own convolution kernels and
-its train step 1.1-1.2x; F(2x2) on the 4x4 and 8x8 layers (with XLA's matrix products) made
-DDIM sampling 1.17x faster again and the train step about 1.05x (`docs/benchmarks.md`), so
-`conv_algorithm="auto"` uses them on the CPU backend. Results differ from the direct
-convolution by float32 rounding (about 1e-5 relative for F(4x4), whose coefficients reach
-1/24 and 8; about 1e-7 for F(2x2)), so it is used for float32 only.
+which keeps them efficient. On XLA:CPU both are faster than its own convolution kernels for
+the DDPM net (docs/benchmarks.md), so `conv_algorithm="auto"` uses them on the CPU backend.
+Results differ from the direct convolution by float32 rounding (about 1e-5 relative for
+F(4x4), whose coefficients reach 1/24 and 8; about 1e-7 for F(2x2)), so it is used for
+float32 only.
 
 The gradients are Winograd convolutions too (custom VJP): the input gradient is the
 convolution of the output gradient with the flipped kernel, and the kernel gradient is a
@@ -23,7 +21,8 @@ product of the same transformed input with the transformed output gradient.
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (the hook `nnx.Conv`
 takes): it takes a Winograd path where one applies and is known to be faster, and calls
 `conv.conv_general_dilated` for everything else. `upsample_conv3x3` computes nearest x2
-upsampling then a 3x3 convolution as one F(4x4) convolution of the small map.
+upsampling then a 3x3 convolution as one F(4x4) convolution of the small map, and
+`upsample_conv` uses it as the net's `LayerOps.upsample_conv`.
 """
 
 from __future__ import annotations
@@ -35,9 +34,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
-from ddpm_jax.models import conv
+from ddpm_jax.models import layers
+from ddpm_jax.ops import conv
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,12 +126,9 @@ F2 = Algorithm(
     min_spatial=4,
 )
 
-# What `conv_general_dilated` takes, first match by `min_spatial` (measured on XLA:CPU on the
-# whole network, see docs/benchmarks.md): F(4, 3) from 16x16, F(2, 3) on 4x4 and 8x8 maps.
-# With fewer input or output channels the per-frequency products are too thin and the direct
-# convolution is as fast or faster: a net's last layer (128 -> 3 channels on 32x32 maps at
-# batch 16) took 3.8 ms by F(4, 3) against 1.0 ms direct; 128 -> 16, 2.1 against 1.7 ms;
-# 128 -> 32, 2.3 against 2.8 ms.
+# What `conv_general_dilated` takes, first match by `min_spatial`: F(4, 3) from 16x16, F(2, 3)
+# on 4x4 and 8x8 maps. With fewer input or output channels the per-frequency products are too
+# thin to beat the direct convolution (docs/performance-notes.md).
 ALGORITHMS = (F4, F2)
 MIN_CHANNELS = 32
 
@@ -334,13 +332,19 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array | None:
     return _upsample_conv3x3(x, kernel)
 
 
-def upsample_nearest2x(x: jax.Array) -> jax.Array:
-    """NHWC nearest-neighbour x2 upsampling: each position repeated in a 2x2 block."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def upsample_conv(conv_layer: nnx.Conv, x: jax.Array) -> jax.Array:
+    """`LayerOps.upsample_conv` by `upsample_conv3x3` where F(4x4) applies, else upsample then
+    `conv_layer` (which runs its own convolution)."""
+    x_in, kernel, bias = conv_layer.promote_dtype(
+        (x, conv_layer.kernel[...], conv_layer.bias[...]), dtype=conv_layer.dtype)
+    y = upsample_conv3x3(x_in, kernel)
+    if y is None:
+        return layers.upsample_then_conv(conv_layer, x)
+    return y + bias
 
 
 def _upsample_then_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return conv3x3(upsample_nearest2x(x), kernel, F4)
+    return conv3x3(layers.upsample_nearest2x(x), kernel, F4)
 
 
 @jax.custom_vjp
@@ -356,8 +360,7 @@ def _upsample_conv3x3_forward(x: jax.Array, kernel: jax.Array):
 
 def _upsample_conv3x3_backward(residuals, grad: jax.Array):
     # The gradients of upsampling then convolving (the same function): through the phase
-    # kernels, the train step at batch 8 ran 2.6% slower (the kernel gradient's products over
-    # 4x fewer tiles and 4x more columns), while the forward alone gains.
+    # kernels the train step was slower (docs/performance-notes.md), while the forward gains.
     _, vjp = jax.vjp(_upsample_then_conv3x3, *residuals)
     return vjp(grad)
 

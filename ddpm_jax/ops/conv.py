@@ -5,15 +5,14 @@ HWIO kernel, NHWC output. Autodiff expresses a convolution's gradients as convol
 other layouts (the kernel gradient treats the batch as the contracted feature), and XLA:CPU
 rewrites those into the fast layout with explicit transposes, but only in a program's top
 level: inside a loop body (`lax.scan`, `lax.fori_loop`) they stay as they are and run on a
-generic loop about 400x slower. One step of the CIFAR-10 net's train step inside a
-`lax.scan` took 1.45 s against 0.92 s on its own, 0.44 s of it in four such convolutions.
+generic loop, many times slower (docs/performance-notes.md).
 
 `conv_nhwc` is the same convolution with a custom VJP that writes both gradients in the fast
 layout itself, transposing the operands behind `optimization_barrier`s (XLA would otherwise
 fold the transposes back into the convolution's dimension numbers). The gradients are the
 same sums as autodiff's, in the same order (equal to the last bit in the tests). With it the
-train step runs inside a loop at full speed, which `train.make_train_step` uses to run
-several steps per call (`config.steps_per_dispatch`).
+train step runs inside a loop at full speed, which lets the train step run several steps
+per call (`config.steps_per_dispatch`) and in chunks.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Per-backend XLA compile options for the programs ddpm-jax jits.
 
 On the CPU backend, XLA hands convolutions, dots and reductions to the YNNPACK library by
-default. YNNPACK's convolution gradients are slow here (140-300 GFLOP/s on the DDPM UNet's
-layers, against 380-430 for XLA's own Eigen kernels, forward included), and so are its batched
-matrix products (Winograd's per-frequency products: 160-270 GFLOP/s against 260-290), so
-ddpm-jax keeps YNNPACK for reductions only and gives convolutions and dots to XLA's own
-kernels. Measured in `docs/benchmarks.md`; switch it off with
-``config.cpu_conv_library = "default"``. Other backends get no options.
+default. Its convolution gradients and batched matrix products are slower than XLA's own
+kernels for this net (docs/performance-notes.md), so ddpm-jax keeps YNNPACK for reductions
+only. Switch it off with ``config.cpu_conv_library = "default"``. Other backends get no
+options.
 """
 
 from __future__ import annotations

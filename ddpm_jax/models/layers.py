@@ -1,0 +1,80 @@
+"""The layer implementations a network computes with, handed to it from outside.
+
+A net builds its convolutions, norms and upsampling through `Layers`, whose `LayerOps`
+say how each is computed. The defaults are Flax's and XLA's own (`nnx.Conv` with
+`lax.conv_general_dilated`, `nnx.GroupNorm`, nearest x2 then a conv); faster
+implementations for one backend live in `ddpm_jax.ops`, which picks them per config and
+passes them in (as the Flax ImageNet ResNet takes `conv=`). Every implementation takes
+the same parameters, so a checkpoint does not depend on which one computed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Ho et al. initialise every layer with variance_scaling(1, fan_avg, uniform) and
+# the last layer of each residual branch with (near) zero.
+default_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zero_init = nnx.initializers.zeros_init()
+
+
+def upsample_nearest2x(x: jax.Array) -> jax.Array:
+    """NHWC nearest-neighbour x2 upsampling: each position repeated in a 2x2 block."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def upsample_then_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """Nearest x2 upsampling of `x`, then `conv` (the definition every implementation matches)."""
+    return conv(upsample_nearest2x(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOps:
+    """How a net's layers are computed; same parameters and (up to float rounding) values.
+
+    conv_general_dilated: the convolution `nnx.Conv` calls (`lax.conv_general_dilated`'s
+        signature).
+    group_norm: the GroupNorm class (`nnx.GroupNorm`'s constructor and parameters).
+    upsample_conv: `fn(conv, x)`: nearest x2 upsampling of `x` then `conv`.
+    """
+
+    conv_general_dilated: Callable[..., jax.Array] = jax.lax.conv_general_dilated
+    group_norm: type[nnx.GroupNorm] = nnx.GroupNorm
+    upsample_conv: Callable[[nnx.Conv, jax.Array], jax.Array] = upsample_then_conv
+
+
+class Layers:
+    """Builds layers with the shared dtype, initialisers and `LayerOps` of one network."""
+
+    def __init__(self, dtype: jnp.dtype, rngs: nnx.Rngs, ops: LayerOps | None = None):
+        self.dtype = dtype
+        self.rngs = rngs
+        self.ops = ops or LayerOps()
+
+    def conv(self, cin: int, cout: int, kernel: int = 3, stride: int = 1,
+             zero: bool = False) -> nnx.Conv:
+        """A kernel x kernel conv, padded by kernel // 2 on every side."""
+        pad = kernel // 2
+        return nnx.Conv(
+            cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+            dtype=self.dtype, kernel_init=zero_init if zero else default_init, rngs=self.rngs,
+            conv_general_dilated=self.ops.conv_general_dilated,
+        )
+
+    def dense(self, cin: int, cout: int, zero: bool = False) -> nnx.Linear:
+        return nnx.Linear(
+            cin, cout, dtype=self.dtype, kernel_init=zero_init if zero else default_init,
+            rngs=self.rngs,
+        )
+
+    def group_norm(self, channels: int, groups: int) -> nnx.GroupNorm:
+        return self.ops.group_norm(channels, num_groups=groups, epsilon=1e-6, dtype=self.dtype,
+                                   rngs=self.rngs)
+
+    def layer_norm(self, channels: int) -> nnx.LayerNorm:
+        return nnx.LayerNorm(channels, epsilon=1e-5, dtype=self.dtype, rngs=self.rngs)

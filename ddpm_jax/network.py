@@ -1,0 +1,62 @@
+"""The configured network as pure functions over a dict of parameters.
+
+Binds the registered net (`config.model.name`) to the layer implementations `ops` picks for
+this backend, then splits it into a static `graphdef` and pure parameters, which the train
+step and the sampler pass through `jax.jit` as pytrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from ddpm_jax import models, ops, sharding
+
+
+def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+    """The network of `config`, computed with this backend's layer implementations."""
+    return models.create_model(config, rngs, ops.layer_ops(config))
+
+
+def graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
+    """The static structure of the network, built without allocating parameters."""
+    definition, _ = nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(0))), nnx.Param)
+    return definition
+
+
+def abstract_params(config: ml_collections.ConfigDict) -> Any:
+    """Parameter shapes and dtypes (a pure dict of ShapeDtypeStruct), allocating nothing."""
+    abstract = nnx.eval_shape(lambda: build(config, nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
+def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
+    """Fresh parameters as a pure dict (call under jit to place them directly)."""
+    return nnx.to_pure_dict(nnx.state(build(config, nnx.Rngs(params=rng)), nnx.Param))
+
+
+def params_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+    """Where each parameter lives: replicated, or split by the FSDP rule of `config.mesh`."""
+    return sharding.tree_shardings(abstract_params(config), mesh, config)
+
+
+def apply(definition: nnx.GraphDef, params: Any, x_t: jax.Array, t: jax.Array,
+          dropout_keys: jax.Array | None = None) -> jax.Array:
+    """Runs the network on pure parameters; dropout is on only with per-example `dropout_keys`."""
+    return nnx.merge(definition, params)(x_t, t, dropout_keys=dropout_keys)
+
+
+def perturbed(params: Any, scale: float = 0.05, seed: int = 0) -> Any:
+    """`params` plus N(0, scale^2) noise (fixed seed), each leaf kept where it lives.
+
+    Zero-initialised output layers make a fresh network's output independent of everything
+    before them; checks that two ways of computing the network agree need random weights.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noisy = [jax.device_put(leaf + scale * jax.random.normal(key, leaf.shape), leaf.sharding)
+             for leaf, key in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, noisy)

@@ -1,0 +1,84 @@
+"""Shared test helpers: tiny configs, a few train steps, TensorBoard events, the repo root."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from configs import quickstart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+    """The quickstart config shrunk to a 16x16 net that compiles and steps in seconds."""
+    config = quickstart.get_config()
+    config.num_train_steps = 4
+    config.batch_size = 8
+    config.warmup_steps = 2
+    config.log_every_steps = 2
+    config.sample_every_steps = 2
+    config.save_every_steps = 2
+    config.data.image_size = 16
+    config.model.base_channels = 16
+    config.model.channel_mults = (1, 2)
+    config.model.attention_resolutions = (8,)
+    config.model.norm_groups = 4
+    config.sample.num_images = 4
+    config.sample.num_steps = 5
+    return config
+
+
+def micro_config():
+    """The smallest net with every block type (res, attention, no resampling): compiles fastest.
+
+    For tests of the step's bookkeeping (sharding, accumulation, dtype, resume), where the
+    network's depth plays no part.
+    """
+    config = tiny_config()
+    config.data.image_size = 8
+    config.model.base_channels = 8
+    config.model.channel_mults = (1,)
+    config.model.attention_resolutions = (8,)
+    config.sample.num_images = 4
+    return config
+
+
+MICRO_FLAGS = [
+    "--config.num_train_steps=3", "--config.batch_size=8", "--config.log_every_steps=1",
+    "--config.sample_every_steps=3", "--config.save_every_steps=3", "--config.data.image_size=8",
+    "--config.model.base_channels=8", "--config.model.channel_mults=(1,)",
+    "--config.model.attention_resolutions=(8,)", "--config.model.norm_groups=4",
+    "--config.sample.num_images=4", "--config.sample.num_steps=3",
+]
+
+
+def run_train_steps(config, mesh, batches, weight_noise=0.0):
+    """Fresh state, then one jitted train step per uint8 batch; returns (state, losses).
+
+    `weight_noise` > 0 adds N(0, weight_noise^2) noise (fixed seed) to the initial weights,
+    so the zero-initialised output layers do not hide the rest of the network from the loss.
+    """
+    from ddpm_jax import network, train
+
+    state = train.create_train_state(config, mesh)
+    if weight_noise:
+        state = state.replace(params=network.perturbed(state.params, weight_noise))
+    step_fn = train.make_train_step(config, mesh)
+    losses = []
+    for batch in batches:
+        state, metrics = step_fn(state, train.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def read_events(workdir):
+    """Tag -> list of steps, from every TensorBoard event file under workdir."""
+    import tensorflow as tf
+
+    tags = {}
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return {tag: sorted(steps) for tag, steps in tags.items()}

@@ -1,0 +1,89 @@
+"""README "Extending": a sampler, a beta schedule and a data source registered from outside
+the package run through `diffusion.sample`, the config checks, a train step and the loop's
+sample grids, selected by name like the built-in ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import config_checks, diffusion, input_pipeline, train
+from ddpm_jax.input_pipeline import DATA_SOURCES, ArraySource, DataSource
+from ddpm_jax.samplers import SAMPLERS, Sampler, evenly_spaced
+from ddpm_jax.schedules import BETA_SCHEDULES
+from tests.helpers import micro_config, read_events
+
+
+def constant_betas(num_timesteps, beta_start, beta_end):
+    """A toy schedule: every beta is beta_end."""
+    del beta_start
+    return np.full(num_timesteps, beta_end)
+
+
+def counting_step(schedule, model_output, x_t, t, t_prev, noise, state, *, prediction, variance,
+                  clip_x0, scale):
+    """DDIM with eta = 0, its last image times `scale * steps taken / steps visited`: correct
+    only if the scan threads the sampler's own carry (`state`: steps taken so far)."""
+    del noise, variance
+    x = diffusion.ddim_step(schedule, model_output, x_t, t, t_prev, jnp.zeros_like(x_t), 0.0,
+                            prediction=prediction, clip_x0=clip_x0)
+    taken, visited = state
+    final = scale * (taken + 1).astype(x.dtype) / visited
+    return jnp.where(t_prev[0] < 0, x * final, x), (taken + 1, visited)
+
+
+def counting_sampler(num_steps: int) -> Sampler:
+    """The toy sampler, visiting `num_steps` timesteps by default; it has one knob, `scale`."""
+    return Sampler(timesteps=lambda T, n: evenly_spaced(T, n or num_steps), step=counting_step,
+                   init_state=lambda x: (jnp.zeros((), jnp.int32), jnp.asarray(num_steps)),
+                   options={"scale": 1.0})
+
+
+@pytest.fixture
+def toys():
+    BETA_SCHEDULES.register("toy_constant", constant_betas)
+    DATA_SOURCES.register("toy_gray", DataSource(
+        open=lambda data: ArraySource(np.full((16, 8, 8, 3), 128, np.uint8))))
+    yield
+    for registry, name in ((BETA_SCHEDULES, "toy_constant"), (SAMPLERS, "toy_counting"),
+                           (DATA_SOURCES, "toy_gray")):
+        registry.unregister(name)
+
+
+def test_a_registered_schedule_and_sampler_run_through_sample(toys):
+    schedule = diffusion.make_schedule("toy_constant", 10, beta_end=0.1)
+    np.testing.assert_allclose(schedule.alphas_cumprod, 0.9 ** np.arange(1, 11), rtol=1e-6)
+
+    SAMPLERS.register("toy_counting", counting_sampler(4))
+
+    def denoise(x, t):  # a fixed, input-dependent "network"
+        return 0.5 * x + 0.01 * t[:, None, None, None]
+
+    def run(**kwargs):
+        return jax.jit(lambda rng: diffusion.sample(denoise, schedule, (2, 4, 4, 3), rng,
+                                                    prediction="eps", clip_x0=False,
+                                                    **kwargs))(jax.random.PRNGKey(0))
+
+    ddim = run(sampler="ddim", num_steps=4, eta=0.0)
+    np.testing.assert_allclose(run(sampler="toy_counting"), ddim, rtol=1e-6)
+    np.testing.assert_allclose(run(sampler="toy_counting", options={"scale": 2.0}), 2 * ddim,
+                               rtol=1e-6)
+
+
+def test_registered_entries_train_and_sample_by_name(toys, tmp_path):
+    SAMPLERS.register("toy_counting", counting_sampler(3))
+    config = micro_config()
+    config.num_train_steps = 2
+    config.data.source = "toy_gray"
+    config.diffusion.schedule, config.diffusion.num_timesteps = "toy_constant", 50
+    config.diffusion.beta_end = 0.05
+    config.sample.sampler, config.sample.num_steps = "toy_counting", 3
+    config.sample.scale = 1.0  # the toy sampler's knob, as a config field
+    config_checks.validate(config, device_count=4)
+    assert isinstance(input_pipeline.make_source(config.data), ArraySource)
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert int(state.step) == 2
+    assert read_events(str(tmp_path / "run"))["samples"] == [2]
+    config.sample.sampler = "toy_missing"
+    with pytest.raises(config_checks.ConfigError, match="toy_counting"):
+        config_checks.validate(config, device_count=4)
