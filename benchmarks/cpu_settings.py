@@ -5,7 +5,7 @@ The DDPM CIFAR-10 net (`configs/cifar10.py`, float32) on the CPU backend:
 * `cpu_conv_library`: "default" (XLA hands convolutions and dots to YNNPACK) vs "eigen" (XLA's
   own convolution and dot kernels; YNNPACK keeps reductions), see `ddpm_jax/ops/xla.py`;
 * `compute_chunk_size`: -1 (one pass over each device's batch) vs 8 (chunks of 8; the
-  default, 0, now means 16 on CPU, measured in docs/benchmarks.md);
+  default, 0, now means 16 on CPU, measured in docs/performance-notes.md);
 * `conv_algorithm`: "direct" (XLA's convolutions) vs "winograd" (F(4x4, 3x3) for the 16x16
   and 32x32 layers, F(2x2, 3x3) for the 4x4 and 8x8 ones, `ddpm_jax/ops/winograd.py`).
 

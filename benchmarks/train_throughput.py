@@ -5,7 +5,7 @@
 
 FLOPs per step come from XLA's cost analysis of the train step's HLO before optimisation:
 the program as written, the whole of it before it is split over devices, the same on every
-backend, and no extra compile (on CPU within 0.7% of the compiled program's count). Backends
+backend, and no extra compile (on CPU close to the compiled program's count). Backends
 that analyse only the compiled program (the GPU's leaves out its cuDNN convolutions) get the
 count from a CPU-only child process. The peak is measured on the same backend with a chain of
 large jitted matmuls of random data in the config's compute dtype, times the device count.
@@ -107,8 +107,8 @@ def count_flops_on_cpu(algorithm: str) -> tuple[float, float]:
 
     For backends whose cost analysis sees only the compiled program, which is not the
     network's count: on the GPU the convolutions become cuDNN calls that it leaves out
-    (267 GFLOP counted for the CIFAR-10 step at batch 128, against 4,356 before
-    optimisation). The program before optimisation is the same on every backend.
+    (docs/performance-notes.md, "On a GPU"). The program before optimisation is the same on
+    every backend.
     """
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +

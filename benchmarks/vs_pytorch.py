@@ -15,7 +15,7 @@ weights, float32, dropout 0.1 in training:
 Each side lives in its own worker process (PyTorch is never imported into the JAX one, nor
 JAX into the PyTorch one), and the parent asks them for one call at a time, so the two never
 run at once and neither inherits the other's allocator or thread-pool state (in one shared
-process, the first JAX train step after a PyTorch step ran up to 1.7x slower). Each case is
+process, the first JAX train step after a PyTorch step ran much slower). Each case is
 warmed up on both sides, then timed `--repeats` times alternating sides; medians are
 reported with speed-up = PyTorch time / ddpm-jax time (> 1: ddpm-jax faster).
 
@@ -30,7 +30,7 @@ CPU wheel of torch first, e.g. `pip install torch==2.13.0`).
     python -m benchmarks.vs_pytorch --output=vs_pytorch.json [--cases=train8,forward64]
 
 `--huge_pages` starts both workers with glibc's malloc asking for transparent huge pages
-(the same environment on both sides; not ddpm-jax's default, see `docs/benchmarks.md`).
+(the same environment on both sides; not ddpm-jax's default, see `docs/performance-notes.md`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from benchmarks.common import report
 from configs import cifar10
 
 # glibc's malloc asks for transparent huge pages (madvise) on what it maps: fewer TLB misses
-# in XLA:CPU's memory passes over its large per-call buffers (`docs/benchmarks.md`).
+# in XLA:CPU's memory passes over its large per-call buffers (`docs/performance-notes.md`).
 HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 SETTLE_S = 1.0  # idle time before each timed call, so the other side's threads are asleep
 CASES = {  # name: (kind, batch)

@@ -1,9 +1,10 @@
 """Validation of a config before any data is read or anything is compiled.
 
-Each part of the config is checked by the module that uses it (the network, the diffusion
-math, the samplers, the data source, the speed settings); `validate` calls them in order,
-adds the checks of the run as a whole, and turns their errors into `ConfigError`. Every
-message names the config field to change and how.
+Each part of the config is checked by the module that uses it (the mesh, the optimizer, the
+speed settings, the diffusion math, the samplers, the data source, the network); `validate`
+calls them in order, adds the checks of the loop's own fields (intervals, checkpoints, EMA,
+FID) and turns their errors into `ConfigError`. Every message names the config field to
+change and how.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import uuid
 import ml_collections
 from etils import epath
 
-from ddpm_jax import diffusion, input_pipeline, models, ops, samplers
+from ddpm_jax import diffusion, input_pipeline, models, ops, optimizer, samplers, sharding
 
 
 class ConfigError(ValueError):
@@ -117,20 +118,8 @@ def validate(
               "save_every_steps", "keep_checkpoints", "data.image_size", "sample.num_images",
               "diffusion.num_timesteps")
     _positive(config, "grad_accum_steps", "mesh.fsdp")
-    accum = config.grad_accum_steps
-    if config.batch_size % (device_count * accum) or config.batch_size % process_count:
-        raise ConfigError(
-            f"batch_size={config.batch_size} must be divisible by the {device_count} devices "
-            f"over {process_count} processes x grad_accum_steps={accum}; use a multiple of "
-            f"{device_count * accum}"
-        )
-    if device_count % config.mesh.fsdp:
-        raise ConfigError(f"mesh.fsdp={config.mesh.fsdp} must divide the {device_count} devices")
-    if config.warmup_steps < 0:
-        raise ConfigError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
-    if not config.learning_rate > 0:
-        raise ConfigError(f"learning_rate must be positive, got {config.learning_rate}")
-    _choice("lr_schedule", config.lr_schedule, ("cosine", "constant"))
+    _checked(sharding.check_config, config, device_count, process_count)
+    _checked(optimizer.check_config, config)
     _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
     if config.keep_every_steps < 0:
         raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")

@@ -35,6 +35,19 @@ def create_mesh(
     )
 
 
+def check_config(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> None:
+    """Raises ValueError naming the field when the batch or the mesh cannot be split evenly."""
+    accum = config.grad_accum_steps
+    if config.batch_size % (device_count * accum) or config.batch_size % process_count:
+        raise ValueError(
+            f"batch_size={config.batch_size} must be divisible by the {device_count} devices "
+            f"over {process_count} processes x grad_accum_steps={accum}; use a multiple of "
+            f"{device_count * accum}"
+        )
+    if device_count % config.mesh.fsdp:
+        raise ValueError(f"mesh.fsdp={config.mesh.fsdp} must divide the {device_count} devices")
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -34,6 +34,7 @@ from ddpm_jax import (
     input_pipeline,
     network,
     ops,
+    optimizer,
     preemption,
     sampling,
     sharding,
@@ -59,30 +60,6 @@ class TrainState:
 # -------------------------------------------------------------------------- building blocks
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup to `learning_rate`, then constant or cosine decay to 0 at the last step."""
-    warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
-    if config.lr_schedule == "constant":
-        after = optax.constant_schedule(config.learning_rate)
-    else:
-        after = optax.cosine_decay_schedule(
-            config.learning_rate, max(config.num_train_steps - config.warmup_steps, 1)
-        )
-    return optax.join_schedules([warmup, after], [config.warmup_steps])
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; weight decay only on kernels (ndim > 1)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-    adamw = optax.adamw(
-        learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
-        eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask,
-    )
-    if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-    return adamw
-
-
 def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
     """Fresh parameters, EMA copy, optimizer state and base rng (call under jit)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -91,7 +68,7 @@ def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=jax.tree.map(jnp.copy, params),
-        opt_state=make_optimizer(config).init(params),
+        opt_state=optimizer.make_optimizer(config).init(params),
         rng=train_rng,
     )
 
@@ -205,7 +182,7 @@ def train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply_gradients(state: TrainState) -> TrainState:
-        updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+        updates, opt_state = optimizer.make_optimizer(config).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(config, state.step)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
@@ -219,7 +196,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "learning_rate": learning_rate_schedule(config)(state.step),
+        "learning_rate": optimizer.learning_rate_schedule(config)(state.step),
         "nonfinite": (~finite).astype(jnp.int32),
     }
     new_state = new_state.replace(step=state.step + 1)
@@ -315,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     initial_step = int(state.step)
     logging.info("starting at step %d of %d", initial_step, config.num_train_steps)
 
-    # Imported here: clu's writers and progress reports load TensorFlow (about 2 s), which the
+    # Imported here: clu's writers and progress reports load TensorFlow (slow to import), which the
     # train step, the sampler and the benchmarks do not need (and GPU hosts may lack).
     from clu import metric_writers, periodic_actions
 

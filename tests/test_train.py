@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, config_checks, input_pipeline, ops, sampling, train
+from ddpm_jax import checkpointing, config_checks, input_pipeline, ops, optimizer, sampling, train
 from ddpm_jax.samplers import SamplerSettings
 from tests.helpers import micro_config, read_events, run_train_steps, tiny_config
 
@@ -74,13 +74,13 @@ def test_learning_rate_schedule():
     config = tiny_config()
     config.learning_rate, config.warmup_steps, config.num_train_steps = 1.0, 10, 110
     config.lr_schedule = "cosine"
-    schedule = train.learning_rate_schedule(config)
+    schedule = optimizer.learning_rate_schedule(config)
     assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
     assert float(schedule(10)) == pytest.approx(1.0)
     assert float(schedule(60)) == pytest.approx(0.5, abs=1e-6)  # cosine half way
     assert float(schedule(110)) == pytest.approx(0.0, abs=1e-6)
     config.lr_schedule = "constant"
-    assert float(train.learning_rate_schedule(config)(100)) == pytest.approx(1.0)
+    assert float(optimizer.learning_rate_schedule(config)(100)) == pytest.approx(1.0)
 
 
 def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):

@@ -186,9 +186,8 @@ def transform_kernel(kernel: jax.Array, algorithm: Algorithm = F4) -> jax.Array:
 
     One product of the constant [taps^2, 9] matrix ``G (x) G`` with the kernel's taps, a
     single pass over the kernel. Unlike the activations' transforms (`_combine`), the kernel
-    is small and the product has I x O columns: on XLA:CPU it runs about 5x faster than
-    fused sums and their concatenation, which the forward pays on every call (the denoiser's
-    forward at batch 16: 1-2% faster).
+    is small and the product has I x O columns: on XLA:CPU it runs faster than fused sums and
+    their concatenation, which the forward pays on every call (docs/performance-notes.md).
     """
     _, _, in_channels, out_channels = kernel.shape
     flat = kernel.reshape(9, in_channels * out_channels)
@@ -267,8 +266,7 @@ def _conv3x3_backward(algorithm: Algorithm, residuals, grad: jax.Array):
     # Kernel gradient: per frequency, transformed input^T x transformed output gradient.
     # Transform x again rather than keep the forward's transformed input (2.25x the size of x
     # for F4) alive until the backward pass: the barrier stops XLA from merging the two. Less
-    # memory and, on XLA:CPU, faster (0.95 s against 1.06 s for the CIFAR-10 net's step at
-    # batch 8).
+    # memory and, on XLA:CPU, faster (docs/performance-notes.md).
     x = lax.optimization_barrier(x)
     products = jnp.einsum("kpi,kpo->kio", transform_input(x, algorithm),
                           transform_output_transpose(grad, algorithm))
