@@ -1,17 +1,17 @@
 """README "Extending": a sampler, a beta schedule and a data source registered from outside
 the package run through `diffusion.sample`, the config checks, a train step and the loop's
-sample grids, selected by name like the built-in ones."""
+sampler, selected by name like the built-in ones."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import config_checks, diffusion, input_pipeline, train
+from ddpm_jax import config_checks, diffusion, input_pipeline, sampling, train
 from ddpm_jax.input_pipeline import DATA_SOURCES, ArraySource, DataSource
-from ddpm_jax.samplers import SAMPLERS, Sampler, evenly_spaced
+from ddpm_jax.samplers import SAMPLERS, Sampler, SamplerSettings, evenly_spaced
 from ddpm_jax.schedules import BETA_SCHEDULES
-from tests.helpers import micro_config, read_events
+from tests.helpers import micro_config
 
 
 def constant_betas(num_timesteps, beta_start, beta_end):
@@ -70,20 +70,27 @@ def test_a_registered_schedule_and_sampler_run_through_sample(toys):
                                rtol=1e-6)
 
 
-def test_registered_entries_train_and_sample_by_name(toys, tmp_path):
+def test_registered_entries_train_and_sample_by_name(toys):
     SAMPLERS.register("toy_counting", counting_sampler(3))
     config = micro_config()
-    config.num_train_steps = 2
     config.data.source = "toy_gray"
     config.diffusion.schedule, config.diffusion.num_timesteps = "toy_constant", 50
     config.diffusion.beta_end = 0.05
     config.sample.sampler, config.sample.num_steps = "toy_counting", 3
-    config.sample.scale = 1.0  # the toy sampler's knob, as a config field
+    config.sample.scale = 2.0  # the toy sampler's knob, as a config field
     config_checks.validate(config, device_count=4)
-    assert isinstance(input_pipeline.make_source(config.data), ArraySource)
-    state = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert int(state.step) == 2
-    assert read_events(str(tmp_path / "run"))["samples"] == [2]
+    source = input_pipeline.make_source(config.data)
+    mesh = train.create_mesh(config)
+    state = train.create_train_state(config, mesh)
+    batch = np.stack([source[i] for i in range(config.batch_size)])
+    state, metrics = train.make_train_step(config, mesh)(state, train.global_batch(batch, mesh))
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    # The loop's sampler, built from config.sample as the loop builds it.
+    settings = SamplerSettings.from_config(config.sample)
+    assert settings.options == {"scale": 2.0}
+    images = sampling.make_sample_fn(config, mesh, settings, num_images=4)(
+        state.params, jax.random.PRNGKey(0))
+    assert images.shape == (4, 8, 8, 3) and np.all(np.isfinite(images))
     config.sample.sampler = "toy_missing"
     with pytest.raises(config_checks.ConfigError, match="toy_counting"):
         config_checks.validate(config, device_count=4)

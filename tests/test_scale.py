@@ -30,7 +30,7 @@ def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("fsdp", [2, 4])
+@pytest.mark.parametrize("fsdp", [4])  # 2 against one device: tests/test_invariance.py
 def test_fsdp_matches_data_parallel(fsdp):
     config = micro_config()
     config.model.dropout = 0.1
@@ -47,18 +47,17 @@ def test_fsdp_matches_data_parallel(fsdp):
 
 
 def test_cpu_speed_settings_keep_the_loss():
-    """The CPU compile options and the chunked step change speed, not results (fixed seed)."""
+    """The CPU compile options change speed, not results (fixed seed; chunks, steps per call
+    and micro-batches: tests/test_invariance.py)."""
     config = micro_config()
-    config.model.dropout = 0.0  # chunks draw their own dropout masks; without dropout, same math
     config.batch_size = 16  # 4 per device
     data = batches(config)
     config.cpu_conv_library, config.compute_chunk_size = "default", -1
     reference, ref_losses = train_steps(config, data)
-    for library, chunk in (("eigen", -1), ("eigen", 2)):
-        config.cpu_conv_library, config.compute_chunk_size = library, chunk
-        state, losses = train_steps(config, data)
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-        assert_states_close(reference, state)
+    config.cpu_conv_library, config.compute_chunk_size = "eigen", 2
+    state, losses = train_steps(config, data)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_states_close(reference, state)
     assert ops.compute_chunks(config, 4) == 2 and ops.compute_chunks(config, 2) == 1
     config.compute_chunk_size = 0  # automatic: chunks of at most CPU_CHUNK_SIZE on this CPU
     size = ops.dispatch.CPU_CHUNK_SIZE
