@@ -15,6 +15,7 @@ import ml_collections
 from etils import epath
 
 from ddpm_jax import diffusion, input_pipeline, models, ops, optimizer, samplers, sharding
+from ddpm_jax.registry import check_choice
 
 
 class ConfigError(ValueError):
@@ -39,8 +40,7 @@ def _checked(check, *args) -> None:
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {field}={value!r}; choose one of {', '.join(choices)}")
+    _checked(check_choice, field, value, choices)
 
 
 # Fields a checkpoint's arrays depend on: changing them makes the checkpoint unloadable.
@@ -128,10 +128,8 @@ def validate(
     _checked(ops.check_config, config)
 
     _checked(diffusion.check_config, config)
-    _checked(samplers.check_section, config.sample, "sample", config.diffusion.num_timesteps)
     try:
-        steps = diffusion.sampling_timesteps(config.diffusion.num_timesteps,
-                                             config.sample.sampler, config.sample.num_steps)
+        steps = samplers.check_section(config.sample, "sample", config.diffusion.num_timesteps)
         diffusion.snapshot_slots(len(steps), config.sample.num_snapshots)
     except ValueError as error:
         raise ConfigError(f"sample.*: {error}") from error

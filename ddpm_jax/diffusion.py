@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ddpm_jax.registry import check_choice
 from ddpm_jax.schedules import BETA_SCHEDULES
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -48,11 +49,6 @@ class Schedule(NamedTuple):
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def make_betas(
@@ -138,7 +134,7 @@ def prediction_target(
     schedule: Schedule, prediction: str, x0: jax.Array, t: jax.Array, noise: jax.Array
 ) -> jax.Array:
     """What the network is trained to output for target `prediction`."""
-    _check_choice("prediction target", prediction, PREDICTIONS)
+    check_choice("prediction target", prediction, PREDICTIONS)
     if prediction == "eps":
         return noise
     if prediction == "x0":
@@ -151,7 +147,7 @@ def model_output_to_x0_eps(
     schedule: Schedule, prediction: str, model_output: jax.Array, x_t: jax.Array, t: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Turns a network output into the implied (x0, eps) pair for x_t at step t."""
-    _check_choice("prediction target", prediction, PREDICTIONS)
+    check_choice("prediction target", prediction, PREDICTIONS)
     signal, sigma = _signal_and_noise_scales(schedule, t, x_t.shape)
     if prediction == "eps":
         eps = model_output
@@ -166,7 +162,7 @@ def model_output_to_x0_eps(
 
 def regression_loss(prediction: jax.Array, target: jax.Array, loss_type: str = "mse") -> jax.Array:
     """Per-example loss, averaged over every non-batch axis."""
-    _check_choice("loss", loss_type, LOSSES)
+    check_choice("loss", loss_type, LOSSES)
     diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
     if loss_type == "mse":
         elementwise = jnp.square(diff)
@@ -197,7 +193,7 @@ def q_posterior_mean_variance(
 
 def _reverse_log_variance(schedule: Schedule, variance: str) -> jax.Array:
     """Per-step log-variance of p(x_{t-1} | x_t) for the chosen variance rule."""
-    _check_choice("sampling variance", variance, VARIANCES)
+    check_choice("sampling variance", variance, VARIANCES)
     if variance == "fixed_small":
         return schedule.posterior_log_variance_clipped
     # "fixed large": beta_t, except at t = 0 where the posterior's value is used
@@ -312,8 +308,7 @@ def sample(
     from ddpm_jax.samplers import SAMPLERS  # the samplers' files import this module
 
     chosen = SAMPLERS.get(sampler)
-    given = {"eta": eta, **(options or {})}
-    knobs = {key: given.get(key, default) for key, default in chosen.options.items()}
+    knobs = chosen.resolve_options({"eta": eta, **(options or {})})
     steps = chosen.timesteps(schedule.num_timesteps, num_steps or 0)
     prev_steps = np.append(steps[1:], -1).astype(np.int32)
     slots = snapshot_slots(len(steps), num_snapshots)
@@ -354,9 +349,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     d = config.diffusion
     for field, value, choices in (("prediction", d.prediction, PREDICTIONS),
                                   ("loss", d.loss, LOSSES), ("variance", d.variance, VARIANCES)):
-        if value not in choices:
-            raise ValueError(f"unknown diffusion.{field}={value!r}; choose one of "
-                             f"{', '.join(choices)}")
+        check_choice(f"diffusion.{field}", value, choices)
     try:
         make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     except ValueError as error:

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from ddpm_jax.registry import Registry
+from ddpm_jax.registry import Registry, check_choice
 
 CROPS = ("none", "center", "box")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -297,8 +297,7 @@ def make_source(data_config: ml_collections.ConfigDict) -> Any:
 def check_config(data_config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when `config.data` cannot work."""
     source = DATA_SOURCES.get(data_config.source)
-    if data_config.crop not in CROPS:
-        raise ValueError(f"unknown data.crop={data_config.crop!r}; choose one of {', '.join(CROPS)}")
+    check_choice("data.crop", data_config.crop, CROPS)
     if data_config.crop == "center" and data_config.crop_size <= 0:
         raise ValueError("data.crop='center' needs a positive data.crop_size")
     source.check(data_config)

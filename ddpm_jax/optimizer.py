@@ -6,6 +6,8 @@ import jax
 import ml_collections
 import optax
 
+from ddpm_jax.registry import check_choice
+
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -39,6 +41,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
     if not config.learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {config.learning_rate}")
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule={config.lr_schedule!r}; choose one of "
-                         f"{', '.join(LR_SCHEDULES)}")
+    check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)

@@ -8,10 +8,17 @@ one file that calls `register`; the config then selects it by name. README, "Ext
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def check_choice(field: str, value: object, choices: Iterable[str]) -> None:
+    """Raises ValueError naming config `field` and its choices when `value` is not one of them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {field}={value!r}; choose one of {', '.join(choices)}")
 
 
 class Registry(Generic[T]):
@@ -38,11 +45,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The entry registered as `name`; a ValueError listing the choices otherwise."""
-        try:
-            return self._entries[name]
-        except (KeyError, TypeError):
-            raise ValueError(f"unknown {self.field}={name!r}; choose one of "
-                             f"{', '.join(self.names())}") from None
+        check_choice(self.field, name, self.names())
+        return self._entries[name]
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)

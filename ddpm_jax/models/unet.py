@@ -36,6 +36,7 @@ from flax import nnx
 
 from ddpm_jax.models.base import MODELS, Network
 from ddpm_jax.models.layers import LayerOps, Layers
+from ddpm_jax.registry import check_choice
 
 ATTENTION_TYPES = ("ddpm", "transformer")
 TIME_PROJECTIONS = ("silu_linear", "linear")
@@ -475,9 +476,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         value = m[field]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"model.{field} must be a positive integer, got {value!r}")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unknown model.dtype={m.dtype!r}; choose one of float32, bfloat16, "
-                         "float16")
+    check_choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {m.dropout}")
     validate_architecture(config.data.image_size, tuple(m.channel_mults),

@@ -19,6 +19,7 @@ from ddpm_jax.models.layers import LayerOps, upsample_then_conv
 from ddpm_jax.ops import conv, dispatch, group_norm, winograd, xla
 from ddpm_jax.ops.dispatch import compute_chunks, steps_per_dispatch
 from ddpm_jax.ops.xla import compiler_options
+from ddpm_jax.registry import check_choice
 
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 
@@ -43,11 +44,9 @@ def layer_ops(config: ml_collections.ConfigDict) -> LayerOps:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field for a speed setting that cannot work."""
-    for field, value, choices in (
-            ("conv_algorithm", config.get("conv_algorithm", "auto"), CONV_ALGORITHMS),
-            ("cpu_conv_library", config.get("cpu_conv_library", "eigen"), xla.CPU_CONV_LIBRARIES)):
-        if value not in choices:
-            raise ValueError(f"unknown {field}={value!r}; choose one of {', '.join(choices)}")
+    check_choice("conv_algorithm", config.get("conv_algorithm", "auto"), CONV_ALGORITHMS)
+    check_choice("cpu_conv_library", config.get("cpu_conv_library", "eigen"),
+                 xla.CPU_CONV_LIBRARIES)
     dispatch.check_config(config)
 
 

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 
+from ddpm_jax.registry import check_choice
 from ddpm_jax.samplers import ddim, ddpm  # noqa: F401  (register the built-in samplers)
 from ddpm_jax.samplers.base import SAMPLERS, Sampler, evenly_spaced, no_state
 
@@ -33,34 +35,29 @@ class SamplerSettings:
         fields); `overrides` that are not None (command-line flags) replace its values."""
         values = {**dict(section), **{k: v for k, v in overrides.items() if v is not None}}
         name = values["sampler"]
-        options = SAMPLERS.get(name).options
         return cls(name=name, num_steps=values.get("num_steps") or 0,
-                   options={key: values.get(key, default) for key, default in options.items()})
+                   options=SAMPLERS.get(name).resolve_options(values))
 
     @property
     def sampler(self) -> Sampler:
         return SAMPLERS.get(self.name)
 
-    def resolved_options(self) -> dict[str, Any]:
-        """Every knob of the sampler: the given ones, the sampler's defaults for the rest."""
-        defaults = self.sampler.options
-        return {key: self.options.get(key, default) for key, default in defaults.items()}
-
     def describe(self) -> dict[str, Any]:
         """For logs and JSON results."""
-        return {"sampler": self.name, "num_steps": self.num_steps, **self.resolved_options()}
+        return {"sampler": self.name, "num_steps": self.num_steps,
+                **self.sampler.resolve_options(self.options)}
 
 
 
 
-def check_section(section: ml_collections.ConfigDict, prefix: str, num_timesteps: int) -> None:
-    """Raises ValueError naming `prefix`.* when the sampler a config section chooses cannot run."""
-    if section.sampler not in SAMPLERS:
-        raise ValueError(f"unknown {prefix}.sampler={section.sampler!r}; choose one of "
-                         f"{', '.join(SAMPLERS.names())}")
+def check_section(section: ml_collections.ConfigDict, prefix: str,
+                  num_timesteps: int) -> np.ndarray:
+    """The timesteps the sampler a config section chooses visits; ValueError naming
+    `prefix`.* when it cannot run."""
+    check_choice(f"{prefix}.sampler", section.sampler, SAMPLERS.names())
     settings = SamplerSettings.from_config(section)
     try:
-        settings.sampler.timesteps(num_timesteps, settings.num_steps)
+        return settings.sampler.timesteps(num_timesteps, settings.num_steps)
     except ValueError as error:
         raise ValueError(f"{prefix}.*: {error}") from error
 

@@ -38,6 +38,11 @@ class Sampler:
     init_state: Callable[[jax.Array], Any] = no_state
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every knob of this sampler: its value in `given`, else its default; other keys of
+        `given` are ignored."""
+        return {key: given.get(key, default) for key, default in self.options.items()}
+
 
 SAMPLERS: Registry[Sampler] = Registry("sampler")
 
