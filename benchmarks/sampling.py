@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 
 def python_loop_sampler(config, params, graphdef, schedule, shape, sampler, num_steps):
     """Baseline: one jitted denoise+update per timestep, looped in Python."""
-    steps = diffusion.sampling_timesteps(schedule.num_timesteps, sampler, num_steps)
+    steps = diffusion.sampling_timesteps(schedule, sampler, num_steps)
     prev = list(steps[1:]) + [-1]
 
     @functools.partial(jax.jit, static_argnums=())

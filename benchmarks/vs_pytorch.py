@@ -58,22 +58,13 @@ CASES = {  # name: (kind, batch)
 
 
 def diffusers_unet(config):
-    """diffusers' UNet2DModel with the DDPM CIFAR-10 architecture (as google/ddpm-cifar10-32)."""
+    """diffusers' UNet2DModel of the same net (for the CIFAR-10 config: google/ddpm-cifar10-32's)."""
     from diffusers import UNet2DModel
 
-    base, mults = config.model.base_channels, config.model.channel_mults
-    resolutions = [config.data.image_size // 2 ** i for i in range(len(mults))]
-    attention = [r in config.model.attention_resolutions for r in resolutions]
-    return UNet2DModel(
-        sample_size=config.data.image_size, in_channels=3, out_channels=3,
-        layers_per_block=config.model.num_res_blocks,
-        block_out_channels=tuple(base * m for m in mults),
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        norm_num_groups=config.model.norm_groups, norm_eps=1e-6, act_fn="silu",
-        time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
-        downsample_padding=0, attention_head_dim=None, dropout=config.model.dropout,
-    )
+    from ddpm_jax import diffusers_format
+
+    fields = diffusers_format.unet_config(config)
+    return UNet2DModel(**{key: value for key, value in fields.items() if not key.startswith("_")})
 
 
 class TorchSide:

@@ -5,7 +5,8 @@ AdamW lr 1e-4 with weight decay 1e-4, 5000 warmup steps then cosine decay, 75,00
 a checkpoint every 5000 steps keeping only the newest, no EMA, the posterior
 ("fixed small") variance for samples. The net: base width 224, multipliers
 (1, 2, 3, 4), 2 residual blocks per level, GroupNorm(16), no dropout, 4-head
-transformer-style attention after each downsample (96, 48, 24 and 12 pixels), a decoder
+transformer-style attention after each downsample (96, 48, 24 and 12 pixels), stride-2
+convs padded 1 on each side (PyTorch's padding=1), a decoder
 that mirrors the encoder (the "mirror" layout), a 448-wide sinusoidal time embedding and a
 linear time projection in the residual blocks: 332.5 M parameters.
 """
@@ -46,6 +47,7 @@ def get_config():
     config.model.norm_groups = 16
     config.model.time_embedding_width = 2 * config.model.base_channels
     config.model.time_projection = "linear"
+    config.model.downsample_padding = "symmetric"  # PyTorch's Conv2d(padding=1)
 
     config.diffusion.variance = "fixed_small"
     config.sample.num_images = 5

@@ -78,6 +78,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.norm_groups = 32  # GroupNorm groups
     model.time_embedding_width = 0  # sinusoidal embedding width; 0 means base_channels
     model.time_projection = "silu_linear"  # res-block time input: "silu_linear" (DDPM) or "linear"
+    model.time_embedding_freq_shift = 1.0  # frequencies 10000^(-i / (width/2 - shift)) (DDPM: 1)
+    model.time_embedding_cos_first = False  # cosines before sines (diffusers' flip_sin_to_cos)
+    # Stride-2 downsample padding: "same" (0 before, 1 after: TensorFlow's SAME, Ho et al.)
+    # or "symmetric" (1 on each side: PyTorch's padding=1, the PyTorch project's net).
+    model.downsample_padding = "same"
+    model.norm_eps = 1e-6  # GroupNorm epsilon
     model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision); params stay float32
     model.remat = False  # recompute residual blocks in the backward pass to save memory
 
@@ -93,12 +99,15 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.clip_x0 = True  # clip the predicted x0 to [-1, 1] while sampling
 
     # ---- sampling during training -----------------------------------------------------
-    # A sampling section names a sampler, its steps and one field per knob of a registered
-    # sampler (DDIM: eta); `eval` below has the same shape.
+    # A sampling section names a sampler, its steps, its timestep spacing and one field per
+    # knob of a registered sampler (DDIM: eta); `eval` below has the same shape.
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_images = 16  # images in each logged grid
-    sample.sampler = "ddpm"  # registered sampler: "ddpm" (all T steps) or "ddim"
-    sample.num_steps = 0  # sampler steps; 0 means all T
+    sample.sampler = "ddpm"  # registered sampler: "ddpm", "ddim" or "dpm_solver++"
+    sample.num_steps = 0  # network calls; 0: the sampler's default (all T; dpm_solver++: 20)
+    # Timesteps visited (ddpm_jax/samplers/spacing.py): "linspace", "leading", "trailing",
+    # "logsnr", or "auto" for the sampler's own default.
+    sample.spacing = "auto"
     sample.eta = 0.0  # DDIM noise scale (0 deterministic, 1 ~ DDPM)
     sample.num_snapshots = 0  # also log x_t at this many points along the chain
 
@@ -114,6 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.batch_size = 256  # samples per sampler/Inception batch (global)
     evaluation.sampler = "ddim"  # cheaper than 1000 DDPM steps; `evaluate fid` for final numbers
     evaluation.num_steps = 100
+    evaluation.spacing = "auto"
     evaluation.eta = 0.0
 
     return config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 
 import ml_collections
+import numpy as np
 from etils import epath
 
 from ddpm_jax import diffusion, input_pipeline, models, ops, optimizer, samplers, sharding
@@ -88,6 +89,13 @@ def check_workdir_writable(workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); choose another folder") from error
 
 
+def _alphas_cumprod(config: ml_collections.ConfigDict) -> np.ndarray:
+    """abar_t of `config.diffusion` (float64), which the sampling sections' spacings read."""
+    d = config.diffusion
+    return np.cumprod(1.0 - diffusion.make_betas(d.schedule, d.num_timesteps, d.beta_start,
+                                                 d.beta_end))
+
+
 def _check_eval(config: ml_collections.ConfigDict) -> None:
     """The FID section; only checked when FID during training is on."""
     if config.eval_every_steps < 0:
@@ -98,7 +106,7 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
     _positive(config, "eval.batch_size")
     if not isinstance(e.num_samples, int) or e.num_samples < 2:
         raise ConfigError(f"eval.num_samples must be >= 2 (a covariance needs two), got {e.num_samples}")
-    _checked(samplers.check_section, e, "eval", config.diffusion.num_timesteps)
+    _checked(samplers.check_section, e, "eval", _alphas_cumprod(config))
     for field in ("inception_weights", "reference_stats"):
         path = e[field]
         if path and not epath.Path(path).exists():
@@ -129,7 +137,7 @@ def validate(
 
     _checked(diffusion.check_config, config)
     try:
-        steps = samplers.check_section(config.sample, "sample", config.diffusion.num_timesteps)
+        steps = samplers.check_section(config.sample, "sample", _alphas_cumprod(config))
         diffusion.snapshot_slots(len(steps), config.sample.num_snapshots)
     except ValueError as error:
         raise ConfigError(f"sample.*: {error}") from error

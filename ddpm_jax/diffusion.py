@@ -257,11 +257,20 @@ def ddim_step(
     return jnp.sqrt(abar_prev) * x0 + direction + sigma * noise
 
 
-def sampling_timesteps(num_timesteps: int, sampler: str, num_steps: int | None) -> np.ndarray:
-    """Descending timesteps sampler `sampler` visits with `num_steps` (None or 0: its default)."""
+def log_alphas_cumprod(schedule: Schedule) -> np.ndarray:
+    """log(abar_t) in float64 on the host, from the schedule's betas: for coefficients a
+    sampler computes once (a difference of two close abar loses its digits in float32)."""
+    return np.cumsum(np.log1p(-np.asarray(schedule.betas, np.float64)))
+
+
+def sampling_timesteps(schedule: Schedule, sampler: str, num_steps: int | None,
+                       spacing: str | None = "auto") -> np.ndarray:
+    """Descending timesteps sampler `sampler` visits with `num_steps` (None or 0: its default)
+    by `spacing` ("auto": the sampler's default)."""
     from ddpm_jax.samplers import SAMPLERS  # the samplers' files import this module
 
-    return SAMPLERS.get(sampler).timesteps(num_timesteps, num_steps or 0)
+    abar = np.exp(log_alphas_cumprod(schedule))
+    return SAMPLERS.get(sampler).timesteps(abar, num_steps or 0, spacing)
 
 
 def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
@@ -281,6 +290,18 @@ def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def optimal_gaussian_eps(schedule: Schedule, mean: float, std: float) -> DenoiseFn:
+    """The exact E[eps | x_t] for data ~ N(mean, std^2) in every dimension: a perfect
+    "network" for that data, so samplers can be checked without training one."""
+
+    def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
+        abar = extract(schedule.alphas_cumprod, t, x.shape)
+        variance_t = abar * std**2 + (1 - abar)
+        return jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * mean) / variance_t
+
+    return denoise
+
+
 def sample(
     denoise_fn: DenoiseFn,
     schedule: Schedule,
@@ -296,21 +317,26 @@ def sample(
     num_snapshots: int = 0,
     initial_noise_sharding: jax.sharding.Sharding | None = None,
     options: Mapping[str, Any] | None = None,
+    spacing: str | None = "auto",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """A whole reverse-diffusion run as one `lax.scan` (one compiled program when jitted).
 
     `denoise_fn(x_t, t)` returns the network output for a batch `x_t` and per-example
-    timesteps `t` (int32, shape [B]). `sampler` names a registered sampler; `eta` and
-    `options` set its knobs (those it does not have are ignored). Returns the final
-    samples, and with `num_snapshots > 0` also an array [num_snapshots, *shape] of
-    intermediate x_t (the last snapshot is the final sample). Call it under `jax.jit`.
+    timesteps `t` (int32, shape [B]). `sampler` names a registered sampler, `num_steps` its
+    network calls (0 or None: its default) and `spacing` which timesteps it visits ("auto":
+    its default); `eta` and `options` set its knobs (those it does not have are ignored).
+    Returns the final samples, and with `num_snapshots > 0` also an array
+    [num_snapshots, *shape] of intermediate x_t (the last snapshot is the final sample).
+    Call it under `jax.jit`, with a concrete `schedule` (the timesteps are chosen on the host).
     """
     from ddpm_jax.samplers import SAMPLERS  # the samplers' files import this module
 
     chosen = SAMPLERS.get(sampler)
     knobs = chosen.resolve_options({"eta": eta, **(options or {})})
-    steps = chosen.timesteps(schedule.num_timesteps, num_steps or 0)
+    steps = sampling_timesteps(schedule, sampler, num_steps, spacing)
     prev_steps = np.append(steps[1:], -1).astype(np.int32)
+    # Per-step arrays the sampler computes on the host; row i reaches step i.
+    step_data = chosen.prepare(schedule, steps, prev_steps) if chosen.prepare else None
     slots = snapshot_slots(len(steps), num_snapshots)
     init_rng, loop_rng = jax.random.split(rng)
     x = jax.random.normal(init_rng, shape, jnp.float32)
@@ -320,13 +346,14 @@ def sample(
 
     def body(carry, inputs):
         x, state, snapshots = carry
-        t, t_prev, slot, step_rng = inputs
+        t, t_prev, slot, step_rng, data = inputs
         t_batch = jnp.full((shape[0],), t, jnp.int32)
         model_output = denoise_fn(x, t_batch).astype(jnp.float32)
         noise = jax.random.normal(step_rng, shape, jnp.float32)
+        extra = {"step_data": data} if chosen.prepare else {}
         x, state = chosen.step(schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev),
                                noise, state, prediction=prediction, variance=variance,
-                               clip_x0=clip_x0, **knobs)
+                               clip_x0=clip_x0, **knobs, **extra)
         if num_snapshots > 0:
             snapshots = jax.lax.cond(
                 slot >= 0, lambda s: s.at[slot].set(x), lambda s: s, snapshots
@@ -337,7 +364,8 @@ def sample(
     (x, _, snapshots), _ = jax.lax.scan(
         body,
         (x, chosen.init_state(x), snapshots),
-        (jnp.asarray(steps), jnp.asarray(prev_steps), jnp.asarray(slots), step_rngs),
+        (jnp.asarray(steps), jnp.asarray(prev_steps), jnp.asarray(slots), step_rngs,
+         step_data),
     )
     if num_snapshots > 0:
         return x, snapshots

@@ -49,6 +49,7 @@ def define_flags() -> None:
     flags.DEFINE_string("sampler", None, "fid on a workdir: sampler (default eval.sampler).")
     flags.DEFINE_integer("num_steps", None, "fid on a workdir: sampler steps (default eval.num_steps).")
     flags.DEFINE_float("eta", None, "fid on a workdir: DDIM eta (default eval.eta).")
+    flags.DEFINE_string("spacing", None, "fid on a workdir: timestep spacing (default eval.spacing).")
     flags.DEFINE_integer("seed", 0, "Sampling seed (fid on a workdir) or subset seed (fid-stats).")
     flags.DEFINE_string("json", None, "Also write the result as JSON here.")
 
@@ -113,7 +114,8 @@ def _load_npz_images(path: str) -> np.ndarray:
 
 def sample_fid(samples: str, reference: str, weights: str | None, *, num_images: int | None = None,
                batch_size: int = 100, step: int | None = None, sampler: str | None = None,
-               num_steps: int | None = None, eta: float | None = None, seed: int = 0) -> dict:
+               num_steps: int | None = None, eta: float | None = None,
+               spacing: str | None = None, seed: int = 0) -> dict:
     """FID of a folder, an .npz or a workdir's samples against `reference` statistics."""
     from ddpm_jax import fid, input_pipeline, sample, sampling, sharding
     from ddpm_jax.samplers import SamplerSettings
@@ -126,7 +128,8 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         weights = weights or e.inception_weights
         reference = reference or e.reference_stats
         _required(weights=weights, reference=reference)
-        settings = SamplerSettings.from_config(e, sampler=sampler, num_steps=num_steps, eta=eta)
+        settings = SamplerSettings.from_config(e, sampler=sampler, num_steps=num_steps, eta=eta,
+                                               spacing=spacing)
         sample_fid = sampling.make_sample_fid_fn(
             config, mesh, settings, weights=weights, reference=reference,
             num_samples=num_images or e.num_samples, batch_size=batch_size, progress=True)
@@ -181,7 +184,7 @@ def main(argv: list[str]) -> None:
             result = sample_fid(FLAGS.samples, FLAGS.reference, FLAGS.weights,
                                 num_images=FLAGS.num_images, batch_size=FLAGS.batch_size,
                                 step=FLAGS.step, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
-                                eta=FLAGS.eta, seed=FLAGS.seed)
+                                eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed)
     except (FileNotFoundError, ValueError, fid.FIDError, inception.InceptionWeightsError,
             input_pipeline.DataError) as error:
         sys.exit(f"ddpm_jax.evaluate {command}: {error}")

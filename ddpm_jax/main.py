@@ -6,7 +6,6 @@ and hands over to `train.train_and_evaluate`.
 
 from __future__ import annotations
 
-import logging as pylogging
 import os
 import sys
 
@@ -54,13 +53,6 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-class _DropLibraryInfo(pylogging.Filter):
-    """Hides INFO chatter of libraries that log every file they write (Orbax)."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
 def dry_run(config) -> None:
     """Validates `config` and prints the per-module parameter overview, compiling nothing."""
     from clu import parameter_overview
@@ -77,7 +69,9 @@ def dry_run(config) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+    from ddpm_jax import checkpointing  # touches no device
+
+    checkpointing.hide_orbax_info()
     initialize_distributed()
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

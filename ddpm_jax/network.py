@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from ddpm_jax import models, ops, sharding
@@ -47,6 +48,17 @@ def apply(definition: nnx.GraphDef, params: Any, x_t: jax.Array, t: jax.Array,
           dropout_keys: jax.Array | None = None) -> jax.Array:
     """Runs the network on pure parameters; dropout is on only with per-example `dropout_keys`."""
     return nnx.merge(definition, params)(x_t, t, dropout_keys=dropout_keys)
+
+
+def random_params(config: ml_collections.ConfigDict, seed: int = 0, scale: float = 0.05) -> Any:
+    """N(0, scale^2) float32 NumPy arrays for every parameter of `config`'s network.
+
+    For checks that compare two implementations on weights with no structure (conversions,
+    round trips); drawn on the host, so nothing is compiled.
+    """
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(np.float32),
+                        abstract_params(config))
 
 
 def perturbed(params: Any, scale: float = 0.05, seed: int = 0) -> Any:

@@ -28,8 +28,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_samples", 16, "Number of images.")
     flags.DEFINE_string("output", None, "Where to write: a .png grid or a .npz of uint8 images.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_string("sampler", None, "ddpm or ddim (default: the run's config.sample.sampler).")
-    flags.DEFINE_integer("num_steps", None, "Sampler steps (default: the run's; 0 means all T).")
+    flags.DEFINE_string("sampler", None, "ddpm, ddim or dpm_solver++ (default: the run's "
+                        "config.sample.sampler).")
+    flags.DEFINE_integer("num_steps", None, "Network calls (default: the run's; 0: the sampler's "
+                         "default).")
+    flags.DEFINE_string("spacing", None, "Timesteps visited: linspace, leading, trailing, logsnr "
+                        "or auto (default: the run's config.sample.spacing).")
     flags.DEFINE_float("eta", None, "DDIM noise scale (default: the run's).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("batch_size", 64, "Images per sampling run (rounded up to the devices).")
@@ -37,10 +41,9 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "output"])
 
 
-def load_run(workdir: str, step: int | None = None):
-    """(config, sampling params, step, mesh) of a run's checkpoint, restored onto this host's
-    mesh; the config has every field, those added since the run at their defaults."""
-    from ddpm_jax import checkpointing, sampling, train
+def _open_run(workdir: str, step: int | None):
+    """(read-only manager, step, config) of checkpoint `step` (default: the newest)."""
+    from ddpm_jax import checkpointing, train
 
     directory = train.absolute_path(workdir) / "checkpoints"
     if not directory.exists():
@@ -48,29 +51,49 @@ def load_run(workdir: str, step: int | None = None):
     manager = checkpointing.make_manager(directory)  # read-only
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
+        manager.close()
         raise FileNotFoundError(f"checkpoint step {step} not in {manager.all_steps()}")
-    config = ml_collections.ConfigDict(checkpointing.config_at(manager, step))
+    return manager, step, ml_collections.ConfigDict(checkpointing.config_at(manager, step))
+
+
+def run_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+    """(config, step) of a run's checkpoint `step` (default: the newest), reading no weights;
+    the config has every field, those added since the run at their defaults."""
+    manager, step, config = _open_run(workdir, step)
+    manager.close()
+    return config, step
+
+
+def load_run(workdir: str, step: int | None = None, weights: str = "ema"):
+    """(config, params, step, mesh) of a run's checkpoint, restored onto this host's mesh.
+
+    `weights`: "ema" (the EMA when the run keeps one, else the raw weights) or "params";
+    the config has every field, those added since the run at their defaults.
+    """
+    from ddpm_jax import checkpointing, sampling, train
+
+    manager, step, config = _open_run(workdir, step)
     mesh = train.create_mesh(config)
     state = checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
     manager.close()
-    return config, sampling.sampling_params(config, state), step, mesh
+    return config, sampling.sampling_params(config, state, weights), step, mesh
 
 
 def generate(
     workdir: str, num_samples: int, *, step: int | None = None, sampler: str | None = None,
-    num_steps: int | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 64,
-    snapshots: int = 0, progress: bool = False,
+    num_steps: int | None = None, eta: float | None = None, spacing: str | None = None,
+    seed: int = 0, batch_size: int = 64, snapshots: int = 0, progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 samples [N, S, S, 3] (and [N, K, S, S, 3] snapshots when `snapshots` > 0).
 
-    `sampler`, `num_steps` and `eta` default to the run's `config.sample`.
+    `sampler`, `num_steps`, `spacing` and `eta` default to the run's `config.sample`.
     """
     from ddpm_jax import image_utils, sampling
     from ddpm_jax.samplers import SamplerSettings
 
     config, params, step, mesh = load_run(workdir, step)
     settings = SamplerSettings.from_config(config.sample, sampler=sampler, num_steps=num_steps,
-                                           eta=eta)
+                                           eta=eta, spacing=spacing)
     batch_size = min(batch_size, num_samples)
     sample_fn = sampling.make_sample_fn(config, mesh, settings, num_images=batch_size,
                                         num_snapshots=snapshots)
@@ -114,13 +137,16 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ddpm_jax import checkpointing
+
+    checkpointing.hide_orbax_info()
     if not FLAGS.output.endswith((".png", ".npz")):
         sys.exit(f"ddpm_jax.sample: --output must end in .png or .npz, got {FLAGS.output!r}")
     try:
         samples, strips = generate(
             FLAGS.workdir, FLAGS.num_samples, step=FLAGS.step, sampler=FLAGS.sampler,
-            num_steps=FLAGS.num_steps, eta=FLAGS.eta, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-            snapshots=FLAGS.snapshots, progress=True,
+            num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed,
+            batch_size=FLAGS.batch_size, snapshots=FLAGS.snapshots, progress=True,
         )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"ddpm_jax.sample: {error}")

@@ -17,15 +17,21 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ddpm_jax import diffusion, fid, image_utils, network, ops, sharding
+from ddpm_jax.registry import check_choice
 from ddpm_jax.samplers import SamplerSettings
 
 if TYPE_CHECKING:
     from clu import metric_writers
 
 
-def sampling_params(config: ml_collections.ConfigDict, state: Any) -> Any:
-    """The weights samples come from: the EMA when the run keeps one, else the raw weights."""
-    return state.ema_params if config.ema_decay > 0 else state.params
+WEIGHTS = ("ema", "params")
+
+
+def sampling_params(config: ml_collections.ConfigDict, state: Any, weights: str = "ema") -> Any:
+    """The weights samples come from: with `weights="ema"` the EMA when the run keeps one
+    (else the raw weights), with "params" the raw weights."""
+    check_choice("weights", weights, WEIGHTS)
+    return state.ema_params if weights == "ema" and config.ema_decay > 0 else state.params
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -45,9 +51,9 @@ def make_sample_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     def run(params, rng):
         return diffusion.sample(
             lambda x, t: network.apply(definition, params, x, t),
-            schedule, shape, rng, sampler=settings.name, num_steps=settings.num_steps or None,
-            options=settings.options, prediction=d.prediction, variance=d.variance,
+            schedule, shape, rng, prediction=d.prediction, variance=d.variance,
             clip_x0=d.clip_x0, num_snapshots=num_snapshots, initial_noise_sharding=out_sharding,
+            **settings.sample_kwargs(),
         )
 
     outs = ((out_sharding, sharding.stacked_batch_sharding(mesh)) if num_snapshots

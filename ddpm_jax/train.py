@@ -62,8 +62,14 @@ class TrainState:
 
 def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
     """Fresh parameters, EMA copy, optimizer state and base rng (call under jit)."""
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = network.init_params(config, init_rng)
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+    return train_state_from_params(config, network.init_params(config, init_rng))
+
+
+def train_state_from_params(config: ml_collections.ConfigDict, params: Any) -> TrainState:
+    """The state at step 0 with `params` as weights and EMA, a fresh optimizer state and the
+    base rng of `config.seed` (call under jit)."""
+    _, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -270,6 +276,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     config_checks.validate(config, str(workdir_path), device_count=jax.device_count(),
                            process_count=jax.process_count())
     source = input_pipeline.make_source(config.data)  # fails fast on missing data
+    manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
+    # Before anything is built from the config: a resumed run keeps its legacy values.
+    stored_config = checkpointing.latest_stored_config(manager)
+    if stored_config is not None:
+        checkpointing.keep_legacy_values(config, stored_config)
+        config_checks.check_compatible(checkpointing.with_defaults(stored_config), config)
     mesh = create_mesh(config)
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
     evaluate_fid = sampling.make_fid_evaluator(config, mesh)  # fails fast on missing files
@@ -279,10 +291,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         process_count=jax.process_count(),
     )
     data_iter = iter(make_data_iter())
-    manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
-    saved_config = checkpointing.latest_config(manager)
-    if saved_config is not None:
-        config_checks.check_compatible(saved_config, config)
     state, data_restored = checkpointing.restore_latest(
         manager, abstract_train_state(config, mesh), data_iter)
     if state is None:

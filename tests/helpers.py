@@ -26,6 +26,7 @@ def tiny_config():
     config.model.norm_groups = 4
     config.sample.num_images = 4
     config.sample.num_steps = 5
+    config.diffusion.prediction = "eps"  # the tests' closed forms are written for eps
     return config
 
 

@@ -73,3 +73,10 @@ def test_seed_net_scales_like_the_reference_at_other_widths():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_validates(name):
     config_checks.validate(load(name), device_count=1)
+
+
+@pytest.mark.parametrize("name, padding", [("cifar10", "same"), ("celeba64", "same"),
+                                           ("celebahq256", "same"), ("celeba", "symmetric")])
+def test_downsample_padding_is_the_one_each_net_was_published_with(name, padding):
+    # Ho et al.'s TensorFlow nets pad 'SAME'; the PyTorch project's Conv2d pads 1 each side.
+    assert load(name).model.downsample_padding == padding

@@ -146,76 +146,131 @@ def test_ddim_eta_zero_is_deterministic_and_exact_for_true_eps():
     np.testing.assert_allclose(prev, diffusion.q_sample(s, x0, t_prev, eps), atol=1e-5)
 
 
-def optimal_gaussian_eps(schedule, mu, sigma):
-    """E[eps | x_t] for data ~ N(mu, sigma^2): the exact optimal denoiser."""
-
-    def denoise(x, t):
-        abar = diffusion.extract(schedule.alphas_cumprod, t, x.shape)
-        var_t = abar * sigma**2 + (1 - abar)
-        return jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * mu) / var_t
-
-    return denoise
-
-
-def discretised_chain_moments(sampler, num_steps, eta, variance, mu, sigma):
+def discretised_chain_moments(sampler, steps, eta, variance, mu, sigma):
     """Exact mean and std of the sampler's output for N(mu, sigma^2) data, in float64.
 
-    With the oracle denoiser every step is an affine map of x_t plus Gaussian noise, so
-    the output distribution is Gaussian with moments given by this recursion; it is
-    written from the papers' update rules, independently of `diffusion.py`.
+    With the oracle denoiser every step is an affine map of the current x_t (and, for the
+    multistep solver, of the previous one) plus Gaussian noise, so the output is Gaussian
+    with moments given by this recursion over the visited `steps`; it is written from the
+    papers' update rules, independently of `diffusion.py` and `samplers/`.
     """
     betas = np.linspace(1e-4, 0.02, T)
     abar = np.cumprod(1 - betas)
-    abar_prev = np.append(1.0, abar[:-1])
-    n = T if num_steps is None else num_steps
-    steps = np.round(np.linspace(0, T - 1, n)).astype(int)[::-1]
-    mean, var = 0.0, 1.0
+    n = len(steps)
+    mean = np.zeros(2)  # (x_i, x_{i-1})
+    cov = np.diag([1.0, 0.0])
+    gains, offsets = [], []
     for i, t in enumerate(steps):
         a = abar[t]
+        ap = abar[steps[i + 1]] if i + 1 < n else 1.0
         var_t = a * sigma**2 + 1 - a
-        gain0 = np.sqrt(a) * sigma**2 / var_t  # x0_hat = gain0 * x + offset0
-        offset0 = mu * (1 - a * sigma**2 / var_t)
-        if sampler == "ddpm":
-            c1 = betas[t] * np.sqrt(abar_prev[t]) / (1 - a)
-            c2 = (1 - abar_prev[t]) * np.sqrt(1 - betas[t]) / (1 - a)
+        gains.append(np.sqrt(a) * sigma**2 / var_t)  # x0_hat = gain0 * x + offset0
+        offsets.append(mu * (1 - a * sigma**2 / var_t))
+        gain0, offset0 = gains[-1], offsets[-1]
+        gain_prev, added = 0.0, 0.0
+        if sampler == "ddpm":  # the (respaced) chain's posterior, Nichol & Dhariwal eq. 19-20
+            beta = 1 - a / ap
+            c1 = beta * np.sqrt(ap) / (1 - a)
+            c2 = (1 - ap) * np.sqrt(1 - beta) / (1 - a)
             gain, offset = c1 * gain0 + c2, c1 * offset0
-            post = betas[t] * (1 - abar_prev[t]) / (1 - a)
-            added = 0.0 if t == 0 else (post if variance == "fixed_small" else betas[t])
-        else:
-            ap = abar[steps[i + 1]] if i + 1 < n else 1.0
+            post = beta * (1 - ap) / (1 - a)
+            added = 0.0 if i + 1 == n else (post if variance == "fixed_small" else beta)
+        elif sampler == "ddim":
             sig = eta * np.sqrt((1 - ap) / (1 - a) * (1 - a / ap))
             d = np.sqrt(1 - ap - sig**2) / np.sqrt(1 - a)
             gain = np.sqrt(ap) * gain0 + d * (1 - np.sqrt(a) * gain0)
             offset = np.sqrt(ap) * offset0 - d * np.sqrt(a) * offset0
             added = sig**2
-        mean, var = gain * mean + offset, gain**2 * var + added
-    return mean, np.sqrt(var)
+        else:  # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2
+            lam = lambda abar_t: 0.5 * np.log(abar_t / (1 - abar_t))  # noqa: E731
+            if i + 1 == n:  # to the clean image: x = the data prediction
+                gain, offset = gain0, offset0
+            else:
+                h = lam(ap) - lam(a)
+                cx = np.sqrt((1 - ap) / (1 - a))
+                c0 = -np.sqrt(ap) * (np.exp(-h) - 1)
+                w = 0.0 if i == 0 else 1 / (2 * (lam(a) - lam(abar[steps[i - 1]])) / h)
+                gain = cx + c0 * (1 + w) * gain0
+                offset = c0 * (1 + w) * offset0 - c0 * w * offsets[i - 1] * (i > 0)
+                gain_prev = -c0 * w * (gains[i - 1] if i else 0.0)
+        transform = np.array([[gain, gain_prev], [1.0, 0.0]])
+        mean = transform @ mean + np.array([offset, 0.0])
+        cov = transform @ cov @ transform.T + np.diag([added, 0.0])
+    return mean[0], np.sqrt(cov[0, 0])
 
 
-SAMPLER_CASES = [
-    ("ddpm", None, 0.0, "fixed_small"), ("ddpm", None, 0.0, "fixed_large"),
-    ("ddim", 1000, 0.0, "fixed_small"), ("ddim", 50, 0.0, "fixed_small"),
-    ("ddim", 10, 0.0, "fixed_small"), ("ddim", 50, 1.0, "fixed_small"),
+SAMPLER_CASES = [  # sampler, network calls, spacing, eta, variance
+    ("ddpm", None, "auto", 0.0, "fixed_small"), ("ddpm", None, "auto", 0.0, "fixed_large"),
+    ("ddpm", 50, "trailing", 0.0, "fixed_small"), ("ddpm", 20, "linspace", 0.0, "fixed_large"),
+    ("ddim", 1000, "auto", 0.0, "fixed_small"), ("ddim", 50, "auto", 0.0, "fixed_small"),
+    ("ddim", 10, "auto", 0.0, "fixed_small"), ("ddim", 50, "auto", 1.0, "fixed_small"),
+    ("ddim", 10, "leading", 0.0, "fixed_small"),
+    ("dpm_solver++", 10, "auto", 0.0, "fixed_small"),
+    ("dpm_solver++", 20, "trailing", 0.0, "fixed_small"),
+    ("dpm_solver++", 20, "linspace", 0.0, "fixed_small"),
 ]
 
 
-@pytest.mark.parametrize("sampler,num_steps,eta,variance", SAMPLER_CASES)
-def test_samplers_with_the_oracle_denoiser_match_exact_moments(sampler, num_steps, eta, variance):
+@pytest.mark.parametrize("sampler,num_steps,spacing,eta,variance", SAMPLER_CASES)
+def test_samplers_with_the_oracle_denoiser_match_exact_moments(sampler, num_steps, spacing, eta,
+                                                               variance):
     """For Gaussian data the optimal denoiser is known, so no training is needed."""
     s = diffusion.make_schedule("linear", T)
     mu, sigma = 0.3, 0.5
     run = jax.jit(lambda rng: diffusion.sample(
-        optimal_gaussian_eps(s, mu, sigma), s, (8192, 8), rng, sampler=sampler,
-        num_steps=num_steps, eta=eta, variance=variance, clip_x0=False))
+        diffusion.optimal_gaussian_eps(s, mu, sigma), s, (8192, 8), rng, sampler=sampler,
+        num_steps=num_steps, eta=eta, variance=variance, clip_x0=False, spacing=spacing))
     x = np.asarray(run(jax.random.PRNGKey(3)))
-    want_mean, want_std = discretised_chain_moments(sampler, num_steps, eta, variance, mu, sigma)
+    steps = diffusion.sampling_timesteps(s, sampler, num_steps, spacing)
+    want_mean, want_std = discretised_chain_moments(sampler, steps, eta, variance, mu, sigma)
     assert x.mean() == pytest.approx(want_mean, abs=0.01)
     assert x.std() == pytest.approx(want_std, rel=0.02)
-    # Ancestral sampling and fine DDIM reproduce the data itself; coarse DDIM steps
-    # shrink the variance (10 steps: std 0.36 for data std 0.5, see the recursion).
+    # Ancestral sampling on all steps, fine DDIM and DPM-Solver++ on its own spacing reproduce
+    # the data itself; coarse DDIM and respaced DDPM steps shrink the variance (DDIM-10: std
+    # 0.36 for 0.5); DPM-Solver++ on linspace overshoots (its step into t = 0 is too long).
     assert x.mean() == pytest.approx(mu, abs=0.02)
-    if sampler == "ddpm" or num_steps >= 1000:
-        assert x.std() == pytest.approx(sigma, rel=0.03)
+    if (sampler == "dpm_solver++" and spacing == "auto") or (num_steps or T) >= T:
+        assert x.std() == pytest.approx(sigma, rel=0.05)
+
+
+def test_dpm_solver_converges_to_the_data_law_and_beats_ddim_at_20_calls():
+    s = diffusion.make_schedule("linear", T)
+    mu, sigma = 0.3, 0.5
+    errors = {}
+    for sampler, calls in (("dpm_solver++", 10), ("dpm_solver++", 20), ("dpm_solver++", 200),
+                           ("ddim", 20)):
+        steps = diffusion.sampling_timesteps(s, sampler, calls)
+        mean, std = discretised_chain_moments(sampler, steps, 0.0, "fixed_small", mu, sigma)
+        errors[sampler, calls] = abs(std / sigma - 1)
+        assert mean == pytest.approx(mu, abs=0.01)
+    assert errors["dpm_solver++", 200] < 1e-3 < errors["dpm_solver++", 20] < 0.02
+    assert errors["dpm_solver++", 10] < 0.05 and errors["ddim", 20] > 0.1
+
+
+def test_respaced_ddpm_on_all_timesteps_is_todays_ddpm_bit_for_bit():
+    s = diffusion.make_schedule("linear", 50)
+    mu, sigma = 0.3, 0.5
+    denoise = diffusion.optimal_gaussian_eps(s, mu, sigma)
+
+    def reference(rng):  # the ancestral loop of ddpm_step, with diffusion.sample's draws
+        init_rng, loop_rng = jax.random.split(rng)
+        x = jax.random.normal(init_rng, (4, 8), jnp.float32)
+
+        def body(x, inputs):
+            t, step_rng = inputs
+            t_batch = jnp.full((4,), t, jnp.int32)
+            noise = jax.random.normal(step_rng, (4, 8), jnp.float32)
+            return diffusion.ddpm_step(s, denoise(x, t_batch), x, t_batch, noise,
+                                       variance="fixed_large"), None
+
+        steps = jnp.arange(49, -1, -1, dtype=jnp.int32)
+        return jax.lax.scan(body, x, (steps, jax.random.split(loop_rng, 50)))[0]
+
+    for spacing in ("linspace", "trailing", "leading"):
+        got = jax.jit(lambda r, spacing=spacing: diffusion.sample(
+            denoise, s, (4, 8), r, sampler="ddpm", num_steps=50, spacing=spacing,
+            variance="fixed_large"))(jax.random.PRNGKey(0))
+        np.testing.assert_array_equal(got, jax.jit(reference)(jax.random.PRNGKey(0)))
 
 
 def test_sample_snapshots_end_with_final_sample():
@@ -244,13 +299,29 @@ def test_sampling_run_is_one_program_with_one_dispatch():
     assert len(calls) == 1
 
 
-def test_sampler_argument_errors():
-    with pytest.raises(ValueError, match="visits all"):
-        diffusion.sampling_timesteps(T, "ddpm", 50)
+def test_sampler_argument_errors_and_spacings():
+    s = diffusion.make_schedule("linear", T)
     with pytest.raises(ValueError, match="unknown sampler"):
-        diffusion.sampling_timesteps(T, "euler", 50)
-    steps = diffusion.sampling_timesteps(T, "ddim", 10)
-    assert steps[0] == T - 1 and steps[-1] == 0 and len(set(steps)) == 10
+        diffusion.sampling_timesteps(s, "euler", 50)
+    with pytest.raises(ValueError, match="unknown spacing"):
+        diffusion.sampling_timesteps(s, "ddim", 50, "cubic")
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        diffusion.sampling_timesteps(s, "ddim", T + 1)
+    assert len(diffusion.sampling_timesteps(s, "ddpm", 0)) == T
+    assert len(diffusion.sampling_timesteps(s, "dpm_solver++", 0)) == 20  # its default
+    steps = {spacing: diffusion.sampling_timesteps(s, "ddim", 10, spacing)
+             for spacing in ("linspace", "leading", "trailing", "logsnr")}
+    np.testing.assert_array_equal(steps["linspace"], np.round(np.linspace(999, 0, 10)))
+    np.testing.assert_array_equal(steps["leading"], np.arange(900, -1, -100))
+    np.testing.assert_array_equal(steps["trailing"], np.arange(999, 0, -100))
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    log_snr = np.log(abar / (1 - abar))[steps["logsnr"]]
+    assert steps["logsnr"][0] == T - 1 and steps["logsnr"][-1] == 0
+    np.testing.assert_allclose(np.diff(log_snr), np.diff(log_snr).mean(), rtol=0.3)
+    for count in (2, 100, 500, T):  # distinct and in range at every count
+        for spacing in steps:
+            got = diffusion.sampling_timesteps(s, "ddim", count, spacing)
+            assert len(set(got.tolist())) == count and 0 <= got.min() and got.max() < T
 
 
 @pytest.mark.parametrize("kind", BETA_SCHEDULES.names())

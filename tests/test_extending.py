@@ -9,7 +9,7 @@ import pytest
 
 from ddpm_jax import config_checks, diffusion, input_pipeline, sampling, train
 from ddpm_jax.input_pipeline import DATA_SOURCES, ArraySource, DataSource
-from ddpm_jax.samplers import SAMPLERS, Sampler, SamplerSettings, evenly_spaced
+from ddpm_jax.samplers import SAMPLERS, Sampler, SamplerSettings
 from ddpm_jax.schedules import BETA_SCHEDULES
 from tests.helpers import micro_config
 
@@ -34,7 +34,7 @@ def counting_step(schedule, model_output, x_t, t, t_prev, noise, state, *, predi
 
 def counting_sampler(num_steps: int) -> Sampler:
     """The toy sampler, visiting `num_steps` timesteps by default; it has one knob, `scale`."""
-    return Sampler(timesteps=lambda T, n: evenly_spaced(T, n or num_steps), step=counting_step,
+    return Sampler(step=counting_step, default_steps=num_steps,
                    init_state=lambda x: (jnp.zeros((), jnp.int32), jnp.asarray(num_steps)),
                    options={"scale": 1.0})
 
@@ -64,7 +64,7 @@ def test_a_registered_schedule_and_sampler_run_through_sample(toys):
                                                     prediction="eps", clip_x0=False,
                                                     **kwargs))(jax.random.PRNGKey(0))
 
-    ddim = run(sampler="ddim", num_steps=4, eta=0.0)
+    ddim = run(sampler="ddim", num_steps=4, eta=0.0, spacing="linspace")  # the toy's spacing
     np.testing.assert_allclose(run(sampler="toy_counting"), ddim, rtol=1e-6)
     np.testing.assert_allclose(run(sampler="toy_counting", options={"scale": 2.0}), 2 * ddim,
                                rtol=1e-6)

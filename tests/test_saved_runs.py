@@ -40,6 +40,13 @@ def test_a_run_saved_before_the_registries_resumes(tmp_path):
     saved = checkpointing.config_at(checkpointing.make_manager(
         train.absolute_path(workdir) / "checkpoints"), 2)
     assert saved["model"]["name"] == "unet"  # the field it lacked, from configs/default.py
+    # Saved before model.downsample_padding existed: resumed with the padding it had.
+    assert config.model.downsample_padding == "symmetric"
+    assert saved["model"]["downsample_padding"] == "symmetric"
+    resumed = checkpointing.config_at(checkpointing.make_manager(
+        train.absolute_path(workdir) / "checkpoints"), 4)
+    assert resumed["model"]["downsample_padding"] == "symmetric"  # and saves it from now on
+    assert resumed["sample"]["spacing"] == resumed["eval"]["spacing"] == "linspace"
 
 
 def test_fields_a_run_lacks_come_from_the_default_config(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddpm_jax.models.unet import UNet, timestep_embedding
+from ddpm_jax.models.unet import DOWNSAMPLE_PADDINGS, UNet, timestep_embedding
 
 
 def param_count(**kwargs):
@@ -92,6 +92,32 @@ def test_timestep_embedding_matches_formula():
     np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
 
 
+@pytest.mark.parametrize("padding, lax_padding", [("same", "SAME"), ("symmetric", ((1, 1), (1, 1)))])
+@pytest.mark.parametrize("conv_algorithm", ["direct", "winograd"])
+def test_downsample_padding_is_tensorflows_same_or_pytorchs_symmetric(padding, lax_padding,
+                                                                      conv_algorithm):
+    from ddpm_jax import ops
+    from ddpm_jax.models.layers import Layers
+    from ddpm_jax.models.unet import Downsample
+    from tests.helpers import tiny_config
+
+    config = tiny_config()
+    config.conv_algorithm = conv_algorithm
+    layers = Layers(jnp.float32, nnx.Rngs(0), ops.layer_ops(config))
+    block = Downsample(4, layers, DOWNSAMPLE_PADDINGS[padding])
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
+    want = jax.lax.conv_general_dilated(x, block.conv.kernel[...], (2, 2), lax_padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(block(x), want + block.conv.bias[...], rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_embedding_shift_and_order():
+    emb = timestep_embedding(jnp.array([7]), 8, freq_shift=0.0, cos_first=True)[0]
+    freqs = np.exp(-np.log(10000) * np.arange(4) / 4)
+    np.testing.assert_allclose(emb, np.concatenate([np.cos(7 * freqs), np.sin(7 * freqs)]),
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -100,6 +126,7 @@ def test_timestep_embedding_matches_formula():
         (dict(image_size=32, attention_type="linear"), "attention_type"),
         (dict(image_size=32, base_channels=30, num_heads=4), "num_heads"),
         (dict(image_size=32, base_channels=24, norm_groups=32), "norm_groups"),
+        (dict(image_size=32, downsample_padding="valid"), "model.downsample_padding"),
     ],
 )
 def test_bad_architectures_fail_with_the_field_to_change(kwargs, match):

@@ -51,17 +51,21 @@ class LayerOps:
 class Layers:
     """Builds layers with the shared dtype, initialisers and `LayerOps` of one network."""
 
-    def __init__(self, dtype: jnp.dtype, rngs: nnx.Rngs, ops: LayerOps | None = None):
+    def __init__(self, dtype: jnp.dtype, rngs: nnx.Rngs, ops: LayerOps | None = None,
+                 norm_eps: float = 1e-6):
         self.dtype = dtype
+        self.norm_eps = norm_eps
         self.rngs = rngs
         self.ops = ops or LayerOps()
 
-    def conv(self, cin: int, cout: int, kernel: int = 3, stride: int = 1,
-             zero: bool = False) -> nnx.Conv:
-        """A kernel x kernel conv, padded by kernel // 2 on every side."""
-        pad = kernel // 2
+    def conv(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, zero: bool = False,
+             padding: tuple[int, int] | None = None) -> nnx.Conv:
+        """A kernel x kernel conv, padded by (before, after) = `padding` on both spatial axes
+        (default kernel // 2 on every side)."""
+        before, after = padding or (kernel // 2, kernel // 2)
         return nnx.Conv(
-            cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+            cin, cout, (kernel, kernel), strides=stride,
+            padding=((before, after), (before, after)),
             dtype=self.dtype, kernel_init=zero_init if zero else default_init, rngs=self.rngs,
             conv_general_dilated=self.ops.conv_general_dilated,
         )
@@ -73,8 +77,8 @@ class Layers:
         )
 
     def group_norm(self, channels: int, groups: int) -> nnx.GroupNorm:
-        return self.ops.group_norm(channels, num_groups=groups, epsilon=1e-6, dtype=self.dtype,
-                                   rngs=self.rngs)
+        return self.ops.group_norm(channels, num_groups=groups, epsilon=self.norm_eps,
+                                   dtype=self.dtype, rngs=self.rngs)
 
     def layer_norm(self, channels: int) -> nnx.LayerNorm:
         return nnx.LayerNorm(channels, epsilon=1e-5, dtype=self.dtype, rngs=self.rngs)

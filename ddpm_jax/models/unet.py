@@ -4,9 +4,10 @@ Two layouts share every block:
   * ``ddpm`` (Ho et al. 2020): a sinusoidal timestep embedding and a two-layer MLP;
     per resolution level `num_res_blocks` residual blocks (each followed by
     self-attention at the resolutions in `attention_resolutions`) and a stride-2 conv
-    downsample; a middle of res/attention/res; an up path with `num_res_blocks + 1`
-    blocks per level fed with concatenated skips, nearest x2 + conv upsampling;
-    GroupNorm, SiLU and a zero-initialised conv to the output.
+    downsample (padded as TensorFlow's 'SAME': 0 before, 1 after; `downsample_padding`);
+    a middle of res/attention/res; an up path with `num_res_blocks + 1` blocks per level
+    fed with concatenated skips, nearest x2 + conv upsampling; GroupNorm, SiLU and a
+    zero-initialised conv to the output.
   * ``mirror`` (the PyTorch project this trainer reimplements): per level
     `num_res_blocks` residual blocks, a stride-2 downsample, attention, and (but for
     the last level) a residual block that widens to the next level; two residual
@@ -40,15 +41,25 @@ from ddpm_jax.registry import check_choice
 
 ATTENTION_TYPES = ("ddpm", "transformer")
 TIME_PROJECTIONS = ("silu_linear", "linear")
+# (before, after) zero padding of the stride-2 downsample conv on each spatial axis:
+# "same" is TensorFlow's 'SAME' on an even map (Ho et al.), "symmetric" PyTorch's padding=1.
+DOWNSAMPLE_PADDINGS = {"same": (0, 1), "symmetric": (1, 1)}
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding [B, dim] of integer timesteps, as in the DDPM reference code."""
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
+                       freq_shift: float = 1.0, cos_first: bool = False) -> jax.Array:
+    """Sinusoidal embedding [B, dim] of integer timesteps.
+
+    Frequencies are max_period^(-i / (dim/2 - freq_shift)), i < dim/2; sines then cosines.
+    The defaults are the DDPM reference code's; `freq_shift` and `cos_first` cover the
+    other embeddings diffusers' UNet2DModel offers (its `freq_shift`, `flip_sin_to_cos`).
+    """
     half = dim // 2
-    scale = math.log(max_period) / max(half - 1, 1)
+    scale = math.log(max_period) / max(half - freq_shift, 1)
     freqs = jnp.exp(-scale * jnp.arange(half, dtype=jnp.float32))
     angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    embedding = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    parts = [jnp.sin(angles), jnp.cos(angles)]
+    embedding = jnp.concatenate(parts[::-1] if cos_first else parts, axis=-1)
     if dim % 2:
         embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
     return embedding
@@ -172,10 +183,10 @@ class TransformerAttention(nnx.Module):
 
 
 class Downsample(nnx.Module):
-    """Stride-2 3x3 conv."""
+    """Stride-2 3x3 conv, zero-padded by `padding` (before, after) on each spatial axis."""
 
-    def __init__(self, channels: int, layers: Layers):
-        self.conv = layers.conv(channels, channels, stride=2)
+    def __init__(self, channels: int, layers: Layers, padding: tuple[int, int] = (1, 1)):
+        self.conv = layers.conv(channels, channels, stride=2, padding=padding)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -200,8 +211,10 @@ class _Plan:
     such a plan, and one forward pass runs either.
     """
 
-    def __init__(self, layers: Layers, make_attention, make_res_block):
+    def __init__(self, layers: Layers, make_attention, make_res_block,
+                 downsample_padding: tuple[int, int]):
         self.layers = layers
+        self.downsample_padding = downsample_padding
         self.attention = make_attention
         self.res_block = make_res_block
         self.encoder: list[nnx.Module] = []
@@ -216,6 +229,9 @@ class _Plan:
         self.push.append(push)
         if push:
             self.skip_channels.append(channels)
+
+    def downsample(self, channels: int) -> Downsample:
+        return Downsample(channels, self.layers, self.downsample_padding)
 
     def dec_res(self, cin: int, cout: int, pop: bool = True) -> None:
         self.decoder.append(self.res_block(cin + (self.skip_channels.pop() if pop else 0), cout))
@@ -239,7 +255,7 @@ def _ddpm_plan(plan: _Plan, base: int, mults: Sequence[int], num_res_blocks: int
             if attend:
                 plan.enc(plan.attention(channels), channels)
         if level < len(mults) - 1:
-            plan.enc(Downsample(channels, plan.layers), channels)
+            plan.enc(plan.downsample(channels), channels)
     plan.middle = [plan.res_block(channels, channels), plan.attention(channels),
                    plan.res_block(channels, channels)]
     for level, mult in reversed(list(enumerate(mults))):
@@ -266,7 +282,7 @@ def _mirror_plan(plan: _Plan, base: int, mults: Sequence[int], num_res_blocks: i
             plan.enc(plan.res_block(channels, width), width)
             channels = width
         attend = image_size // 2 ** (level + 1) in attention_resolutions
-        plan.enc(Downsample(width, plan.layers), width, push=not attend)
+        plan.enc(plan.downsample(width), width, push=not attend)
         if attend:
             plan.enc(plan.attention(width), width)
         if level < len(widths) - 1:
@@ -296,8 +312,11 @@ class UNet(nnx.Module):
 
     `layout` picks the block arrangement (``ddpm``: Ho et al.; ``mirror``: the PyTorch
     project's encoder/decoder); `attention_type` and `time_projection` pick the block
-    variants; `remat` recomputes residual blocks in the backward pass to save memory;
-    `layer_ops` says how layers are computed (default: Flax's). Pass `dropout_keys` (one
+    variants; `downsample_padding` the padding of the stride-2 convs (`DOWNSAMPLE_PADDINGS`);
+    `norm_eps` the GroupNorm epsilon; `time_embedding_freq_shift` and
+    `time_embedding_cos_first` the sinusoidal embedding (`timestep_embedding`); `remat`
+    recomputes residual blocks in the backward pass to save memory; `layer_ops` says how
+    layers are computed (default: Flax's). Pass `dropout_keys` (one
     PRNG key per example, [B]) when training; without them dropout is off.
     """
 
@@ -317,6 +336,10 @@ class UNet(nnx.Module):
         layout: str = "ddpm",
         time_embedding_width: int = 0,
         time_projection: str = "silu_linear",
+        downsample_padding: str = "same",
+        norm_eps: float = 1e-6,
+        time_embedding_freq_shift: float = 1.0,
+        time_embedding_cos_first: bool = False,
         in_channels: int = 3,
         out_channels: int = 3,
         dtype: str = "float32",
@@ -325,10 +348,13 @@ class UNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         validate_architecture(image_size, channel_mults, attention_resolutions, attention_type,
-                              base_channels, num_heads, layout, time_projection, norm_groups)
-        layers = Layers(jnp.dtype(dtype), rngs, layer_ops)
+                              base_channels, num_heads, layout, time_projection, norm_groups,
+                              downsample_padding)
+        layers = Layers(jnp.dtype(dtype), rngs, layer_ops, norm_eps=norm_eps)
         temb_dim = 4 * base_channels
         self.time_embedding_width = time_embedding_width or base_channels
+        self.time_embedding_freq_shift = time_embedding_freq_shift
+        self.time_embedding_cos_first = time_embedding_cos_first
         self.remat = remat
 
         def attention(channels: int):
@@ -345,7 +371,7 @@ class UNet(nnx.Module):
         self.temb_dense1 = layers.dense(self.time_embedding_width, temb_dim)
         self.temb_dense2 = layers.dense(temb_dim, temb_dim)
         self.conv_in = layers.conv(in_channels, base_channels)
-        plan = _Plan(layers, attention, res_block)
+        plan = _Plan(layers, attention, res_block, DOWNSAMPLE_PADDINGS[downsample_padding])
         channels = LAYOUTS[layout](plan, base_channels, channel_mults, num_res_blocks, image_size,
                                    attention_resolutions)
         assert not plan.skip_channels, "every skip must be consumed"
@@ -370,7 +396,9 @@ class UNet(nnx.Module):
 
     def __call__(self, x: jax.Array, t: jax.Array, *,
                  dropout_keys: jax.Array | None = None) -> jax.Array:
-        temb = timestep_embedding(t, self.time_embedding_width)
+        temb = timestep_embedding(t, self.time_embedding_width,
+                                  freq_shift=self.time_embedding_freq_shift,
+                                  cos_first=self.time_embedding_cos_first)
         temb = self.temb_dense2(nnx.silu(self.temb_dense1(temb)))
 
         h = self.conv_in(x)
@@ -402,18 +430,13 @@ def validate_architecture(
     layout: str = "ddpm",
     time_projection: str = "silu_linear",
     norm_groups: int = 1,
+    downsample_padding: str = "same",
 ) -> None:
     """Checks that the net can be built for this image size; messages name the field to change."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown model.layout {layout!r}; choose one of {tuple(LAYOUTS)}")
-    if time_projection not in TIME_PROJECTIONS:
-        raise ValueError(
-            f"unknown model.time_projection {time_projection!r}; choose one of {TIME_PROJECTIONS}"
-        )
-    if attention_type not in ATTENTION_TYPES:
-        raise ValueError(
-            f"unknown model.attention_type {attention_type!r}; choose one of {ATTENTION_TYPES}"
-        )
+    check_choice("model.layout", layout, tuple(LAYOUTS))
+    check_choice("model.time_projection", time_projection, TIME_PROJECTIONS)
+    check_choice("model.attention_type", attention_type, ATTENTION_TYPES)
+    check_choice("model.downsample_padding", downsample_padding, tuple(DOWNSAMPLE_PADDINGS))
     if not channel_mults:
         raise ValueError("model.channel_mults must name at least one level")
     downsamples = len(channel_mults) - (1 if layout == "ddpm" else 0)
@@ -459,6 +482,10 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
         layout=m.layout,
         time_embedding_width=m.time_embedding_width,
         time_projection=m.time_projection,
+        downsample_padding=m.downsample_padding,
+        norm_eps=m.norm_eps,
+        time_embedding_freq_shift=m.time_embedding_freq_shift,
+        time_embedding_cos_first=m.time_embedding_cos_first,
         in_channels=3,
         out_channels=3,
         dtype=m.dtype,
@@ -479,9 +506,16 @@ def check(config: ml_collections.ConfigDict) -> None:
     check_choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not m.norm_eps > 0:
+        raise ValueError(f"model.norm_eps must be positive, got {m.norm_eps}")
+    half = (m.time_embedding_width or m.base_channels) // 2
+    if not m.time_embedding_freq_shift < half:
+        raise ValueError(f"model.time_embedding_freq_shift={m.time_embedding_freq_shift} must be "
+                         f"below half the time embedding width ({half})")
     validate_architecture(config.data.image_size, tuple(m.channel_mults),
                           tuple(m.attention_resolutions), m.attention_type, m.base_channels,
-                          m.num_heads, m.layout, m.time_projection, m.norm_groups)
+                          m.num_heads, m.layout, m.time_projection, m.norm_groups,
+                          m.downsample_padding)
 
 
 MODELS.register("unet", Network(build=build, check=check))

@@ -1,0 +1,446 @@
+"""diffusers' DDPM format (`UNet2DModel` + `DDPMScheduler`) <-> ddpm-jax configs and weights.
+
+The published DDPM checkpoints (Ho et al.'s CIFAR-10, CelebA-HQ and LSUN nets) are
+`DDPMPipeline` folders: ``model_index.json``, ``unet/`` (``config.json`` and
+``diffusion_pytorch_model.safetensors`` or ``.bin``) and ``scheduler/``
+(``scheduler_config.json``). Their UNet is ddpm-jax's ``ddpm`` layout block for block, so a
+config maps field by field and each weight is one of ours, transposed to PyTorch's layout:
+
+  * a conv kernel HWIO [kh, kw, in, out] is OIHW [out, in, kh, kw];
+  * a dense kernel [in, out] is a Linear weight [out, in], and the residual blocks' 1x1
+    shortcut a Conv2d weight [out, in, 1, 1];
+  * a norm's ``scale`` is its ``weight``.
+
+This module is pure mapping (dicts and NumPy arrays); reading and writing folders is in
+`convert.py`. What one side cannot express raises `UnsupportedError`, naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ddpm_jax import network
+
+# Written into exported configs: the oldest diffusers this format is tested with.
+DIFFUSERS_VERSION = "0.30.0"
+UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# Our sub-layer names -> diffusers' inside a residual block and an attention block.
+_RES_BLOCK = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj",
+              "norm2": "norm2", "conv2": "conv2", "skip": "conv_shortcut"}
+_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
+              "proj_out": "to_out.0"}
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+# Attention weights as diffusers named them before its 0.14 attention rewrite (still in the
+# published .bin files); diffusers renames them on load, and so does `rename_legacy_keys`.
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
+              "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
+_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
+
+
+class UnsupportedError(ValueError):
+    """A model one side has and the other cannot express; the message names the field."""
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+def _attended_levels(config: ml_collections.ConfigDict) -> list[bool]:
+    size, m = config.data.image_size, config.model
+    return [size // 2**level in tuple(m.attention_resolutions)
+            for level in range(len(m.channel_mults))]
+
+
+def check_exportable(config: ml_collections.ConfigDict) -> None:
+    """Raises `UnsupportedError` for a ddpm-jax net that `UNet2DModel` cannot express."""
+    m = config.model
+    required = (("model.name", m.get("name", "unet"), "unet"),
+                ("model.layout", m.layout, "ddpm"),
+                ("model.attention_type", m.attention_type, "ddpm"),
+                ("model.time_projection", m.time_projection, "silu_linear"))
+    for field, value, wanted in required:
+        if value != wanted:
+            raise UnsupportedError(f"{field}={value!r}: diffusers' UNet2DModel has only the "
+                                   f"{wanted!r} form of it")
+    if m.time_embedding_width not in (0, m.base_channels):
+        raise UnsupportedError(
+            f"model.time_embedding_width={m.time_embedding_width}: UNet2DModel's sinusoidal "
+            f"embedding is as wide as the first level (model.base_channels={m.base_channels})")
+    _head_width(config)
+
+
+def _attention_widths(config: ml_collections.ConfigDict) -> list[int]:
+    """Channels of every attention block: the attended levels and the middle."""
+    m = config.model
+    widths = [m.base_channels * mult
+              for mult, attend in zip(m.channel_mults, _attended_levels(config), strict=True)
+              if attend]
+    return widths + [m.base_channels * m.channel_mults[-1]]
+
+
+def _head_width(config: ml_collections.ConfigDict) -> int | None:
+    """UNet2DModel's `attention_head_dim` for `config.model.num_heads` (None: one head)."""
+    heads = config.model.num_heads
+    if heads == 1:
+        return None
+    widths = sorted(set(_attention_widths(config)))
+    if len(widths) > 1:
+        raise UnsupportedError(
+            f"model.num_heads={heads} with attention at widths {widths}: UNet2DModel fixes the "
+            "head width (attention_head_dim), not the head count; use num_heads=1 or attend "
+            "only at levels of one width")
+    return widths[0] // heads
+
+
+def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `UNet2DModel` config.json of `config`'s network."""
+    check_exportable(config)
+    m = config.model
+    attended = _attended_levels(config)
+    shift = m.time_embedding_freq_shift
+    return {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": config.data.image_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "freq_shift": int(shift) if float(shift).is_integer() else shift,
+        "flip_sin_to_cos": bool(m.time_embedding_cos_first),
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attended],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attended)],
+        "block_out_channels": [m.base_channels * mult for mult in m.channel_mults],
+        "layers_per_block": m.num_res_blocks,
+        "mid_block_scale_factor": 1,
+        "downsample_padding": {"same": 0, "symmetric": 1}[m.downsample_padding],
+        "downsample_type": "conv",
+        "upsample_type": "conv",
+        "dropout": m.dropout,
+        "act_fn": "silu",
+        "attention_head_dim": _head_width(config),
+        "norm_num_groups": m.norm_groups,
+        "attn_norm_num_groups": None,
+        "norm_eps": m.norm_eps,
+        "resnet_time_scale_shift": "default",
+        "add_attention": True,
+        "class_embed_type": None,
+        "num_class_embeds": None,
+    }
+
+
+def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `DDPMScheduler` scheduler_config.json of `config.diffusion`.
+
+    A beta schedule diffusers has no name for is written out as `trained_betas`.
+    """
+    from ddpm_jax import diffusion
+
+    d = config.diffusion
+    names = {ours: theirs for theirs, ours in _SCHEDULES.items()}
+    result = {
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": d.num_timesteps,
+        "beta_start": d.beta_start,
+        "beta_end": d.beta_end,
+        "beta_schedule": names.get(d.schedule, "linear"),
+        "trained_betas": None,
+        "variance_type": d.variance,
+        "clip_sample": bool(d.clip_x0),
+        "clip_sample_range": 1.0,
+        "prediction_type": {ours: theirs for theirs, ours in _PREDICTIONS.items()}[d.prediction],
+        "thresholding": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+    }
+    if d.schedule not in names:
+        betas = diffusion.make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+        result["trained_betas"] = betas.tolist()
+    return result
+
+
+def pipeline_index() -> dict[str, Any]:
+    """model_index.json of a `DDPMPipeline` folder."""
+    return {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+
+
+def _expect(unet: dict, field: str, allowed: tuple, default: Any) -> Any:
+    value = unet.get(field, default)
+    if value not in allowed:
+        raise UnsupportedError(f"unet config {field}={value!r}: ddpm-jax's UNet supports "
+                               f"{' or '.join(repr(a) for a in allowed)}")
+    return value
+
+
+def _image_size(unet: dict) -> int:
+    size = unet.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise UnsupportedError(f"unet config sample_size={size}: only square images")
+        size = size[0]
+    if not isinstance(size, int) or size <= 0:
+        raise UnsupportedError(f"unet config sample_size={size!r}: the image side is needed")
+    return size
+
+
+def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
+    """(image size, `config.model` fields) of a `UNet2DModel` config.json.
+
+    Raises `UnsupportedError` naming the first field ddpm-jax's UNet cannot represent.
+    """
+    if unet.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise UnsupportedError(f"unet config _class_name={unet['_class_name']!r}: only "
+                               "UNet2DModel (the DDPM pipelines' net) converts")
+    for field, allowed, default in (
+            ("in_channels", (3,), 3), ("out_channels", (3,), 3),
+            ("center_input_sample", (False,), False),
+            ("time_embedding_type", ("positional",), "positional"),
+            ("mid_block_type", ("UNetMidBlock2D",), "UNetMidBlock2D"),
+            ("mid_block_scale_factor", (1,), 1), ("downsample_type", ("conv",), "conv"),
+            ("upsample_type", ("conv",), "conv"), ("act_fn", ("silu",), "silu"),
+            ("resnet_time_scale_shift", ("default",), "default"),
+            ("add_attention", (True,), True), ("class_embed_type", (None,), None),
+            ("num_class_embeds", (None,), None), ("downsample_padding", (0, 1), 1)):
+        _expect(unet, field, allowed, default)
+    size = _image_size(unet)
+    widths = list(unet.get("block_out_channels", (224, 448, 672, 896)))
+    base = widths[0]
+    if any(width % base for width in widths):
+        raise UnsupportedError(f"unet config block_out_channels={widths}: every width must be "
+                               f"a multiple of the first (model.channel_mults are integers)")
+    if unet.get("time_embedding_dim") not in (None, 4 * base):
+        raise UnsupportedError(f"unet config time_embedding_dim={unet['time_embedding_dim']}: "
+                               f"ddpm-jax's is 4 x block_out_channels[0] = {4 * base}")
+    down = list(unet.get("down_block_types", ()))
+    up = list(unet.get("up_block_types", ()))
+    if len(down) != len(widths) or len(up) != len(widths):
+        raise UnsupportedError("unet config down_block_types / up_block_types: one per entry of "
+                               f"block_out_channels ({len(widths)})")
+    for field, types, known in (("down_block_types", down, ("DownBlock2D", "AttnDownBlock2D")),
+                                ("up_block_types", up, ("UpBlock2D", "AttnUpBlock2D"))):
+        unknown = [t for t in types if t not in known]
+        if unknown:
+            raise UnsupportedError(f"unet config {field} has {unknown}; ddpm-jax's UNet has "
+                                   f"only {known}")
+    attended = [t.startswith("Attn") for t in down]
+    if [t.startswith("Attn") for t in reversed(up)] != attended:
+        raise UnsupportedError(f"unet config up_block_types={up} must attend at the levels "
+                               f"down_block_types={down} attend at (in reverse order)")
+    groups = unet.get("norm_num_groups", 32)
+    if unet.get("attn_norm_num_groups") not in (None, groups):
+        raise UnsupportedError(f"unet config attn_norm_num_groups="
+                               f"{unet['attn_norm_num_groups']}: ddpm-jax's attention uses "
+                               f"norm_num_groups ({groups})")
+    attention_widths = [w for w, a in zip(widths, attended, strict=True) if a] + [widths[-1]]
+    head_width = unet.get("attention_head_dim", 8)
+    heads = {1} if head_width is None else {w // head_width for w in attention_widths}
+    if head_width is not None and (len(heads) > 1 or any(w % head_width
+                                                          for w in attention_widths)):
+        raise UnsupportedError(
+            f"unet config attention_head_dim={head_width} gives a different head count at the "
+            f"attention widths {attention_widths}; ddpm-jax's model.num_heads is one count")
+    fields = {
+        "name": "unet", "layout": "ddpm", "attention_type": "ddpm",
+        "time_projection": "silu_linear", "time_embedding_width": 0,
+        "base_channels": base,
+        "channel_mults": tuple(w // base for w in widths),
+        "num_res_blocks": unet.get("layers_per_block", 2),
+        "attention_resolutions": tuple(size // 2**level
+                                       for level, a in enumerate(attended) if a),
+        "num_heads": heads.pop(),
+        "dropout": float(unet.get("dropout", 0.0)),
+        "norm_groups": groups,
+        "norm_eps": float(unet.get("norm_eps", 1e-5)),
+        "time_embedding_freq_shift": float(unet.get("freq_shift", 0)),
+        "time_embedding_cos_first": bool(unet.get("flip_sin_to_cos", True)),
+        "downsample_padding": "same" if unet.get("downsample_padding", 1) == 0 else "symmetric",
+    }
+    return size, fields
+
+
+def diffusion_config(scheduler: dict) -> dict[str, Any]:
+    """`config.diffusion` fields of a `DDPMScheduler` scheduler_config.json (its defaults
+    for absent fields)."""
+    if scheduler.get("trained_betas") is not None:
+        raise UnsupportedError("scheduler config trained_betas: ddpm-jax's schedules are named "
+                               "(diffusion.schedule); register one that gives these betas")
+    for field, allowed, default in (("thresholding", (False,), False),
+                                    ("rescale_betas_zero_snr", (False,), False),
+                                    ("clip_sample_range", (1.0,), 1.0)):
+        value = scheduler.get(field, default)
+        if value not in allowed:
+            raise UnsupportedError(f"scheduler config {field}={value!r}: ddpm-jax supports "
+                                   f"{allowed[0]!r}")
+    fields = {}
+    for field, table, default, ours in (
+            ("beta_schedule", _SCHEDULES, "linear", "schedule"),
+            ("variance_type", _VARIANCES, "fixed_small", "variance"),
+            ("prediction_type", _PREDICTIONS, "epsilon", "prediction")):
+        value = scheduler.get(field, default)
+        if value not in table:
+            raise UnsupportedError(f"scheduler config {field}={value!r}: ddpm-jax supports "
+                                   f"{sorted(table)}")
+        fields[ours] = table[value]
+    fields.update(num_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
+                  beta_start=float(scheduler.get("beta_start", 1e-4)),
+                  beta_end=float(scheduler.get("beta_end", 0.02)),
+                  clip_x0=bool(scheduler.get("clip_sample", True)))
+    return fields
+
+
+def config_from_diffusers(unet: dict, scheduler: dict | None) -> ml_collections.ConfigDict:
+    """A complete ddpm-jax config for a diffusers UNet (and scheduler).
+
+    The training recipe is the DDPM paper's (`configs/ddpm_paper.py`), to fine-tune on an
+    image folder (`data.path`); without a scheduler, the diffusion settings are the paper's.
+    """
+    from configs import ddpm_paper
+
+    config = ddpm_paper.get_config()
+    size, model = model_config(unet)
+    config.data.image_size = size
+    config.data.source = "folder"
+    config.data.name = ""
+    config.model.update(model)
+    if scheduler is not None:
+        config.diffusion.update(diffusion_config(scheduler))
+    return config
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def _module_names(config: ml_collections.ConfigDict) -> dict[tuple, str]:
+    """Our module paths -> diffusers' module names, following the ``ddpm`` plan's order."""
+    m = config.model
+    levels = len(m.channel_mults)
+    attended = _attended_levels(config)
+    names: dict[tuple, str] = {
+        ("conv_in",): "conv_in", ("temb_dense1",): "time_embedding.linear_1",
+        ("temb_dense2",): "time_embedding.linear_2", ("norm_out",): "conv_norm_out",
+        ("conv_out",): "conv_out",
+        ("middle", 0): "mid_block.resnets.0", ("middle", 1): "mid_block.attentions.0",
+        ("middle", 2): "mid_block.resnets.1",
+    }
+
+    def add(section: str, blocks: list[str]) -> None:
+        for index, name in enumerate(blocks):
+            key = (section, index, "conv") if name.endswith("samplers.0") else (section, index)
+            names[key] = name + (".conv" if name.endswith("samplers.0") else "")
+
+    encoder = []
+    for level in range(levels):
+        for k in range(m.num_res_blocks):
+            encoder.append(f"down_blocks.{level}.resnets.{k}")
+            if attended[level]:
+                encoder.append(f"down_blocks.{level}.attentions.{k}")
+        if level < levels - 1:
+            encoder.append(f"down_blocks.{level}.downsamplers.0")
+    decoder = []
+    for up, level in enumerate(reversed(range(levels))):
+        for k in range(m.num_res_blocks + 1):
+            decoder.append(f"up_blocks.{up}.resnets.{k}")
+            if attended[level]:
+                decoder.append(f"up_blocks.{up}.attentions.{k}")
+        if level:
+            decoder.append(f"up_blocks.{up}.upsamplers.0")
+    add("encoder", encoder)
+    add("decoder", decoder)
+    return names
+
+
+def _key(entry: Any) -> Any:
+    return getattr(entry, "key", getattr(entry, "idx", entry))
+
+
+def weight_names(config: ml_collections.ConfigDict) -> dict[tuple, str]:
+    """Every parameter path of `config`'s network -> its diffusers state-dict name."""
+    check_exportable(config)
+    modules = _module_names(config)
+    result = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(network.abstract_params(config))[0]:
+        path = tuple(_key(entry) for entry in path)
+        prefix = next(path[:n] for n in range(len(path) - 1, 0, -1) if path[:n] in modules)
+        module, rest = modules[prefix], path[len(prefix):]
+        if len(rest) == 2:  # a layer inside a block
+            table = _ATTENTION if ".attentions." in module else _RES_BLOCK
+            module = f"{module}.{table[rest[0]]}"
+        result[path] = f"{module}.{_LEAF[rest[-1]]}"
+    return result
+
+
+def _to_torch_layout(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 4:  # HWIO -> OIHW
+        return np.transpose(array, (3, 2, 0, 1))
+    if array.ndim == 2:  # [in, out] -> [out, in] (a 1x1 Conv2d for the shortcut)
+        weight = array.T
+        return weight[:, :, None, None] if name.endswith("conv_shortcut.weight") else weight
+    return array
+
+
+def _from_torch_layout(array: np.ndarray, ndim: int) -> np.ndarray:
+    if ndim == 4:
+        return np.transpose(array, (2, 3, 1, 0))
+    if ndim == 2:
+        return array.reshape(array.shape[:2]).T
+    return array
+
+
+def to_state_dict(params: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """`params` (a pure dict, any placement) as a diffusers `UNet2DModel` state dict."""
+    names = weight_names(config)
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    return {names[tuple(_key(e) for e in path)]:
+            np.ascontiguousarray(_to_torch_layout(np.asarray(leaf, np.float32),
+                                                  names[tuple(_key(e) for e in path)]))
+            for path, leaf in flat}
+
+
+def rename_legacy_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Attention weights under their pre-0.14 names (query, key, value, proj_attn) renamed."""
+    pattern = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+    renamed = {}
+    for name, value in state_dict.items():
+        match = pattern.match(name)
+        if match:
+            name = f"{match[1]}.{_LEGACY_ATTENTION[match[2]]}.{match[3]}"
+        renamed[name] = value
+    return renamed
+
+
+def from_state_dict(state_dict: dict[str, np.ndarray],
+                    config: ml_collections.ConfigDict) -> Any:
+    """A diffusers `UNet2DModel` state dict as `config`'s parameters (a pure dict, float32).
+
+    Raises `UnsupportedError` listing missing and unexpected names, or a shape mismatch.
+    """
+    state_dict = rename_legacy_keys(state_dict)
+    names = weight_names(config)
+    missing = sorted(set(names.values()) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(names.values()))
+    if missing or unexpected:
+        raise UnsupportedError(
+            f"the weights do not match the net of their config.json: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}")
+
+    def convert(path, abstract):
+        name = names[tuple(_key(e) for e in path)]
+        value = _from_torch_layout(np.asarray(state_dict[name], np.float32), abstract.ndim)
+        if value.shape != abstract.shape:
+            raise UnsupportedError(f"{name}: shape {state_dict[name].shape} does not fit the "
+                                   f"net of config.json (expected {abstract.shape} in ddpm-jax)")
+        return value
+
+    return jax.tree_util.tree_map_with_path(convert, network.abstract_params(config))
