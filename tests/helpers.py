@@ -51,6 +51,7 @@ MICRO_FLAGS = [
     "--config.model.base_channels=8", "--config.model.channel_mults=(1,)",
     "--config.model.attention_resolutions=(8,)", "--config.model.norm_groups=4",
     "--config.sample.num_images=4", "--config.sample.num_steps=3",
+    "--config.diffusion.prediction=eps",  # as micro_config
 ]
 
 

@@ -17,6 +17,7 @@ TINY_FLAGS = [
     "--config.model.base_channels=32", "--config.model.channel_mults=(1,)",
     "--config.model.attention_resolutions=(8,)", "--config.model.norm_groups=4",
     "--config.conv_algorithm=winograd", "--config.steps_per_dispatch=2",
+    "--config.diffusion.prediction=eps",  # as micro_config, which the counts are compared with
 ]
 
 
