@@ -95,7 +95,15 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.beta_end = 0.02
     diffusion.prediction = "eps"  # network target: "eps", "x0" or "v"
     diffusion.loss = "mse"  # "mse", "l1" or "huber"
-    diffusion.variance = "fixed_large"  # sampling variance: "fixed_large" (beta) or "fixed_small"
+    # "none", or "min_snr": the loss at t weighted by min(SNR_t, gamma) over the target's SNR
+    # factor (Hang et al. 2023).
+    diffusion.loss_weighting = "none"
+    diffusion.min_snr_gamma = 5.0
+    # Reverse-process variance: "fixed_large" (beta_t), "fixed_small" (the posterior's), or
+    # "learned_range" (the net also outputs where each pixel's variance lies between the two,
+    # trained by the bound's term: Nichol & Dhariwal 2021).
+    diffusion.variance = "fixed_large"
+    diffusion.vlb_weight = 0.001  # lambda of the hybrid loss (learned_range only)
     diffusion.clip_x0 = True  # clip the predicted x0 to [-1, 1] while sampling
 
     # ---- sampling during training -----------------------------------------------------

@@ -66,6 +66,9 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
         old, new = saved.get(section, {}).get(key), current[section][key]
         if _normalise(old) != _normalise(new):
             differences.append(f"{field}: checkpoint {old!r}, config {new!r}")
+    old, new = saved.get("diffusion", {}).get("variance"), current["diffusion"]["variance"]
+    if (old == "learned_range") != (new == "learned_range"):  # 6 output channels or 3
+        differences.append(f"diffusion.variance: checkpoint {old!r}, config {new!r}")
     if differences:
         raise ConfigError(
             "the workdir holds checkpoints of a different network:\n  " + "\n  ".join(differences)

@@ -41,7 +41,8 @@ _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
-              "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
+              "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
+              "learned_range": "learned_range"}
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 _SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
 
@@ -111,7 +112,7 @@ def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": config.data.image_size,
         "in_channels": 3,
-        "out_channels": 3,
+        "out_channels": 6 if config.diffusion.variance == "learned_range" else 3,
         "center_input_sample": False,
         "time_embedding_type": "positional",
         "freq_shift": int(shift) if float(shift).is_integer() else shift,
@@ -203,7 +204,7 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
         raise UnsupportedError(f"unet config _class_name={unet['_class_name']!r}: only "
                                "UNet2DModel (the DDPM pipelines' net) converts")
     for field, allowed, default in (
-            ("in_channels", (3,), 3), ("out_channels", (3,), 3),
+            ("in_channels", (3,), 3), ("out_channels", (3, 6), 3),
             ("center_input_sample", (False,), False),
             ("time_embedding_type", ("positional",), "positional"),
             ("mid_block_type", ("UNetMidBlock2D",), "UNetMidBlock2D"),
@@ -315,6 +316,13 @@ def config_from_diffusers(unet: dict, scheduler: dict | None) -> ml_collections.
     config.model.update(model)
     if scheduler is not None:
         config.diffusion.update(diffusion_config(scheduler))
+    learned = config.diffusion.variance == "learned_range"
+    if (unet.get("out_channels", 3) == 6) != learned:
+        raise UnsupportedError(
+            f"unet config out_channels={unet.get('out_channels', 3)} with the scheduler's "
+            f"variance {config.diffusion.variance!r}: ddpm-jax reads 6 channels as the "
+            "prediction and learned-range variance values (variance_type='learned_range'), "
+            "3 as the prediction alone")
     return config
 
 

@@ -29,7 +29,8 @@ from ddpm_jax.schedules import BETA_SCHEDULES
 
 PREDICTIONS = ("eps", "x0", "v")
 LOSSES = ("mse", "l1", "huber")
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 class Schedule(NamedTuple):
@@ -191,14 +192,54 @@ def q_posterior_mean_variance(
     return mean, variance, log_variance
 
 
+def split_output(network_output: jax.Array, variance: str) -> tuple[jax.Array, jax.Array | None]:
+    """(prediction, variance values): with "learned_range" the network's channels are the
+    prediction then as many variance values v in [-1, 1]; otherwise all prediction."""
+    if variance != "learned_range":
+        return network_output, None
+    prediction, values = jnp.split(network_output, 2, axis=-1)
+    return prediction, values
+
+
+def learned_log_variance(min_log: jax.Array, max_log: jax.Array,
+                         values: jax.Array) -> jax.Array:
+    """Nichol & Dhariwal's learned range: log variance frac * max_log + (1 - frac) * min_log
+    with frac = (v + 1) / 2, between the posterior's (min) and beta's (max)."""
+    fraction = (values + 1.0) / 2.0
+    return fraction * max_log + (1.0 - fraction) * min_log
+
+
 def _reverse_log_variance(schedule: Schedule, variance: str) -> jax.Array:
-    """Per-step log-variance of p(x_{t-1} | x_t) for the chosen variance rule."""
-    check_choice("sampling variance", variance, VARIANCES)
+    """Per-step log-variance of p(x_{t-1} | x_t) for a fixed variance rule."""
+    check_choice("sampling variance", variance, VARIANCES[:2])
     if variance == "fixed_small":
         return schedule.posterior_log_variance_clipped
     # "fixed large": beta_t, except at t = 0 where the posterior's value is used
     # (it is never added, since the last step is noise-free).
     return jnp.log(jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+
+
+def reverse_log_variance(schedule: Schedule, variance: str | jax.Array, t: jax.Array,
+                         x_shape: tuple[int, ...]) -> jax.Array:
+    """log variance of p(x_{t-1} | x_t): `variance` names a fixed rule, or is the network's
+    variance values (learned range, between the clipped posterior's and log beta_t)."""
+    if isinstance(variance, str):
+        return extract(_reverse_log_variance(schedule, variance), t, x_shape)
+    return learned_log_variance(extract(schedule.posterior_log_variance_clipped, t, x_shape),
+                                extract(jnp.log(schedule.betas), t, x_shape), variance)
+
+
+def reverse_mean_log_variance(
+    schedule: Schedule, network_output: jax.Array, x_t: jax.Array, t: jax.Array, *,
+    prediction: str, variance: str, clip_x0: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and log variance of the model's p(x_{t-1} | x_t) from the raw network output."""
+    model_output, values = split_output(network_output, variance)
+    x0, _ = model_output_to_x0_eps(schedule, prediction, model_output, x_t, t)
+    mean, _, _ = q_posterior_mean_variance(schedule, _maybe_clip(x0, clip_x0), x_t, t)
+    log_variance = reverse_log_variance(schedule, variance if values is None else values, t,
+                                        x_t.shape)
+    return mean, jnp.broadcast_to(log_variance, x_t.shape)
 
 
 def _maybe_clip(x0: jax.Array, clip_x0: bool) -> jax.Array:
@@ -213,13 +254,16 @@ def ddpm_step(
     noise: jax.Array,
     *,
     prediction: str = "eps",
-    variance: str = "fixed_small",
+    variance: str | jax.Array = "fixed_small",
     clip_x0: bool = True,
 ) -> jax.Array:
-    """One ancestral step x_t -> x_{t-1} of Ho et al. (2020); noise-free at t = 0."""
+    """One ancestral step x_t -> x_{t-1} of Ho et al. (2020); noise-free at t = 0.
+
+    `variance` names a fixed rule, or is the network's variance values (learned range).
+    """
     x0, _ = model_output_to_x0_eps(schedule, prediction, model_output, x_t, t)
     mean, _, _ = q_posterior_mean_variance(schedule, _maybe_clip(x0, clip_x0), x_t, t)
-    log_variance = extract(_reverse_log_variance(schedule, variance), t, x_t.shape)
+    log_variance = reverse_log_variance(schedule, variance, t, x_t.shape)
     nonzero = (jnp.asarray(t) > 0).astype(x_t.dtype)
     nonzero = nonzero.reshape(nonzero.shape + (1,) * (x_t.ndim - nonzero.ndim))
     return mean + nonzero * jnp.exp(0.5 * log_variance) * noise
@@ -348,11 +392,12 @@ def sample(
         x, state, snapshots = carry
         t, t_prev, slot, step_rng, data = inputs
         t_batch = jnp.full((shape[0],), t, jnp.int32)
-        model_output = denoise_fn(x, t_batch).astype(jnp.float32)
+        model_output, values = split_output(denoise_fn(x, t_batch).astype(jnp.float32), variance)
         noise = jax.random.normal(step_rng, shape, jnp.float32)
         extra = {"step_data": data} if chosen.prepare else {}
         x, state = chosen.step(schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev),
-                               noise, state, prediction=prediction, variance=variance,
+                               noise, state, prediction=prediction,
+                               variance=variance if values is None else values,
                                clip_x0=clip_x0, **knobs, **extra)
         if num_snapshots > 0:
             snapshots = jax.lax.cond(
@@ -376,8 +421,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when `config.diffusion` cannot train or sample."""
     d = config.diffusion
     for field, value, choices in (("prediction", d.prediction, PREDICTIONS),
-                                  ("loss", d.loss, LOSSES), ("variance", d.variance, VARIANCES)):
+                                  ("loss", d.loss, LOSSES), ("variance", d.variance, VARIANCES),
+                                  ("loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)):
         check_choice(f"diffusion.{field}", value, choices)
+    if not d.min_snr_gamma > 0:
+        raise ValueError(f"diffusion.min_snr_gamma must be positive, got {d.min_snr_gamma}")
+    if not d.vlb_weight >= 0:
+        raise ValueError(f"diffusion.vlb_weight must be >= 0, got {d.vlb_weight}")
     try:
         make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     except ValueError as error:

@@ -13,6 +13,11 @@ Commands:
   sampler to the Inception network without being stored.
 * ``convert-weights --input=pt_inception-2015-12-05-6726825d.pth --output=inception.npz``:
   the standard PyTorch weight file as a NumPy file that loads without PyTorch.
+* ``nll --workdir=DIR [--step=N] [--num_images=N] [--split=S | --config=F]``: the negative
+  log-likelihood bound in bits/dim, as Ho et al. report it (`likelihood.py`), of the run's
+  data (its `data` section; ``--split`` another split, ``--config`` another config's data) as
+  training sees it without flips; the total, the prior, the decoder and the sum of the KL
+  terms, and (``--json``) the mean term at every t.
 
 The Inception weights come from ``--weights`` (or the run's ``eval.inception_weights``);
 see `ddpm_jax/inception.py` for the file and its source.
@@ -52,9 +57,11 @@ def define_flags() -> None:
     flags.DEFINE_string("spacing", None, "fid on a workdir: timestep spacing (default eval.spacing).")
     flags.DEFINE_integer("seed", 0, "Sampling seed (fid on a workdir) or subset seed (fid-stats).")
     flags.DEFINE_string("json", None, "Also write the result as JSON here.")
+    flags.DEFINE_string("workdir", None, "nll: the training run.")
+    flags.DEFINE_string("split", None, "nll: the data split (default the run's data.split).")
 
 
-COMMANDS = ("fid-stats", "fid", "convert-weights")
+COMMANDS = ("fid-stats", "fid", "convert-weights", "nll")
 
 
 def _required(**values: object) -> None:
@@ -153,6 +160,55 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
     return result
 
 
+def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: str | None = None,
+        data_config=None, batch_size: int = 100, seed: int = 0, progress: bool = False) -> dict:
+    """Bits/dim of a run's data under its checkpoint `step` (default the newest): the mean
+    over `num_images` images (0: all) of the bound and of its terms."""
+    from ddpm_jax import diffusion, input_pipeline, likelihood, network, sample, sharding
+
+    config, params, step, mesh = sample.load_run(workdir, step)
+    data = (data_config or config).data.copy_and_resolve_references()
+    if split:
+        data.split = split
+    if data.image_size != config.data.image_size:
+        raise ValueError(f"the data config's image_size {data.image_size} is not the run's "
+                         f"{config.data.image_size}")
+    source = input_pipeline.make_source(data)
+    count, read = input_pipeline.evaluation_images(data, source, num_images, seed)
+    batch = sharding.padded_to_devices(min(batch_size, count), mesh)
+    definition, schedule, d = network.graphdef(config), diffusion.schedule_from_config(config), config.diffusion
+    images_sharding = sharding.batch_sharding(mesh)
+
+    @jax.jit
+    def batch_bpd(params, images, rng):
+        x0 = images.astype(np.float32) / 127.5 - 1.0
+        return likelihood.bits_per_dim(
+            lambda x, t: network.apply(definition, params, x, t), schedule, x0, rng,
+            prediction=d.prediction, variance=d.variance, clip_x0=d.clip_x0)
+
+    sums = None
+    batches = range(-(-count // batch))
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="nll", unit="batch")
+    for index in batches:
+        rows = np.arange(index * batch, min((index + 1) * batch, count))
+        images = read(np.resize(rows, batch))  # the last batch padded with its own rows
+        images = jax.make_array_from_callback(images.shape, images_sharding,
+                                              lambda where, images=images: images[where])
+        out = jax.device_get(batch_bpd(params, images, jax.random.fold_in(
+            jax.random.PRNGKey(seed), index)))
+        kept = {key: value[..., :len(rows)].sum(axis=-1) for key, value in out.items()}
+        sums = kept if sums is None else {k: sums[k] + kept[k] for k in sums}
+    means = {key: value / count for key, value in sums.items()}
+    return {"workdir": workdir, "step": step, "num_images": count, "split": data.split,
+            "bits_per_dim": float(means["total"]), "prior_bpd": float(means["prior"]),
+            "decoder_bpd": float(means["decoder"]),
+            "kl_terms_bpd": float(means["terms"][1:].sum()),
+            "terms_bpd": [float(v) for v in means["terms"]]}
+
+
 def convert_weights(input_path: str, output: str) -> dict:
     """Converts the PyTorch weight file to the .npz `inception.load` reads without PyTorch."""
     from ddpm_jax import inception
@@ -169,7 +225,12 @@ def main(argv: list[str]) -> None:
 
     command = argv[1]
     try:
-        if command == "convert-weights":
+        if command == "nll":
+            _required(workdir=FLAGS.workdir)
+            result = nll(FLAGS.workdir, step=FLAGS.step, num_images=FLAGS.num_images or 0,
+                         split=FLAGS.split, data_config=FLAGS.config, batch_size=FLAGS.batch_size,
+                         seed=FLAGS.seed, progress=True)
+        elif command == "convert-weights":
             _required(input=FLAGS.input, output=FLAGS.output)
             result = convert_weights(FLAGS.input, FLAGS.output)
         elif command == "fid-stats":
@@ -191,7 +252,12 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         if "fid" in result:
             print(f"FID {result['fid']:.4f} ({result['num_images']} images vs {result['reference']})")
-        print(json.dumps(result, default=str))
+        if "bits_per_dim" in result:
+            print(f"{result['bits_per_dim']:.4f} bits/dim over {result['num_images']} images "
+                  f"(prior {result['prior_bpd']:.4f}, KL terms {result['kl_terms_bpd']:.4f}, "
+                  f"decoder {result['decoder_bpd']:.4f})")
+        # the per-t terms (T numbers) only in the --json file
+        print(json.dumps({k: v for k, v in result.items() if k != "terms_bpd"}, default=str))
         if FLAGS.json:
             epath.Path(FLAGS.json).write_text(json.dumps(result, indent=2, default=str))
 

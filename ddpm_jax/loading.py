@@ -3,7 +3,8 @@
 PATH is a ddpm-jax workdir (its newest checkpoint, or `step`) or a diffusers folder
 (`DDPMPipeline` or `UNet2DModel`). The model is the network alone, jitted:
 `model(x, t)` maps noisy images x (float32 [B, H, W, 3], NHWC) and integer timesteps t [B]
-to the network output (the noise, x0 or v, as `config.diffusion.prediction` says).
+to the network output (the noise, x0 or v, as `config.diffusion.prediction` says; with
+learned variances 6 channels, the prediction then the variance values).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from ddpm_jax import (
     diffusion,
     input_pipeline,
     network,
+    objectives,
     ops,
     optimizer,
     preemption,
@@ -153,17 +154,18 @@ def train_step(
     t, noise, dropout_keys = example_randomness(
         jax.random.fold_in(state.rng, state.step), x0.shape, schedule.num_timesteps)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
-    target = diffusion.prediction_target(schedule, config.diffusion.prediction, x0, t, noise)
     use_dropout = config.model.dropout > 0
+    learned = config.diffusion.variance == "learned_range"
 
-    def loss_fn(params, x_t, t, target, dropout_keys):
+    def loss_fn(params, x0, x_t, t, noise, dropout_keys):
         output = network.apply(graphdef, params, x_t, t, dropout_keys if use_dropout else None)
-        return jnp.mean(diffusion.regression_loss(output, target, config.diffusion.loss))
+        loss, vlb = objectives.loss_terms(schedule, output, x0, x_t, t, noise, config.diffusion)
+        return jnp.mean(loss), (jnp.mean(vlb) if learned else jnp.zeros(()))
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = micro_batches
     if accum == 1:
-        loss, grads = grad_fn(state.params, x_t, t, target, dropout_keys)
+        (loss, vlb), grads = grad_fn(state.params, x0, x_t, t, noise, dropout_keys)
     else:
         # Micro-batch i takes rows i, i + accum, ...: with the batch split over devices in
         # contiguous blocks, every device holds an equal share of every micro-batch.
@@ -174,16 +176,17 @@ def train_step(
         # A loop, so that the micro-batches run one after another (the memory saving of
         # accumulation) and compile once.
         def accumulate(carry, i):
-            loss, grads = carry
-            micro_loss, micro_grads = grad_fn(
-                state.params, micro(x_t, i), micro(t, i), micro(target, i),
+            loss, vlb, grads = carry
+            (micro_loss, micro_vlb), micro_grads = grad_fn(
+                state.params, micro(x0, i), micro(x_t, i), micro(t, i), micro(noise, i),
                 micro(dropout_keys, i),
             )
             grads = jax.tree.map(lambda g, m: g + m / accum, grads, micro_grads)
-            return (loss + micro_loss / accum, grads), None
+            return (loss + micro_loss / accum, vlb + micro_vlb / accum, grads), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, jnp.arange(accum))
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                 jax.tree.map(jnp.zeros_like, state.params))
+        (loss, vlb, grads), _ = jax.lax.scan(accumulate, zeros, jnp.arange(accum))
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -201,6 +204,7 @@ def train_step(
     new_state = jax.lax.cond(finite, apply_gradients, lambda state: state, state)
     metrics = {
         "loss": loss,
+        **({"vlb_bits_per_dim": vlb} if learned else {}),
         "grad_norm": grad_norm,
         "learning_rate": optimizer.learning_rate_schedule(config)(state.step),
         "nonfinite": (~finite).astype(jnp.int32),

@@ -55,8 +55,9 @@ MICRO_FLAGS = [
 ]
 
 
-def run_train_steps(config, mesh, batches, weight_noise=0.0):
-    """Fresh state, then one jitted train step per uint8 batch; returns (state, losses).
+def run_train_steps(config, mesh, batches, weight_noise=0.0, metric="loss"):
+    """Fresh state, then one jitted train step per uint8 batch; returns (state, the `metric`
+    of each step).
 
     `weight_noise` > 0 adds N(0, weight_noise^2) noise (fixed seed) to the initial weights,
     so the zero-initialised output layers do not hide the rest of the network from the loss.
@@ -70,7 +71,7 @@ def run_train_steps(config, mesh, batches, weight_noise=0.0):
     losses = []
     for batch in batches:
         state, metrics = step_fn(state, train.global_batch(batch, mesh))
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics[metric]))
     return state, losses
 
 

@@ -464,6 +464,12 @@ def validate_architecture(
             )
 
 
+def output_channels(config: ml_collections.ConfigDict) -> int:
+    """3 (the prediction), or 6 with learned variances (the prediction, then the values v
+    that interpolate each pixel's log variance; `diffusion.split_output`)."""
+    return 6 if config.diffusion.get("variance") == "learned_range" else 3
+
+
 def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
           layer_ops: LayerOps | None = None) -> UNet:
     """The UNet of `config.model` for images of `config.data.image_size`."""
@@ -487,7 +493,7 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
         time_embedding_freq_shift=m.time_embedding_freq_shift,
         time_embedding_cos_first=m.time_embedding_cos_first,
         in_channels=3,
-        out_channels=3,
+        out_channels=output_channels(config),
         dtype=m.dtype,
         remat=m.remat,
         layer_ops=layer_ops,

@@ -25,7 +25,8 @@ class Sampler:
 
     step: `fn(schedule, model_output, x_t, t, t_prev, noise, state, *, prediction, variance,
         clip_x0, **options) -> (x_prev, state)`: one step from x_t at timesteps `t` [B] to
-        `t_prev` [B] (-1: the final, noise-free image); `noise` is fresh N(0, I) of x_t's shape.
+        `t_prev` [B] (-1: the final, noise-free image); `noise` is fresh N(0, I) of x_t's shape;
+        `variance` names a fixed rule, or (learned range) is the network's variance values.
     init_state: `fn(x_T) -> pytree`, the sampler's own carry through the scan (for example the
         previous model outputs of a multistep solver); `no_state` for none.
     options: the sampler's knobs and their defaults (e.g. DDIM's ``eta``); the config's

@@ -61,7 +61,11 @@ def step(schedule, model_output, x_t, t, t_prev, noise, state, *, prediction, va
     x0, _ = diffusion.model_output_to_x0_eps(schedule, prediction, model_output, x_t, t)
     x0 = jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
     mean = step_data["coef_x0"] * x0 + step_data["coef_xt"] * x_t
-    log_variance = step_data[f"log_variance_{variance}"]
+    if isinstance(variance, str):
+        log_variance = step_data[f"log_variance_{variance}"]
+    else:  # learned range, between the respaced chain's posterior and beta'
+        log_variance = diffusion.learned_log_variance(
+            step_data["log_variance_fixed_small"], step_data["log_variance_fixed_large"], variance)
     return mean + step_data["noise_scale"] * jnp.exp(0.5 * log_variance) * noise, state
 
 
