@@ -46,12 +46,17 @@ def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
 
 # Fields a checkpoint's arrays depend on: changing them makes the checkpoint unloadable.
 SHAPE_FIELDS = ("data.image_size",)
+# Fields that define what the network learned to output: resuming with others would train
+# and sample with a different meaning of the same weights.
+DIFFUSION_FIELDS = ("diffusion.prediction", "diffusion.schedule", "diffusion.num_timesteps",
+                    "diffusion.beta_start", "diffusion.beta_end")
 SHAPE_SECTIONS = ("model",)
 IGNORED_MODEL_FIELDS = ("dtype", "dropout")  # compute settings, not parameter shapes
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a checkpoint whose network differs from the one `config` builds."""
+    """Refuses to resume a checkpoint whose network differs from the one `config` builds, or
+    whose network learned another target or noise schedule."""
     current = config.to_dict()
     differences = []
     for section in SHAPE_SECTIONS:
@@ -61,7 +66,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
             old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
             if _normalise(old) != _normalise(new):
                 differences.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
-    for field in SHAPE_FIELDS:
+    for field in SHAPE_FIELDS + DIFFUSION_FIELDS:
         section, key = field.split(".")
         old, new = saved.get(section, {}).get(key), current[section][key]
         if _normalise(old) != _normalise(new):
@@ -71,7 +76,8 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
         differences.append(f"diffusion.variance: checkpoint {old!r}, config {new!r}")
     if differences:
         raise ConfigError(
-            "the workdir holds checkpoints of a different network:\n  " + "\n  ".join(differences)
+            "the workdir holds checkpoints of a different network or diffusion:\n  "
+            + "\n  ".join(differences)
             + "\nuse a new --workdir, or set these fields back to the checkpoint's values"
         )
 

@@ -12,7 +12,7 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, config_checks, train
-from tests.helpers import MICRO_FLAGS, ROOT, micro_config, read_events, tiny_config
+from tests.helpers import MICRO_FLAGS, ROOT, micro_config, read_events
 
 STEPS = 8
 FLAGS = [*MICRO_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",
@@ -130,12 +130,17 @@ def test_nonfinite_steps_are_skipped_when_configured(tmp_path):
 
 
 def test_resuming_with_a_different_network_is_refused_before_any_work(tmp_path):
-    config = tiny_config()
-    config.num_train_steps = 2
+    config = micro_config()
+    config.num_train_steps = config.save_every_steps = 2
     train.train_and_evaluate(config, str(tmp_path))
-    config.model.base_channels = 32
+    config.model.base_channels = 16
     config.num_train_steps = 4
-    with pytest.raises(config_checks.ConfigError, match="model.base_channels: checkpoint 16"):
+    with pytest.raises(config_checks.ConfigError, match="model.base_channels: checkpoint 8"):
+        train.train_and_evaluate(config, str(tmp_path))
+    # Nor with another target: the weights would be read as predicting something else.
+    config.model.base_channels = 8
+    config.diffusion.prediction = "v"
+    with pytest.raises(config_checks.ConfigError, match="diffusion.prediction: checkpoint 'eps'"):
         train.train_and_evaluate(config, str(tmp_path))
 
 
