@@ -28,13 +28,6 @@ from diffusers import UNet2DModel
 
 from benchmarks.common import report
 
-UNET = {
-    "sample_size": 32, "block_out_channels": [128, 256, 256, 256],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 2, "attention_head_dim": None, "downsample_padding": 0,
-    "flip_sin_to_cos": False, "freq_shift": 1, "norm_eps": 1e-6, "norm_num_groups": 32,
-}
 TIMESTEPS = (0, 1, 250, 500, 999)
 
 
@@ -70,10 +63,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
 
-    from ddpm_jax import convert, loading, network
+    from configs import cifar10
+    from ddpm_jax import convert, diffusers_format, loading, network
 
+    fields = diffusers_format.unet_config(cifar10.get_config())  # google/ddpm-cifar10-32's
     torch.manual_seed(0)
-    unet = UNet2DModel(**UNET).eval()
+    unet = UNet2DModel(**{k: v for k, v in fields.items() if not k.startswith("_")}).eval()
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))

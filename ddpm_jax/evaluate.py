@@ -164,7 +164,7 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
         data_config=None, batch_size: int = 100, seed: int = 0, progress: bool = False) -> dict:
     """Bits/dim of a run's data under its checkpoint `step` (default the newest): the mean
     over `num_images` images (0: all) of the bound and of its terms."""
-    from ddpm_jax import diffusion, input_pipeline, likelihood, network, sample, sharding
+    from ddpm_jax import diffusion, input_pipeline, likelihood, network, sample, sharding, train
 
     config, params, step, mesh = sample.load_run(workdir, step)
     data = (data_config or config).data.copy_and_resolve_references()
@@ -181,7 +181,7 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
 
     @jax.jit
     def batch_bpd(params, images, rng):
-        x0 = images.astype(np.float32) / 127.5 - 1.0
+        x0 = train.images_to_model_space(images)
         return likelihood.bits_per_dim(
             lambda x, t: network.apply(definition, params, x, t), schedule, x0, rng,
             prediction=d.prediction, variance=d.variance, clip_x0=d.clip_x0)
