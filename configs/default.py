@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # newest checkpoints kept
     config.keep_every_steps = 0  # also keep every checkpoint at a multiple of this (0: none)
     config.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" the run or "skip" the step
+    # Refuse, before training, a step whose compiled memory exceeds the device's (CPU: the
+    # available host memory); False skips the check.
+    config.check_memory = True
 
     # ---- speed (ddpm_jax/ops; none of these changes results) --------------------------
     config.compute_chunk_size = 0  # max examples per device per pass; 0: automatic, -1: never split

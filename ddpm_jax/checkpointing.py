@@ -1,32 +1,53 @@
-"""Orbax checkpoints of the train state, the data iterator position and the resolved config.
+"""Orbax checkpoints of the train state, the data position and the resolved config.
 
-Each step folder holds three items: ``state`` (the `TrainState` pytree), ``data``
-(each process's grain iterator state) and ``config`` (JSON). Orbax writes a step
-to a temporary folder and renames it when complete, so an interrupted save never
-hides the previous good one; `restore_latest` picks the newest complete step.
+Each step folder holds ``state`` (the `TrainState` pytree), ``position`` (examples of the
+data stream consumed, JSON) and ``config`` (JSON); checkpoints written before the position
+was counted in examples hold ``data`` (grain's iterator state) instead. Orbax writes a step
+to a temporary folder and renames it when complete, so an interrupted save never hides the
+previous good one; `newest_readable` picks the newest step that reads, past damaged ones.
+A failed save stops the run (`check_saves`) and its temporary folder is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging as pylogging
-from typing import Any
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import grain
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+
+T = TypeVar("T")
 
 
 class _DropOrbaxInfo(pylogging.Filter):
+    """Drops Orbax's INFO lines, and the tracebacks of its errors (a failed save is reported
+    once, by `save_failed`, with its cause); its warnings and error lines stay."""
+
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+        if record.name == "asyncio" and "orbax" in record.getMessage():
+            return False  # the tasks of a failed save, collected after it was reported
+        if "/orbax/" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text = None, None
+        return record.levelno >= pylogging.WARNING
 
 
 def hide_orbax_info() -> None:
-    """Hides Orbax's INFO lines (it logs every file it writes) from the absl log of a
-    command; its warnings and errors still show."""
+    """Hides Orbax's INFO lines (it logs every file it writes), its errors' tracebacks and
+    the echo of abandoned reads and writes from a command's output; its warnings and error
+    lines still show."""
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+    quiet_abandoned_io()
 
 
 def make_manager(
@@ -52,18 +73,93 @@ def make_manager(
 
 
 def save(
-    manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None,
-    config: ml_collections.ConfigDict,
+    manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
+    examples_seen: int | None = None,
 ) -> None:
     """Starts saving `step` (the device-to-host copy happens before this returns).
 
-    Without `data_iter` (weights converted from elsewhere) the step holds no data position,
-    and a run resumed from it starts the data at its step.
+    `examples_seen` is the data position: how many examples of the data stream the run has
+    consumed (default `step * batch_size`). Counted in examples, not batches, so a resume with
+    another batch size continues at the next unseen example.
     """
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
-    if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    manager.save(step, args=ocp.args.Composite(**items))
+    if examples_seen is None:
+        examples_seen = step * config.batch_size
+    position = {"examples_seen": int(examples_seen), "batch_size": int(config.batch_size)}
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict()),
+             "position": ocp.args.JsonSave(position)}
+    try:
+        manager.save(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # this save, or the failure of one still in the background
+        raise save_failed(manager, None, error) from error
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the run stops."""
+
+
+class CheckpointReadError(RuntimeError):
+    """No checkpoint of a run could be read."""
+
+
+_OS_ERROR_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                    errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                    errno.EROFS: "the file system is read-only", errno.EFBIG: "a file is too large"}
+
+
+def os_error_cause(error: BaseException) -> str:
+    """The OS-level reason in `error` or the errors it came from, as a person reads it
+    ("error" when there is none). TensorStore reports the errno in its message."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _OS_ERROR_CAUSES:
+            where = f" ({error.filename})" if error.filename else ""
+            return f"{_OS_ERROR_CAUSES[error.errno]}{where}"
+        code = re.search(r"os_error_code='(\d+)'", str(error))
+        if code and int(code.group(1)) in _OS_ERROR_CAUSES:
+            return _OS_ERROR_CAUSES[int(code.group(1))]
+        error = error.__cause__ or error.__context__
+    return "error"
+
+
+def remove_temporary_saves(directory: epath.Path) -> list[str]:
+    """Removes the temporary folders of unfinished saves under `directory` (only the run
+    holding the workdir lock may); returns their names."""
+    removed = []
+    for path in epath.Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        try:
+            path.rmtree() if path.is_dir() else path.unlink()
+            removed.append(path.name)
+        except OSError as error:
+            logging.warning("could not remove the unfinished save %s: %s", path, error)
+    return removed
+
+
+def save_failed(manager: ocp.CheckpointManager, step: int | None, error: BaseException
+                ) -> CheckpointSaveError:
+    """The error that stops a run whose save failed, after removing what the save left."""
+    quiet_abandoned_io()
+    removed = remove_temporary_saves(manager.directory)
+    manager.reload()
+    kept = manager.all_steps()
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    return CheckpointSaveError(
+        f"saving {what} under {manager.directory} failed: {os_error_cause(error)} "
+        f"[{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}]."
+        f"{' Removed the unfinished save.' if removed else ''} "
+        + (f"The checkpoints of steps {kept} are intact; " if kept else "No checkpoint was "
+           "complete yet; ")
+        + "free space (or fix permissions) and rerun the same command to resume")
+
+
+def check_saves(manager: ocp.CheckpointManager, step: int | None = None,
+                wait: bool = False) -> None:
+    """Raises CheckpointSaveError if a background save failed (`wait`: after waiting for
+    the one in progress)."""
+    try:
+        manager.wait_until_finished() if wait else manager.check_for_errors()
+    except Exception as error:
+        raise save_failed(manager, step, error) from error
 
 
 # Fields added after runs were saved, with the value such runs were trained with where it is
@@ -111,12 +207,6 @@ def config_at(manager: ocp.CheckpointManager, step: int) -> dict:
     return with_defaults(stored_config(manager, step))
 
 
-def latest_stored_config(manager: ocp.CheckpointManager) -> dict | None:
-    """The config saved with the newest checkpoint as stored, or None when there is none."""
-    step = manager.latest_step()
-    return None if step is None else stored_config(manager, step)
-
-
 def keep_legacy_values(config: ml_collections.ConfigDict, stored: dict) -> None:
     """Sets in `config` the fields `stored` predates to the values its run was trained with,
     so a run saved before a field existed resumes as it was trained (logged)."""
@@ -137,27 +227,98 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any)
     return state
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None
-) -> tuple[Any | None, bool]:
-    """Restores the newest step into `abstract_state`'s shapes and shardings.
+def examples_seen(manager: ocp.CheckpointManager, step: int, stored: dict) -> int:
+    """The data position saved with `step`; for checkpoints that predate it (they counted
+    batches), `step` batches of the run's batch size."""
+    if (epath.Path(manager.directory) / str(step) / "position").exists():
+        position = manager.restore(
+            step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))["position"]
+        return int(position["examples_seen"])
+    return step * int(stored.get("batch_size", 0))
 
-    Also moves `data_iter` to the saved position when the checkpoint holds one for this
-    process (it does not after a change in the number of processes). Returns the state
-    (None when the folder holds no checkpoint) and whether the data position was restored.
+
+def _short(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Moves checkpoint `step` out of the checkpoint folder, into
+    `WORKDIR/damaged_checkpoints/`, so saves can reuse its number; nothing is deleted."""
+    source = epath.Path(manager.directory) / str(step)
+    target_dir = epath.Path(manager.directory).parent / "damaged_checkpoints"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"step_{step}_{time.strftime('%Y%m%d-%H%M%S')}"
+    source.rename(target)
+    return target
+
+
+def quiet_abandoned_io() -> None:
+    """Silences the echo of a failed restore or save: when one array of a checkpoint fails,
+    the reads or writes still in flight are abandoned and each prints an 'Event loop is
+    closed' traceback (or 'Exception ignored in' a coroutine). The failure itself is
+    reported once."""
+    if getattr(sys.unraisablehook, "_ddpm_jax_quiet", False):
+        return
+
+    def echo_of_failed_read(error: BaseException | None, obj: object = None) -> bool:
+        return (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)) or (
+            "read_array" in getattr(obj, "__qualname__", "") + repr(obj))
+
+    def unraisable(info, previous=sys.unraisablehook):
+        if not echo_of_failed_read(info.exc_value, info.object):
+            previous(info)
+
+    def excepthook(kind, value, traceback, previous=sys.excepthook):
+        if not echo_of_failed_read(value):
+            previous(kind, value, traceback)
+
+    unraisable._ddpm_jax_quiet = True
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+def newest_readable(
+    manager: ocp.CheckpointManager, read: Callable[[int], T], *,
+    repair: bool, passthrough: tuple[type[BaseException], ...] = (),
+) -> tuple[int, T] | None:
+    """(step, read(step)) for the newest step `read` succeeds on; None when there are none.
+
+    A step that fails to read is skipped with a warning naming it and the error; with
+    `repair` (the run holding the workdir lock), once an older step was read, the damaged
+    newer ones are moved aside (`set_aside`). When no step can be read, nothing is moved
+    and CheckpointReadError says so. Errors of the `passthrough` types (a config that does
+    not match the checkpoint) are raised as they are. All processes take the same step.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None, False
-    state = restore_step(manager, step, abstract_state)
-    if data_iter is None:
-        return state, False
-    try:
-        manager.restore(
-            step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter))
-        )
-    except Exception as error:  # saved by another number of processes, or converted weights
-        logging.warning("step %d holds no data position for this process (%s); the data "
-                        "starts where step %d starts in a fresh run", step, error, step)
-        return state, False
-    return state, True
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            result, error = read(step), None
+        except passthrough:
+            raise
+        except Exception as caught:  # TensorStore, JSON, missing files: all mean damage
+            result, error = None, caught
+            quiet_abandoned_io()
+        if jax.process_count() > 1:  # one process that cannot read makes it unreadable
+            flags = multihost_utils.process_allgather(np.int32(error is None))
+            if error is None and not np.all(flags):
+                error = RuntimeError("another process could not read it")
+        if error is None:
+            if repair and failures:
+                if jax.process_index() == 0:
+                    for damaged, _ in failures:
+                        logging.warning("moved the unreadable checkpoint of step %d to %s",
+                                        damaged, set_aside(manager, damaged))
+                if jax.process_count() > 1:
+                    multihost_utils.sync_global_devices("damaged checkpoints set aside")
+                manager.reload()
+            return step, result
+        logging.warning("the checkpoint of step %d in %s cannot be read (%s); trying the one "
+                        "before it", step, manager.directory, _short(error))
+        failures.append((step, _short(error)))
+    if failures:
+        raise CheckpointReadError(
+            f"none of the checkpoints in {manager.directory} can be read ("
+            + "; ".join(f"step {step}: {error}" for step, error in failures)
+            + "). They are left as they are; use another --workdir to start afresh")
+    return None

@@ -13,6 +13,7 @@ import uuid
 
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from ddpm_jax import diffusion, input_pipeline, models, ops, optimizer, samplers, sharding
@@ -54,9 +55,11 @@ SHAPE_SECTIONS = ("model",)
 IGNORED_MODEL_FIELDS = ("dtype", "dropout")  # compute settings, not parameter shapes
 
 
-def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
+                     allow_diffusion_change: bool = False) -> None:
     """Refuses to resume a checkpoint whose network differs from the one `config` builds, or
-    whose network learned another target or noise schedule."""
+    (unless `allow_diffusion_change`, a deliberate fine-tune) whose network learned another
+    target or noise schedule."""
     current = config.to_dict()
     differences = []
     for section in SHAPE_SECTIONS:
@@ -66,7 +69,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
             old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
             if _normalise(old) != _normalise(new):
                 differences.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
-    for field in SHAPE_FIELDS + DIFFUSION_FIELDS:
+    for field in SHAPE_FIELDS:
         section, key = field.split(".")
         old, new = saved.get(section, {}).get(key), current[section][key]
         if _normalise(old) != _normalise(new):
@@ -74,11 +77,23 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
     old, new = saved.get("diffusion", {}).get("variance"), current["diffusion"]["variance"]
     if (old == "learned_range") != (new == "learned_range"):  # 6 output channels or 3
         differences.append(f"diffusion.variance: checkpoint {old!r}, config {new!r}")
-    if differences:
+    changed = []
+    for field in DIFFUSION_FIELDS:
+        section, key = field.split(".")
+        old, new = saved.get(section, {}).get(key), current[section][key]
+        if _normalise(old) != _normalise(new):
+            changed.append(f"{field}: checkpoint {old!r}, config {new!r}")
+    if changed and allow_diffusion_change and not differences:
+        logging.warning("fine-tuning with another diffusion (--allow_diffusion_change): %s",
+                        "; ".join(changed))
+        return
+    if differences or changed:
         raise ConfigError(
             "the workdir holds checkpoints of a different network or diffusion:\n  "
-            + "\n  ".join(differences)
+            + "\n  ".join(differences + changed)
             + "\nuse a new --workdir, or set these fields back to the checkpoint's values"
+            + ("; to fine-tune on purpose with the new diffusion settings, pass "
+               "--allow_diffusion_change" if changed and not differences else "")
         )
 
 

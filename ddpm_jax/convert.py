@@ -155,7 +155,7 @@ def from_diffusers(folder: str, workdir: str) -> str:
     state = jax.jit(lambda p: train.train_state_from_params(config, p),
                     out_shardings=train.train_state_shardings(config, mesh))(params)
     manager = checkpointing.make_manager(path / "checkpoints", config)
-    checkpointing.save(manager, 0, state, None, config)
+    checkpointing.save(manager, 0, state, config)
     manager.wait_until_finished()
     manager.close()
     config_file = path / "config.py"
@@ -231,4 +231,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from ddpm_jax import cli
+
+    app.run(main, flags_parser=cli.flags_parser("ddpm_jax.convert"))

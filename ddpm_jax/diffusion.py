@@ -346,11 +346,34 @@ def optimal_gaussian_eps(schedule: Schedule, mean: float, std: float) -> Denoise
     return denoise
 
 
-def sample(
-    denoise_fn: DenoiseFn,
+class ReversePlan(NamedTuple):
+    """A reverse-diffusion run fixed on the host: sampler, visited timesteps and settings.
+
+    `reverse_init`, `reverse_steps` and `reverse_result` run it; `sample` runs it in one go,
+    a caller that must stay responsive (a stop request) runs it a chunk of steps at a time,
+    with the same result.
+    """
+
+    sampler: Any  # the registered `samplers.Sampler`
+    knobs: dict[str, Any]
+    steps: np.ndarray  # int32 [S], descending
+    prev_steps: np.ndarray  # int32 [S], -1 after the last
+    slots: np.ndarray  # int32 [S], snapshot slot written after step i (-1: none)
+    step_data: Any  # pytree of [S, ...] arrays, or None
+    shape: tuple[int, ...]
+    prediction: str
+    variance: str
+    clip_x0: bool
+    num_snapshots: int
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+
+def reverse_plan(
     schedule: Schedule,
     shape: tuple[int, ...],
-    rng: jax.Array,
     *,
     sampler: str = "ddpm",
     num_steps: int | None = None,
@@ -359,62 +382,92 @@ def sample(
     variance: str = "fixed_small",
     clip_x0: bool = True,
     num_snapshots: int = 0,
-    initial_noise_sharding: jax.sharding.Sharding | None = None,
     options: Mapping[str, Any] | None = None,
     spacing: str | None = "auto",
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """A whole reverse-diffusion run as one `lax.scan` (one compiled program when jitted).
-
-    `denoise_fn(x_t, t)` returns the network output for a batch `x_t` and per-example
-    timesteps `t` (int32, shape [B]). `sampler` names a registered sampler, `num_steps` its
-    network calls (0 or None: its default) and `spacing` which timesteps it visits ("auto":
-    its default); `eta` and `options` set its knobs (those it does not have are ignored).
-    Returns the final samples, and with `num_snapshots > 0` also an array
-    [num_snapshots, *shape] of intermediate x_t (the last snapshot is the final sample).
-    Call it under `jax.jit`, with a concrete `schedule` (the timesteps are chosen on the host).
-    """
+) -> ReversePlan:
+    """The plan of a run (arguments as `sample`), with a concrete `schedule`."""
     from ddpm_jax.samplers import SAMPLERS  # the samplers' files import this module
 
     chosen = SAMPLERS.get(sampler)
-    knobs = chosen.resolve_options({"eta": eta, **(options or {})})
-    steps = sampling_timesteps(schedule, sampler, num_steps, spacing)
+    steps = sampling_timesteps(schedule, sampler, num_steps, spacing).astype(np.int32)
     prev_steps = np.append(steps[1:], -1).astype(np.int32)
     # Per-step arrays the sampler computes on the host; row i reaches step i.
     step_data = chosen.prepare(schedule, steps, prev_steps) if chosen.prepare else None
-    slots = snapshot_slots(len(steps), num_snapshots)
+    return ReversePlan(chosen, chosen.resolve_options({"eta": eta, **(options or {})}), steps,
+                       prev_steps, snapshot_slots(len(steps), num_snapshots).astype(np.int32),
+                       step_data, tuple(shape), prediction, variance, clip_x0, num_snapshots)
+
+
+def reverse_init(plan: ReversePlan, rng: jax.Array,
+                 initial_noise_sharding: jax.sharding.Sharding | None = None) -> tuple:
+    """The carry before the first step: (x_T, sampler state, snapshots, per-step keys)."""
     init_rng, loop_rng = jax.random.split(rng)
-    x = jax.random.normal(init_rng, shape, jnp.float32)
+    x = jax.random.normal(init_rng, plan.shape, jnp.float32)
     if initial_noise_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, initial_noise_sharding)
-    snapshots = jnp.zeros((max(num_snapshots, 1),) + tuple(shape), jnp.float32)
+    snapshots = jnp.zeros((max(plan.num_snapshots, 1),) + plan.shape, jnp.float32)
+    return x, plan.sampler.init_state(x), snapshots, jax.random.split(loop_rng, plan.num_steps)
 
-    def body(carry, inputs):
-        x, state, snapshots = carry
-        t, t_prev, slot, step_rng, data = inputs
+
+def reverse_steps(plan: ReversePlan, denoise_fn: DenoiseFn, schedule: Schedule, carry: tuple,
+                  start: int | jax.Array, stop: int | jax.Array) -> tuple:
+    """Runs steps `start` to `stop - 1` of the plan on `carry` (bounds may be traced)."""
+    chosen, shape = plan.sampler, plan.shape
+    steps, prev_steps, slots = map(jnp.asarray, (plan.steps, plan.prev_steps, plan.slots))
+    step_data = jax.tree.map(jnp.asarray, plan.step_data)
+
+    def body(i, carry):
+        x, state, snapshots, step_rngs = carry
+        t, t_prev, slot = steps[i], prev_steps[i], slots[i]
         t_batch = jnp.full((shape[0],), t, jnp.int32)
-        model_output, values = split_output(denoise_fn(x, t_batch).astype(jnp.float32), variance)
-        noise = jax.random.normal(step_rng, shape, jnp.float32)
-        extra = {"step_data": data} if chosen.prepare else {}
+        model_output, values = split_output(denoise_fn(x, t_batch).astype(jnp.float32),
+                                            plan.variance)
+        noise = jax.random.normal(step_rngs[i], shape, jnp.float32)
+        extra = ({"step_data": jax.tree.map(lambda a: a[i], step_data)}
+                 if chosen.prepare else {})
         x, state = chosen.step(schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev),
-                               noise, state, prediction=prediction,
-                               variance=variance if values is None else values,
-                               clip_x0=clip_x0, **knobs, **extra)
-        if num_snapshots > 0:
+                               noise, state, prediction=plan.prediction,
+                               variance=plan.variance if values is None else values,
+                               clip_x0=plan.clip_x0, **plan.knobs, **extra)
+        if plan.num_snapshots > 0:
             snapshots = jax.lax.cond(
                 slot >= 0, lambda s: s.at[slot].set(x), lambda s: s, snapshots
             )
-        return (x, state, snapshots), None
+        return x, state, snapshots, step_rngs
 
-    step_rngs = jax.random.split(loop_rng, len(steps))
-    (x, _, snapshots), _ = jax.lax.scan(
-        body,
-        (x, chosen.init_state(x), snapshots),
-        (jnp.asarray(steps), jnp.asarray(prev_steps), jnp.asarray(slots), step_rngs,
-         step_data),
-    )
-    if num_snapshots > 0:
-        return x, snapshots
-    return x
+    return jax.lax.fori_loop(start, stop, body, carry)
+
+
+def reverse_result(plan: ReversePlan, carry: tuple) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The final samples, and with snapshots also [num_snapshots, *shape] of x_t."""
+    x, _, snapshots, _ = carry
+    return (x, snapshots) if plan.num_snapshots > 0 else x
+
+
+def sample(
+    denoise_fn: DenoiseFn,
+    schedule: Schedule,
+    shape: tuple[int, ...],
+    rng: jax.Array,
+    *,
+    initial_noise_sharding: jax.sharding.Sharding | None = None,
+    **settings: Any,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """A whole reverse-diffusion run as one loop (one compiled program when jitted).
+
+    `denoise_fn(x_t, t)` returns the network output for a batch `x_t` and per-example
+    timesteps `t` (int32, shape [B]). `settings` are `reverse_plan`'s: `sampler` names a
+    registered sampler, `num_steps` its network calls (0 or None: its default) and `spacing`
+    which timesteps it visits ("auto": its default); `eta` and `options` set its knobs
+    (those it does not have are ignored); `prediction`, `variance`, `clip_x0` as the
+    network was trained. Returns the final samples, and with `num_snapshots > 0` also an
+    array [num_snapshots, *shape] of intermediate x_t (the last snapshot is the final
+    sample). Call it under `jax.jit`, with a concrete `schedule`.
+    """
+    plan = reverse_plan(schedule, shape, **settings)
+    carry = reverse_init(plan, rng, initial_noise_sharding)
+    return reverse_result(plan, reverse_steps(plan, denoise_fn, schedule, carry, 0,
+                                              plan.num_steps))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -428,6 +481,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"diffusion.min_snr_gamma must be positive, got {d.min_snr_gamma}")
     if not d.vlb_weight >= 0:
         raise ValueError(f"diffusion.vlb_weight must be >= 0, got {d.vlb_weight}")
+    if not 0 < d.beta_start <= d.beta_end < 1:
+        raise ValueError(
+            f"diffusion.beta_start={d.beta_start} and diffusion.beta_end={d.beta_end} must "
+            "satisfy 0 < beta_start <= beta_end < 1 (noise grows along the chain; Ho et al.: "
+            "1e-4 and 0.02)")
     try:
         make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     except ValueError as error:

@@ -25,6 +25,7 @@ see `ddpm_jax/inception.py` for the file and its source.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -93,13 +94,11 @@ def fid_stats(config, output: str, weights: str, num_images: int = 0, batch_size
 
 
 def _read_image_files(paths: list[str]):
-    from PIL import Image
+    """`read(indices)` of sample image files, decoded as training decodes images."""
+    from ddpm_jax import input_pipeline
 
     def read(indices):
-        images = []
-        for index in indices:
-            with Image.open(paths[index]) as image:
-                images.append(np.asarray(image.convert("RGB")))
+        images = [input_pipeline.read_image(paths[index]) for index in indices]
         shapes = {image.shape for image in images}
         if len(shapes) > 1:
             raise ValueError(f"sample images differ in size ({sorted(shapes)}); resize them to one "
@@ -214,16 +213,26 @@ def convert_weights(input_path: str, output: str) -> dict:
     from ddpm_jax import inception
 
     state_dict = inception.read_state_dict(input_path)
-    inception.save_npz(state_dict, output, source=os.path.basename(input_path))
+    source_sha256 = hashlib.sha256(epath.Path(input_path).read_bytes()).hexdigest()
+    inception.save_npz(state_dict, output, source=os.path.basename(input_path),
+                       source_sha256=source_sha256)
     return {"input": input_path, "output": output, "arrays": len(state_dict)}
 
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m ddpm_jax.evaluate {{{'|'.join(COMMANDS)}}} --flags")
-    from ddpm_jax import fid, inception, input_pipeline
+    from ddpm_jax import checkpointing, fid, image_utils, inception, input_pipeline
 
     command = argv[1]
+    for flag in ("output", "json"):  # before any work: an output that cannot be written
+        path = getattr(FLAGS, flag)
+        try:
+            if path:
+                image_utils.check_writable(path)
+        except OSError as error:
+            sys.exit(f"ddpm_jax.evaluate {command}: cannot write --{flag}={path!r} "
+                     f"({checkpointing.os_error_cause(error)}: {error}); choose another path")
     try:
         if command == "nll":
             _required(workdir=FLAGS.workdir)
@@ -247,7 +256,7 @@ def main(argv: list[str]) -> None:
                                 step=FLAGS.step, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
                                 eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed)
     except (FileNotFoundError, ValueError, fid.FIDError, inception.InceptionWeightsError,
-            input_pipeline.DataError) as error:
+            input_pipeline.DataError, checkpointing.CheckpointReadError) as error:
         sys.exit(f"ddpm_jax.evaluate {command}: {error}")
     if jax.process_index() == 0:
         if "fid" in result:
@@ -263,5 +272,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from ddpm_jax import cli
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("ddpm_jax.evaluate"))

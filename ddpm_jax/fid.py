@@ -13,6 +13,7 @@ clamped and rounded to uint8 exactly as when written to PNG.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -84,11 +85,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
 
 def save_statistics(path: str, stats: FeatureStatistics, **metadata: Any) -> None:
     """Writes mu, sigma, the image count and string metadata (what was measured, how)."""
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("wb") as f:
-        np.savez(f, mu=stats.mean(), sigma=stats.covariance(), num_images=stats.count,
-                 **{key: np.array(str(value)) for key, value in metadata.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=stats.mean(), sigma=stats.covariance(), num_images=stats.count,
+             **{key: np.array(str(value)) for key, value in metadata.items()})
+    image_utils.write_atomically(path, buffer.getvalue())
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
@@ -159,21 +159,24 @@ class InceptionFeatures:
         return stats
 
     def sample_statistics(self, sample_fn, params: Any, rng: jax.Array, count: int,
-                          progress: bool = False) -> FeatureStatistics:
-        """Statistics of `count` samples from `sample_fn(params, rng) -> [-1, 1] images`.
+                          progress: bool = False, should_stop: Callable[[], bool] | None = None
+                          ) -> FeatureStatistics | None:
+        """Statistics of `count` samples from `sample_fn(params, rng, should_stop) -> [-1, 1]
+        images` (`sampling.SampleFn`); None when `should_stop()` asked to stop.
 
         Batch i uses fold_in(rng, i); samples stay on device between sampler and Inception.
         """
         stats = FeatureStatistics()
-        first = sample_fn(params, jax.random.fold_in(rng, 0))
-        batch_size = first.shape[0]
+        batch_size = sample_fn.num_images
         batches: Iterable[int] = range(-(-count // batch_size))
         if progress and jax.process_index() == 0:
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="sampling + inception", unit="batch")
         for index in batches:
-            images = first if index == 0 else sample_fn(params, jax.random.fold_in(rng, index))
+            images = sample_fn(params, jax.random.fold_in(rng, index), should_stop)
+            if images is None:
+                return None
             stats.update(self.of_global(images)[: count - index * batch_size])
         return stats
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,33 @@ def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int =
     return grid
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    """Writes a uint8 HWC image to a local or gs:// path, creating the folder first."""
+def write_atomically(path: str | epath.Path, data: bytes) -> None:
+    """Writes `data` to a temporary name beside `path` and renames it: `path` is complete or
+    untouched, never a truncated file (a full disk, a kill). Creates the folder first."""
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        staged.write_bytes(data)
+        staged.replace(target)
+    except BaseException:
+        if staged.exists():
+            staged.unlink()
+        raise
+
+
+def check_writable(path: str | epath.Path) -> None:
+    """Raises OSError (with the reason) unless a file can be written at `path`: its folder is
+    created and a probe file written and removed there, so a command can fail before any work."""
+    target = epath.Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
+    write_atomically(target.parent / f".{target.name}.probe", b"")
+    (target.parent / f".{target.name}.probe").unlink()
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    """Writes a uint8 HWC image to a local or gs:// path (`write_atomically`)."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    target.write_bytes(buffer.getvalue())
+    write_atomically(path, buffer.getvalue())

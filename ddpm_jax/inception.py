@@ -22,6 +22,7 @@ the classifier has 1008 classes. Inputs are uint8 images of any size; they are r
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -336,20 +338,69 @@ def _check_standard_hash(file: epath.Path) -> None:
 
 
 def load(path: str) -> tuple[nnx.GraphDef, dict[str, Any]]:
-    """(graphdef, state) of the FID Inception with the weights in `path`."""
+    """(graphdef, state) of the FID Inception with the weights in `path`.
+
+    Non-finite weights are refused; weights that are not provably the standard file (its
+    sha256 prefix, and for a converted .npz the digest of its arrays as converted) load
+    with a warning that the FID is not comparable with published numbers.
+    """
     graphdef, _ = nnx.split(abstract_model())
-    return graphdef, params_from_state_dict(read_state_dict(path))
+    state_dict = read_state_dict(path)
+    bad = [key for key, value in state_dict.items()
+           if not key.startswith("_") and np.issubdtype(np.asarray(value).dtype, np.floating)
+           and not np.all(np.isfinite(value))]
+    if bad:
+        raise InceptionWeightsError(f"{path}: non-finite values in {', '.join(bad[:5])}"
+                                    f"{' ...' if len(bad) > 5 else ''}; fetch {STANDARD_URL} again")
+    params = params_from_state_dict(state_dict)
+    reason = not_standard_reason(path, state_dict)
+    if reason:
+        logging.warning("Inception weights %s are not the standard %s (%s): FID computed with "
+                        "them is not comparable with published numbers", path, STANDARD_FILE,
+                        reason)
+    return graphdef, params
 
 
-def save_npz(state_dict: Mapping[str, np.ndarray], path: str, source: str = "") -> None:
-    """Writes a state dict as the .npz this module reads (same keys, float32, PyTorch layout)."""
+def weights_digest(state_dict: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the weight arrays (names, float32 values), independent of the file format."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state_dict if not k.startswith("_")
+                      and not k.endswith("num_batches_tracked")):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(state_dict[key], np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def not_standard_reason(path: str, state_dict: Mapping[str, np.ndarray]) -> str:
+    """Why the weights read from `path` are not provably the standard file ("" if they are)."""
+    prefix = re.search(r"-([0-9a-f]{8})\.pth$", STANDARD_FILE).group(1)
+    file = epath.Path(path)
+    if file.suffix != ".npz":
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        return "" if digest.startswith(prefix) else f"sha256 {digest[:8]}..., not {prefix}..."
+    source_digest = str(state_dict.get("_source_sha256", ""))
+    if not source_digest:
+        return "the .npz does not record the digest of the file it was converted from"
+    if not source_digest.startswith(prefix):
+        return f"converted from a file with sha256 {source_digest[:8]}..., not {prefix}..."
+    if str(state_dict.get("_weights_sha256", "")) != weights_digest(state_dict):
+        return "its arrays were changed after conversion"
+    return ""
+
+
+def save_npz(state_dict: Mapping[str, np.ndarray], path: str, source: str = "",
+             source_sha256: str = "") -> None:
+    """Writes a state dict as the .npz this module reads (same keys, float32, PyTorch layout),
+    with the name and sha256 of the file it came from and the digest of its arrays."""
     params_from_state_dict(state_dict)  # refuse to write a file that would not load
     arrays = {key: np.asarray(value, np.float32) for key, value in state_dict.items()
-              if not key.endswith("num_batches_tracked")}
-    target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("wb") as f:
-        np.savez(f, _source=np.array(source), **arrays)
+              if not key.endswith("num_batches_tracked") and not key.startswith("_")}
+    buffer = io.BytesIO()
+    np.savez(buffer, _source=np.array(source), _source_sha256=np.array(source_sha256),
+             _weights_sha256=np.array(weights_digest(arrays)), **arrays)
+    from ddpm_jax import image_utils
+
+    image_utils.write_atomically(path, buffer.getvalue())
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):

@@ -24,16 +24,45 @@ import grain
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ddpm_jax.registry import Registry, check_choice
 
 CROPS = ("none", "center", "box")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Transparent pixels are composited on this colour (white, as image viewers show them).
+BACKGROUND = (255, 255, 255)
 
 
 class DataError(ValueError):
     """Raised before training when the configured data cannot be read."""
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """An opened image as uint8 RGB [H, W, 3], as a person sees it.
+
+    The EXIF orientation is applied (phone photos are stored sideways); 16-bit images keep
+    their top 8 bits (x / 257); float images are read as [0, 1] (clipped); transparency is
+    composited on `BACKGROUND`.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # one deep channel
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if image.mode == "F" else 1.0 / 257.0
+        gray = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decodes the image file at `path` with `to_rgb8` (training, fid-stats, evaluate fid)."""
+    with Image.open(path) as image:
+        return to_rgb8(image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +129,7 @@ class FolderSource:
         """The decoded RGB image, or None (logged and counted) if the file is broken."""
         self._reads += 1
         try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))
+            return read_image(path)
         except Exception as error:  # PIL raises several types for broken files
             self._bad += 1
             logging.warning("skipping unreadable image %s (%s); %d of %d reads bad in this process",
@@ -137,24 +165,28 @@ def bundled_faces() -> np.ndarray:
     return np.repeat(faces[..., None], 3, axis=-1)
 
 
-def _image_size(path: str) -> tuple[int, int] | None:
-    """(height, width) from the file header, or None if the header cannot be read."""
+def _image_size(path: str) -> tuple[int, int] | str:
+    """(height, width) as displayed (EXIF rotation applied), or why the header cannot be read."""
     try:
         with Image.open(path) as image:
             width, height = image.size
-            return height, width
-    except Exception:
-        return None
+            orientation = image.getexif().get(0x0112, 1)  # 5..8 rotate by 90 degrees
+            return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
 
 
 def scan_folder(paths: Sequence[str], data_config: ml_collections.ConfigDict) -> list[str]:
-    """Reads every header once: drops unreadable files (logged, bounded by max_bad_fraction)
-    and fails on images too small for the configured crop, before any training work."""
+    """Reads every header once: drops unreadable files (each logged with its reason, bounded
+    by max_bad_fraction) and fails on images too small for the configured crop, before any
+    training work."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        sizes = list(pool.map(_image_size, paths))
+        results = list(pool.map(_image_size, paths))
+    sizes = [None if isinstance(result, str) else result for result in results]
     bad = [p for p, size in zip(paths, sizes, strict=True) if size is None]
-    for path in bad[:20]:
-        logging.warning("skipping unreadable image %s", path)
+    for path, result in zip(paths, results, strict=True):
+        if isinstance(result, str):
+            logging.warning("skipping unreadable image %s (%s)", path, result)
     if bad:
         logging.warning("skipping %d unreadable of %d files under %s", len(bad), len(paths),
                         data_config.path)
@@ -175,15 +207,26 @@ def scan_folder(paths: Sequence[str], data_config: ml_collections.ConfigDict) ->
 
 
 def list_image_files(path: str) -> list[str]:
-    """Sorted paths of every image file under `path`, recursively."""
+    """Sorted paths of every image file under `path`, recursively, following symlinked
+    folders (each real folder once, so a link loop ends); a folder that cannot be read is
+    reported and skipped."""
     if not os.path.isdir(path):
         raise DataError(f"data.path={path!r} is not a directory; point it at a folder of images")
-    files = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(path)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
+
+    def report(error: OSError) -> None:
+        logging.warning("cannot read folder %s (%s): its images are not used",
+                        error.filename, error.strerror)
+
+    files, visited = [], set()
+    for root, folders, names in os.walk(path, onerror=report, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a link back to a folder already scanned
+            folders[:] = []
+            continue
+        visited.add(real)
+        files += [os.path.join(root, name) for name in names
+                  if name.lower().endswith(IMAGE_EXTENSIONS)]
+    files.sort()
     if not files:
         raise DataError(
             f"data.path={path!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files; "
@@ -411,12 +454,14 @@ def create_dataset(
     *,
     process_index: int,
     process_count: int,
-    start_step: int = 0,
+    start_example: int = 0,
 ) -> grain.IterDataset:
     """Infinite iterator dataset of this process's uint8 batches [B / processes, S, S, 3].
 
-    `start_step` skips that many batches at no cost: the data a run at that step would
-    see, for any number of processes.
+    The data is one stream of examples (shuffled per epoch); global batch k holds examples
+    `start_example + k*B` to `start_example + (k+1)*B - 1`. `start_example` skips into the
+    stream at no cost, so a resumed run continues at the next unseen example for any batch
+    size and any number of processes.
     """
     if config.batch_size % process_count:
         raise DataError(
@@ -425,11 +470,13 @@ def create_dataset(
     local_batch_size = config.batch_size // process_count
     # One global order for every process count: the whole set is shuffled per epoch, cut
     # into global batches, and process p reads part p of each. So N processes together see
-    # exactly the batches one process would, and each epoch's parts are disjoint.
+    # exactly the batches one process would, and each epoch's parts are disjoint. Flips are
+    # drawn per position in the stream, before the skip, so they do not depend on it.
     dataset = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(None)
     dataset = dataset.random_map(preprocess_from_config(config.data), seed=config.seed + 1)
+    dataset = dataset[start_example:]
     dataset = dataset.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
-    iter_dataset = dataset[start_step:].to_iter_dataset()
+    iter_dataset = dataset.to_iter_dataset()
     if config.data.num_workers > 0:
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.data.num_workers)

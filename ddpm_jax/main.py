@@ -21,7 +21,14 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_bool("dry_run", False,
-                  "Validate the config, print the parameter overview and exit without training.")
+                  "Validate the config, print the parameter overview and the compiled step's "
+                  "memory, and exit without training.")
+flags.DEFINE_bool("steal_lock", False,
+                  "Take the workdir from a run that seems to hold it (its lock file names it); "
+                  "only when that run is surely gone.")
+flags.DEFINE_bool("allow_diffusion_change", False,
+                  "Resume with other diffusion.* settings (prediction, schedule, T, betas) "
+                  "than the checkpoints were trained with: a deliberate fine-tune.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Environment variables that mean a cluster launcher started several processes, in which
@@ -54,16 +61,28 @@ def initialize_distributed() -> None:
 
 
 def dry_run(config) -> None:
-    """Validates `config` and prints the per-module parameter overview, compiling nothing."""
+    """Validates `config`, prints the per-module parameter overview, and (unless
+    `config.check_memory` is False) compiles the train step and prints and checks its
+    memory; trains nothing and writes nothing."""
     from clu import parameter_overview
 
-    from ddpm_jax import config_checks, network
+    from ddpm_jax import config_checks, memory, network, train
 
     config_checks.validate(config, device_count=jax.device_count(),
                            process_count=jax.process_count())
     params = network.abstract_params(config)
     print(parameter_overview.get_parameter_overview(params, include_stats=False))
     print(f"total parameters: {parameter_overview.count_parameters(params)}")
+    if not config.check_memory:
+        return
+    step_fns = train.StepFunctions(config, train.create_mesh(config))
+    compiled = step_fns.compiled(step_fns.per_call)
+    needed = memory.step_bytes(compiled)
+    available, where = memory.available_bytes()
+    if needed is not None:
+        print(f"train step memory per device: {memory.human_bytes(needed)} ({where}: "
+              f"{'unknown' if available is None else memory.human_bytes(available)})")
+    memory.check_step_fits(compiled)
 
 
 def main(argv: list[str]) -> None:
@@ -77,17 +96,35 @@ def main(argv: list[str]) -> None:
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.default_backend())
     # Imported after distributed init, so nothing touches devices before it.
-    from ddpm_jax import config_checks, fid, inception, input_pipeline, train
+    from ddpm_jax import (
+        config_checks,
+        fid,
+        inception,
+        input_pipeline,
+        memory,
+        train,
+        workdir_lock,
+    )
 
     try:
         if FLAGS.dry_run:
             dry_run(FLAGS.config)
             return
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, steal_lock=FLAGS.steal_lock,
+                                 allow_diffusion_change=FLAGS.allow_diffusion_change)
     except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError,
-            fid.FIDError, inception.InceptionWeightsError) as error:
+            fid.FIDError, inception.InceptionWeightsError, memory.MemoryCheckError,
+            workdir_lock.WorkdirLockedError, checkpointing.CheckpointSaveError,
+            checkpointing.CheckpointReadError) as error:
         sys.exit(f"ddpm_jax: {error}")
+    except OSError as error:  # a full disk or a permission, outside a checkpoint save
+        if checkpointing.os_error_cause(error) == "error":
+            raise
+        sys.exit(f"ddpm_jax: {checkpointing.os_error_cause(error)}: {error}; checkpoints "
+                 "saved so far are intact: fix it and rerun the same command to resume")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from ddpm_jax import cli
+
+    app.run(main, flags_parser=cli.flags_parser("ddpm_jax.main"))

@@ -1,12 +1,14 @@
 """Graceful stops: SIGTERM (preemption) or SIGINT (Ctrl-C) end the run after the current call
-of the train step (one step, or `steps_per_dispatch` steps).
+of the train step (one step, or `steps_per_dispatch` steps), or after the current chunk of
+sampler steps when a sample grid or an in-loop FID is running (that evaluation is abandoned).
 
-One process: both signals set a flag that the loop reads after each call; it then saves a
-checkpoint, flushes logs and returns normally. A second Ctrl-C interrupts at once.
-Several processes: JAX's distributed runtime catches SIGTERM, and
-`multihost_utils.reached_preemption_sync_point` makes every process agree on the same step
+One process: both signals set a flag that the loop (and the sampler, between chunks) reads;
+the loop then saves a checkpoint, flushes logs and returns normally. A second Ctrl-C
+interrupts at once. Several processes: JAX's distributed runtime catches SIGTERM, and
+`multihost_utils.reached_preemption_sync_point` makes every process agree on the same check
 to stop at, so all of them save the same checkpoint (Ctrl-C is left to its default there:
-processes would not see it at the same step).
+processes would not see it at the same check). Every process makes the same sequence of
+checks, so a counter of them is the sync point's step.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from jax.experimental import multihost_utils
 
 
 class PreemptionWatcher:
-    """Call `should_stop(step)` after each train call; use as a context manager to restore handlers."""
+    """Call `should_stop()` after each train call (and sampler chunk); use as a context
+    manager to restore the signal handlers."""
 
     def __init__(self) -> None:
         self._requested = threading.Event()
         self._multi_process = jax.process_count() > 1
         self._previous: dict[int, object] = {}
+        self._checks = 0
         signals = () if self._multi_process else (signal.SIGTERM, signal.SIGINT)
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
@@ -35,13 +39,16 @@ class PreemptionWatcher:
         if self._requested.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._requested.set()
-        logging.warning("received %s: stopping after the current train call, with a checkpoint",
+        logging.warning("received %s: stopping after the current train call (or sampler chunk), with a "
+                        "checkpoint",
                         signal.Signals(signum).name)
 
-    def should_stop(self, step: int) -> bool:
+    def should_stop(self) -> bool:
+        """Whether to stop now; every process gets the same answer at the same check."""
+        self._checks += 1
         if self._multi_process:
             try:
-                return multihost_utils.reached_preemption_sync_point(step)
+                return multihost_utils.reached_preemption_sync_point(self._checks)
             except RuntimeError:  # runtime started without the preemption service
                 return False
         return self._requested.is_set()

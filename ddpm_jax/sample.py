@@ -10,6 +10,7 @@ sample at K points along the reverse chain). The same seed gives the same images
 
 from __future__ import annotations
 
+import io
 import sys
 
 import jax
@@ -41,42 +42,83 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "output"])
 
 
-def _open_run(workdir: str, step: int | None):
-    """(read-only manager, step, config) of checkpoint `step` (default: the newest)."""
+def _open_run(workdir: str, step: int | None, read):
+    """(step, read(manager, step)) of checkpoint `step`, or of the newest readable one.
+
+    Reads only: a damaged checkpoint is skipped with a warning (never moved or deleted); a
+    `step` that was asked for and cannot be read is one error naming it.
+    """
     from ddpm_jax import checkpointing, train
 
     directory = train.absolute_path(workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoints under {directory}; is --workdir a training run?")
     manager = checkpointing.make_manager(directory)  # read-only
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
+    try:
+        if step is None:
+            found = checkpointing.newest_readable(manager, lambda s: read(manager, s),
+                                                  repair=False)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoints under {directory}")
+            return found
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"checkpoint step {step} not in {manager.all_steps()}")
+        try:
+            return step, read(manager, step)
+        except Exception as error:
+            checkpointing.quiet_abandoned_io()
+            raise checkpointing.CheckpointReadError(
+                f"the checkpoint of step {step} in {directory} cannot be read "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); other steps: "
+                f"{[s for s in manager.all_steps() if s != step]}") from error
+    finally:
         manager.close()
-        raise FileNotFoundError(f"checkpoint step {step} not in {manager.all_steps()}")
-    return manager, step, ml_collections.ConfigDict(checkpointing.config_at(manager, step))
+
+
+def _read_config(manager, step: int) -> ml_collections.ConfigDict:
+    from ddpm_jax import checkpointing
+
+    return ml_collections.ConfigDict(checkpointing.config_at(manager, step))
 
 
 def run_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
-    """(config, step) of a run's checkpoint `step` (default: the newest), reading no weights;
-    the config has every field, those added since the run at their defaults."""
-    manager, step, config = _open_run(workdir, step)
-    manager.close()
+    """(config, step) of a run's checkpoint `step` (default: the newest readable), reading no
+    weights; the config has every field, those added since the run at their defaults."""
+    step, config = _open_run(workdir, step, _read_config)
     return config, step
 
 
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint's weights hold NaN or infinite values."""
+
+
 def load_run(workdir: str, step: int | None = None, weights: str = "ema"):
-    """(config, params, step, mesh) of a run's checkpoint, restored onto this host's mesh.
+    """(config, params, step, mesh) of a run's checkpoint `step` (default: the newest
+    readable), restored onto this host's mesh.
 
     `weights`: "ema" (the EMA when the run keeps one, else the raw weights) or "params";
-    the config has every field, those added since the run at their defaults.
+    the config has every field, those added since the run at their defaults. Weights with
+    NaN or infinite values are refused.
     """
     from ddpm_jax import checkpointing, sampling, train
 
-    manager, step, config = _open_run(workdir, step)
-    mesh = train.create_mesh(config)
-    state = checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
-    manager.close()
-    return config, sampling.sampling_params(config, state, weights), step, mesh
+    def read(manager, step):
+        config = _read_config(manager, step)
+        mesh = train.create_mesh(config)
+        state = checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
+        return config, mesh, state
+
+    step, (config, mesh, state) = _open_run(workdir, step, read)
+    params = sampling.sampling_params(config, state, weights)
+    finite = jax.tree.map(lambda x: bool(jax.numpy.isfinite(x).all()), params)
+    bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite)
+           if not ok]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"the {weights} weights of step {step} in {workdir} hold NaN or infinite values "
+            f"(in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); sample an earlier "
+            "--step")
+    return config, params, step, mesh
 
 
 def generate(
@@ -123,9 +165,9 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
     if path.suffix == ".png":
         image_utils.save_png(image_utils.make_grid(samples), output)
     elif path.suffix == ".npz":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            np.savez(f, images=samples)
+        buffer = io.BytesIO()
+        np.savez(buffer, images=samples)
+        image_utils.write_atomically(path, buffer.getvalue())
     else:
         raise ValueError(f"--output must end in .png or .npz, got {output!r}")
     if strips is not None:
@@ -137,18 +179,23 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddpm_jax import checkpointing
+    from ddpm_jax import checkpointing, image_utils
 
     checkpointing.hide_orbax_info()
     if not FLAGS.output.endswith((".png", ".npz")):
         sys.exit(f"ddpm_jax.sample: --output must end in .png or .npz, got {FLAGS.output!r}")
+    try:  # before any sampling: an output that cannot be written would lose it all
+        image_utils.check_writable(FLAGS.output)
+    except OSError as error:
+        sys.exit(f"ddpm_jax.sample: cannot write --output={FLAGS.output!r} "
+                 f"({checkpointing.os_error_cause(error)}: {error}); choose another path")
     try:
         samples, strips = generate(
             FLAGS.workdir, FLAGS.num_samples, step=FLAGS.step, sampler=FLAGS.sampler,
             num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, snapshots=FLAGS.snapshots, progress=True,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, checkpointing.CheckpointReadError) as error:
         sys.exit(f"ddpm_jax.sample: {error}")
     if jax.process_index() == 0:
         write(samples, strips, FLAGS.output)
@@ -156,5 +203,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from ddpm_jax import cli
+
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("ddpm_jax.sample"))

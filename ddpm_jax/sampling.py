@@ -7,6 +7,8 @@ to sample with is one `samplers.SamplerSettings`, read from a config section (`s
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -34,41 +36,99 @@ def sampling_params(config: ml_collections.ConfigDict, state: Any, weights: str 
     return state.ema_params if weights == "ema" and config.ema_decay > 0 else state.params
 
 
-def make_sample_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   settings: SamplerSettings, *, num_images: int, num_snapshots: int = 0):
-    """Jitted `fn(params, rng) -> images [N, S, S, 3]` in [-1, 1] (and snapshots), one program.
+class SampleFn:
+    """`fn(params, rng, should_stop=None)` -> images [N, S, S, 3] in [-1, 1] (and snapshots
+    [K, N, S, S, 3] with `num_snapshots`), or None when `should_stop()` said to stop.
 
-    The batch is sharded over the mesh; N is `num_images` rounded up to a multiple of
-    the device count.
+    The reverse chain is one compiled program (a loop over steps) that runs the whole chain
+    in one call, or, given `should_stop`, a chunk of steps per call, checked in between: a
+    stop request then waits for one chunk (sized to take about `CHUNK_SECONDS`), not the
+    whole chain. Both run the same program, so they give the same images. The batch is
+    sharded over the mesh; N is `num_images` rounded up to a multiple of the device count.
     """
-    definition = network.graphdef(config)
-    schedule = diffusion.schedule_from_config(config)
-    size = config.data.image_size
-    shape = (sharding.padded_to_devices(num_images, mesh), size, size, 3)
-    out_sharding = sharding.batch_sharding(mesh)
-    d = config.diffusion
 
-    def run(params, rng):
-        return diffusion.sample(
-            lambda x, t: network.apply(definition, params, x, t),
-            schedule, shape, rng, prediction=d.prediction, variance=d.variance,
-            clip_x0=d.clip_x0, num_snapshots=num_snapshots, initial_noise_sharding=out_sharding,
-            **settings.sample_kwargs(),
-        )
+    CHUNK_SECONDS = 2.0
 
-    outs = ((out_sharding, sharding.stacked_batch_sharding(mesh)) if num_snapshots
-            else out_sharding)
-    return jax.jit(run, in_shardings=(network.params_shardings(config, mesh),
-                                      sharding.replicated(mesh)),
-                   out_shardings=outs, compiler_options=ops.compiler_options(config))
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 settings: SamplerSettings, *, num_images: int, num_snapshots: int = 0):
+        definition = network.graphdef(config)
+        schedule = diffusion.schedule_from_config(config)
+        size = config.data.image_size
+        shape = (sharding.padded_to_devices(num_images, mesh), size, size, 3)
+        d = config.diffusion
+        plan = diffusion.reverse_plan(schedule, shape, prediction=d.prediction,
+                                      variance=d.variance, clip_x0=d.clip_x0,
+                                      num_snapshots=num_snapshots, **settings.sample_kwargs())
+        self.num_steps = plan.num_steps
+        self.num_images = shape[0]
+        self._plan = plan
+        batch = sharding.batch_sharding(mesh)
+        stacked = sharding.stacked_batch_sharding(mesh)
+
+        def init(rng):
+            x, state, snapshots, rngs = diffusion.reverse_init(plan, rng, batch)
+            return x, state, jax.lax.with_sharding_constraint(snapshots, stacked), rngs
+
+        def advance(params, carry, start, stop):
+            return diffusion.reverse_steps(
+                plan, lambda x, t: network.apply(definition, params, x, t), schedule, carry,
+                start, stop)
+
+        options = ops.compiler_options(config)
+        self._init = jax.jit(init, in_shardings=sharding.replicated(mesh),
+                             compiler_options=options)
+        self._advance = jax.jit(advance, donate_argnums=(1,), compiler_options=options,
+                                in_shardings=(network.params_shardings(config, mesh), None,
+                                              None, None))
+
+    def __call__(self, params: Any, rng: jax.Array, should_stop: Callable[[], bool] | None = None,
+                 on_steps: Callable[[int], None] | None = None):
+        carry = self._init(rng)
+        if should_stop is None and on_steps is None:
+            carry = self._advance(params, carry, 0, self.num_steps)
+            return diffusion.reverse_result(self._plan, carry)
+        done, chunk = 0, 1
+        while done < self.num_steps:
+            stop = min(done + chunk, self.num_steps)
+            started = time.perf_counter()
+            carry = jax.block_until_ready(self._advance(params, carry, done, stop))
+            elapsed = time.perf_counter() - started
+            if on_steps is not None:
+                on_steps(stop - done)
+            done = stop
+            if should_stop is not None and should_stop():
+                return None
+            # Double the chunk while a call takes under half the target; the first call
+            # compiles, so it never grows the chunk. Every process takes process 0's choice.
+            if chunk > 1 or done > 1:
+                chunk = _agreed(chunk * 2 if elapsed < self.CHUNK_SECONDS / 2 else chunk)
+        return diffusion.reverse_result(self._plan, carry)
+
+
+def _agreed(value: int) -> int:
+    """`value` as process 0 has it (the same sequence of calls on every process)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   settings: SamplerSettings, *, num_images: int, num_snapshots: int = 0
+                   ) -> SampleFn:
+    """The sampler of `config`'s network with `settings` (see `SampleFn`)."""
+    return SampleFn(config, mesh, settings, num_images=num_images, num_snapshots=num_snapshots)
 
 
 def log_sample_grid(
-    sample_fn, params: Any, rng: jax.Array, step: int, num_images: int,
+    sample_fn: SampleFn, params: Any, rng: jax.Array, step: int, num_images: int,
     writer: metric_writers.MetricWriter, workdir: str,
-) -> None:
-    """Samples, gathers to every host, and writes a grid to TensorBoard and workdir/samples."""
-    outputs = sample_fn(params, rng)
+    should_stop: Callable[[], bool] | None = None,
+) -> bool:
+    """Samples, gathers to every host, and writes a grid to TensorBoard and workdir/samples;
+    False (nothing written) when `should_stop()` asked to stop during sampling."""
+    outputs = sample_fn(params, rng, should_stop)
+    if outputs is None:
+        return False
     images = outputs[0] if isinstance(outputs, tuple) else outputs
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:num_images]
     grid = image_utils.make_grid(image_utils.to_uint8(images))
@@ -83,6 +143,7 @@ def log_sample_grid(
         )
     if jax.process_index() == 0:
         image_utils.save_png(grid, str(epath.Path(workdir) / "samples" / f"step_{step:08d}.png"))
+    return True
 
 
 def make_sample_fid_fn(
@@ -98,8 +159,12 @@ def make_sample_fid_fn(
     features = fid.InceptionFeatures(weights, mesh)
     sample_fn = make_sample_fn(config, mesh, settings, num_images=min(batch_size, num_samples))
 
-    def evaluate(params: Any, rng: jax.Array) -> tuple[float, int]:
-        stats = features.sample_statistics(sample_fn, params, rng, num_samples, progress)
+    def evaluate(params: Any, rng: jax.Array, should_stop: Callable[[], bool] | None = None
+                 ) -> tuple[float, int] | None:
+        stats = features.sample_statistics(sample_fn, params, rng, num_samples, progress,
+                                           should_stop)
+        if stats is None:
+            return None
         return fid.distance_to(stats, reference_mu, reference_sigma), stats.count
 
     return evaluate
@@ -123,4 +188,9 @@ def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
         config, mesh, SamplerSettings.from_config(e), weights=e.inception_weights,
         reference=e.reference_stats, num_samples=e.num_samples, batch_size=e.batch_size)
     rng = jax.random.PRNGKey(config.seed + 3)
-    return lambda params: sample_fid(params, rng)[0]
+
+    def evaluate(params: Any, should_stop: Callable[[], bool] | None = None) -> float | None:
+        result = sample_fid(params, rng, should_stop)
+        return None if result is None else result[0]
+
+    return evaluate

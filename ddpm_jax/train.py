@@ -32,6 +32,7 @@ from ddpm_jax import (
     config_checks,
     diffusion,
     input_pipeline,
+    memory,
     network,
     objectives,
     ops,
@@ -39,6 +40,7 @@ from ddpm_jax import (
     preemption,
     sampling,
     sharding,
+    workdir_lock,
 )
 from ddpm_jax.samplers import SamplerSettings
 
@@ -274,35 +276,54 @@ def absolute_path(path: str) -> epath.Path:
     return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains for `config.num_train_steps`, resuming from the newest checkpoint in `workdir`."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       steal_lock: bool = False,
+                       allow_diffusion_change: bool = False) -> TrainState:
+    """Trains for `config.num_train_steps`, resuming from the newest readable checkpoint in
+    `workdir`, which this run holds alone while it trains (`workdir_lock`).
+
+    `steal_lock` takes the workdir from a run that still seems to hold it;
+    `allow_diffusion_change` resumes with other `diffusion.*` targets or schedules (a
+    deliberate fine-tune) instead of refusing.
+    """
     workdir_path = absolute_path(workdir)
     config_checks.validate(config, str(workdir_path), device_count=jax.device_count(),
                            process_count=jax.process_count())
+    with workdir_lock.hold(workdir_path, steal=steal_lock):
+        return _train(config, workdir_path, allow_diffusion_change)
+
+
+def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
+           allow_diffusion_change: bool) -> TrainState:
     source = input_pipeline.make_source(config.data)  # fails fast on missing data
     manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
-    # Before anything is built from the config: a resumed run keeps its legacy values.
-    stored_config = checkpointing.latest_stored_config(manager)
-    if stored_config is not None:
-        checkpointing.keep_legacy_values(config, stored_config)
-        config_checks.check_compatible(checkpointing.with_defaults(stored_config), config)
     mesh = create_mesh(config)
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
-    evaluate_fid = sampling.make_fid_evaluator(config, mesh)  # fails fast on missing files
 
-    make_data_iter = functools.partial(
-        input_pipeline.create_dataset, config, source, process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    data_iter = iter(make_data_iter())
-    state, data_restored = checkpointing.restore_latest(
-        manager, abstract_train_state(config, mesh), data_iter)
+    def read(step: int) -> tuple[TrainState, int]:
+        stored = checkpointing.stored_config(manager, step)
+        # Before anything is built from the config: a resumed run keeps its legacy values.
+        checkpointing.keep_legacy_values(config, stored)
+        config_checks.check_compatible(checkpointing.with_defaults(stored), config,
+                                       allow_diffusion_change=allow_diffusion_change)
+        state = checkpointing.restore_step(manager, step, abstract_train_state(config, mesh))
+        return state, checkpointing.examples_seen(manager, step, stored)
+
+    restored = checkpointing.newest_readable(manager, read, repair=True,
+                                             passthrough=(config_checks.ConfigError,))
+    state, examples = restored[1] if restored else (None, 0)
+    evaluate_fid = sampling.make_fid_evaluator(config, mesh)  # fails fast on missing files
+    data_iter = iter(input_pipeline.create_dataset(
+        config, source, process_index=jax.process_index(), process_count=jax.process_count(),
+        start_example=examples))
+    step_fns = StepFunctions(config, mesh)
+    if config.check_memory:  # compiles the step training uses: no extra work
+        memory.check_step_fits(step_fns.compiled(step_fns.per_call))
     if state is None:
         state = create_train_state(config, mesh)
-    elif not data_restored:  # the data order depends only on the step: start there
-        data_iter = iter(make_data_iter(start_step=int(state.step)))
     initial_step = int(state.step)
-    logging.info("starting at step %d of %d", initial_step, config.num_train_steps)
+    logging.info("starting at step %d of %d (example %d of the data stream)", initial_step,
+                 config.num_train_steps, examples)
 
     # Imported here: clu's writers and progress reports load TensorFlow (slow to import), which the
     # train step, the sampler and the benchmarks do not need (and GPU hosts may lack).
@@ -316,20 +337,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         parameter_overview.log_parameter_overview(state.params, msg="model parameters",
                                                   jax_logging_process=0)
 
-    step_fns = StepFunctions(config, mesh)
     sample_fn = sampling.make_sample_fn(
         config, mesh, SamplerSettings.from_config(config.sample),
         num_images=config.sample.num_images, num_snapshots=config.sample.num_snapshots,
     )
 
     loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid,
-                 periodic_actions.ReportProgress(num_train_steps=config.num_train_steps))
+                 periodic_actions.ReportProgress(num_train_steps=config.num_train_steps),
+                 examples)
     with metric_writers.ensure_flushes(writer), preemption.PreemptionWatcher() as watcher:
         try:
             state = loop.run(state, step_fns, watcher)
         finally:
-            manager.wait_until_finished()  # never leave a half-written checkpoint behind
-            manager.close()
+            try:  # never leave a half-written checkpoint behind
+                checkpointing.check_saves(manager, loop.last_saved, wait=True)
+            finally:
+                manager.close()
     return state
 
 
@@ -337,17 +360,33 @@ class StepFunctions:
     """The train step as one step per call, and as `steps_per_dispatch` steps per call:
     `fns(state, local_batches)` runs one step per local batch, in one call.
 
-    Each is compiled on its first use: a run whose events (logging, samples, checkpoints,
-    FID, its end) all fall on multiples of `steps_per_dispatch` from its start only ever
-    compiles the second. The training loop and the benchmarks call it.
+    Each is compiled on its first use (`compiled`): a run whose events (logging, samples,
+    checkpoints, FID, its end) all fall on multiples of `steps_per_dispatch` from its start
+    only ever compiles the second. The training loop and the benchmarks call it.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.mesh = mesh
+        self.config = config
         self.per_call = steps_per_dispatch(config)
-        self.single = make_train_step(config, mesh)
-        self.multi = make_train_step(config, mesh, self.per_call) if self.per_call > 1 else None
+        self._compiled: dict[int, Any] = {}
         logging.info("%d train steps per call", self.per_call)
+
+    def compiled(self, steps: int):
+        """The step function running `steps` steps per call, compiled ahead of time."""
+        if steps not in self._compiled:
+            image = (self.config.data.image_size,) * 2 + (3,)
+            shape, where = (self.config.batch_size, *image), batch_sharding(self.mesh)
+            if steps > 1:
+                shape, where = (steps, *shape), sharding.stacked_batch_sharding(self.mesh)
+            batch = jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=where)
+            started = time.perf_counter()
+            logging.info("compiling the train step (%d step%s per call)...", steps,
+                         "s" if steps > 1 else "")
+            self._compiled[steps] = make_train_step(self.config, self.mesh, steps).lower(
+                abstract_train_state(self.config, self.mesh), batch).compile()
+            logging.info("compiled the train step in %.1f s", time.perf_counter() - started)
+        return self._compiled[steps]
 
     def steps_in_next_call(self, step: int, next_event: int) -> int:
         """`steps_per_dispatch` steps where no event falls inside them, else one."""
@@ -355,8 +394,8 @@ class StepFunctions:
 
     def __call__(self, state: TrainState, local_batches: list[np.ndarray]):
         if len(local_batches) == 1:
-            return self.single(state, global_batch(local_batches[0], self.mesh))
-        return self.multi(state, global_batches(local_batches, self.mesh))
+            return self.compiled(1)(state, global_batch(local_batches[0], self.mesh))
+        return self.compiled(len(local_batches))(state, global_batches(local_batches, self.mesh))
 
 
 class NonFiniteError(FloatingPointError):
@@ -367,7 +406,7 @@ class _Loop:
     """The host side of training: logging, samples, checkpoints, non-finite and stop checks."""
 
     def __init__(self, config, workdir_path, writer, manager, data_iter, sample_fn,
-                 evaluate_fid, report):
+                 evaluate_fid, report, examples_seen):
         self.config = config
         self.evaluate_fid = evaluate_fid
         self.workdir = str(workdir_path)
@@ -378,6 +417,8 @@ class _Loop:
         self.sample_rng = jax.random.PRNGKey(config.seed + 2)
         self.report = report
         self.pending: list[dict[str, jax.Array]] = []
+        self.examples_seen = examples_seen  # position in the data stream
+        self.last_saved: int | None = None
         self.interval_start = time.perf_counter()
 
     def run(self, state: TrainState, step_fns: StepFunctions, watcher) -> TrainState:
@@ -389,25 +430,25 @@ class _Loop:
             batches = [next(self.data_iter) for _ in range(count)]
             state, metrics = step_fns(state, batches)
             step += count
+            self.examples_seen += count * config.batch_size
+            checkpointing.check_saves(self.manager, self.last_saved)  # a failed background save
             if previous is not None:
                 self.check_finite(*previous)
             previous = (step, metrics)
             self.pending.append(metrics)
             self.report(step)
             last = step == config.num_train_steps
-            stop = watcher.should_stop(step)
+            stop = watcher.should_stop()
             if step % config.log_every_steps == 0 or last or stop:
                 self.log_scalars(step)
-            if step % config.sample_every_steps == 0 or last:
-                sampling.log_sample_grid(
-                    self.sample_fn, sampling.sampling_params(config, state),
-                    jax.random.fold_in(self.sample_rng, step), step, config.sample.num_images,
-                    self.writer, self.workdir)
-            if self.evaluate_fid and (step % config.eval_every_steps == 0 or last):
-                self.log_fid(step, state)
+            if not stop and (step % config.sample_every_steps == 0 or last):
+                stop = not self.log_samples(step, state, watcher)
+            if not stop and self.evaluate_fid and (step % config.eval_every_steps == 0 or last):
+                stop = not self.log_fid(step, state, watcher)
             if step % config.save_every_steps == 0 or last or stop:
                 self.check_finite(*previous)  # never checkpoint past an unchecked step
-                checkpointing.save(self.manager, step, state, self.data_iter, config)
+                checkpointing.save(self.manager, step, state, config, self.examples_seen)
+                self.last_saved = step
             if stop:
                 logging.warning("stopped at step %d; rerun the same command to resume", step)
                 break
@@ -415,19 +456,43 @@ class _Loop:
             self.check_finite(*previous)
         return state
 
+    def log_samples(self, step: int, state: TrainState, watcher) -> bool:
+        """Logs a sample grid; False when a stop request abandoned it."""
+        start = time.perf_counter()
+        logging.info("step %d: sampling %d images (%s)...", step, self.config.sample.num_images,
+                     SamplerSettings.from_config(self.config.sample).describe())
+        done = sampling.log_sample_grid(
+            self.sample_fn, sampling.sampling_params(self.config, state),
+            jax.random.fold_in(self.sample_rng, step), step, self.config.sample.num_images,
+            self.writer, self.workdir, should_stop=watcher.should_stop)
+        if not done:
+            logging.warning("step %d: stop requested: sample grid abandoned after %.0f s", step,
+                            time.perf_counter() - start)
+        self.interval_start += time.perf_counter() - start  # keep sampling out of steps_per_sec
+        return done
+
     def next_event(self, step: int) -> int:
         """The first step after `step` that logs, samples, evaluates, saves or ends the run."""
         intervals = event_intervals(self.config, with_fid=self.evaluate_fid is not None)
         return min([self.config.num_train_steps]
                    + [(step // interval + 1) * interval for interval in intervals])
 
-    def log_fid(self, step: int, state: TrainState) -> None:
+    def log_fid(self, step: int, state: TrainState, watcher) -> bool:
+        """Logs FID; False when a stop request abandoned it."""
         start = time.perf_counter()
-        value = self.evaluate_fid(sampling.sampling_params(self.config, state))
+        logging.info("step %d: FID over %d samples (%s)...", step, self.config.eval.num_samples,
+                     SamplerSettings.from_config(self.config.eval).describe())
+        value = self.evaluate_fid(sampling.sampling_params(self.config, state),
+                                  watcher.should_stop)
+        elapsed = time.perf_counter() - start
+        self.interval_start += elapsed  # keep evaluation out of steps_per_sec
+        if value is None:
+            logging.warning("step %d: stop requested: FID abandoned after %.0f s", step, elapsed)
+            return False
         logging.info("step %d: FID %.3f over %d samples (%.0f s)", step, value,
-                     self.config.eval.num_samples, time.perf_counter() - start)
+                     self.config.eval.num_samples, elapsed)
         self.writer.write_scalars(step, {"fid": value})
-        self.interval_start = time.perf_counter()  # keep evaluation out of steps_per_sec
+        return True
 
     def check_finite(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """Raises for a non-finite step among those of the call that ended at `step`."""

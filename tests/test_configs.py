@@ -80,3 +80,15 @@ def test_every_config_validates(name):
 def test_downsample_padding_is_the_one_each_net_was_published_with(name, padding):
     # Ho et al.'s TensorFlow nets pad 'SAME'; the PyTorch project's Conv2d pads 1 each side.
     assert load(name).model.downsample_padding == padding
+
+
+@pytest.mark.parametrize("start, end", [(0.5, 1e-4), (1e-4, 2.0), (0.0, 0.02), (-1e-4, 0.02)])
+def test_a_beta_schedule_outside_0_start_end_1_is_refused_naming_both_fields(start, end):
+    config = load("quickstart")
+    config.diffusion.beta_start, config.diffusion.beta_end = start, end
+    with pytest.raises(config_checks.ConfigError,
+                       match=r"beta_start=.* and diffusion.beta_end=.* must satisfy "
+                             r"0 < beta_start <= beta_end < 1"):
+        config_checks.validate(config)
+    config.diffusion.beta_start, config.diffusion.beta_end = 1e-4, 0.02
+    config_checks.validate(config)

@@ -234,6 +234,44 @@ def test_pools_follow_the_2015_graph_at_borders():
     assert float(pooled[0, 0, 0, 0]) == -1.0
 
 
+def test_converted_weights_carry_their_provenance_and_others_are_flagged(tmp_path):
+    """Only weights provably from the standard file (its sha256 prefix, arrays unchanged since
+    conversion) count as standard; non-finite weights are refused."""
+    weights = synthetic_state_dict()
+    standard_digest = "6726825d" + "0" * 56  # what the standard file's sha256 starts with
+    path = str(tmp_path / "converted.npz")
+    inception.save_npz(weights, path, source=inception.STANDARD_FILE,
+                       source_sha256=standard_digest)
+    assert inception.not_standard_reason(path, inception.read_state_dict(path)) == ""
+    # same layout, other values: the arrays no longer match the digest taken at conversion
+    tampered = dict(inception.read_state_dict(path))
+    tampered["fc.weight"] = tampered["fc.weight"] * 2
+    assert "changed after conversion" in inception.not_standard_reason(path, tampered)
+    other = str(tmp_path / "other.npz")
+    inception.save_npz(weights, other, source="mine.pth", source_sha256="ab" * 32)
+    assert "not 6726825d" in inception.not_standard_reason(other, inception.read_state_dict(other))
+    legacy = str(tmp_path / "legacy.npz")  # written before digests were kept
+    np.savez(legacy, **{k: v for k, v in weights.items() if "num_batches" not in k})
+    assert "does not record" in inception.not_standard_reason(legacy,
+                                                              inception.read_state_dict(legacy))
+    warnings = []
+    from absl import logging
+
+    original, logging.warning = logging.warning, lambda msg, *a: warnings.append(msg % a)
+    try:
+        inception.load(other)
+        inception.load(path)
+    finally:
+        logging.warning = original
+    assert len(warnings) == 1 and "not comparable with published numbers" in warnings[0]
+    broken = dict(weights)
+    broken["Conv2d_1a_3x3.conv.weight"] = broken["Conv2d_1a_3x3.conv.weight"] * np.nan
+    nan_path = str(tmp_path / "nan.npz")
+    inception.save_npz(broken, nan_path)
+    with pytest.raises(inception.InceptionWeightsError, match="non-finite values in Conv2d_1a"):
+        inception.load(nan_path)
+
+
 # ------------------------------------------------------------------------- end to end
 
 

@@ -103,7 +103,7 @@ def test_restored_iterator_continues_with_the_same_batches():
         np.testing.assert_array_equal(x, y)
 
 
-def test_start_step_skips_to_the_same_batches():
+def test_start_example_skips_to_the_same_batches():
     config = tiny_config()
     source = index_source(30)
     straight = take(iter(input_pipeline.create_dataset(config, source, process_index=0,
@@ -111,10 +111,25 @@ def test_start_step_skips_to_the_same_batches():
     for processes in (1, 2):
         config.batch_size = 8
         parts = [take(iter(input_pipeline.create_dataset(
-            config, source, process_index=p, process_count=processes, start_step=4)), 3)
+            config, source, process_index=p, process_count=processes, start_example=32)), 3)
             for p in range(processes)]
         for expected, *pieces in zip(straight[4:], *parts, strict=True):
             np.testing.assert_array_equal(expected, np.concatenate(pieces))
+
+
+def test_another_batch_size_continues_at_the_next_unseen_example():
+    """The stream of examples (order and flips) does not depend on the batch size: batches
+    of 4 from example 12 are the examples 12... of a run with batches of 8."""
+    config = tiny_config()
+    config.data.random_flip = True
+    source = index_source(30)
+    config.batch_size = 8
+    stream = np.concatenate(take(iter(input_pipeline.create_dataset(
+        config, source, process_index=0, process_count=1)), 6))
+    config.batch_size = 4
+    resumed = np.concatenate(take(iter(input_pipeline.create_dataset(
+        config, source, process_index=0, process_count=1, start_example=12)), 5))
+    np.testing.assert_array_equal(resumed, stream[12:32])
 
 
 def test_flip_is_random_per_image():
@@ -266,3 +281,101 @@ def test_images_smaller_than_the_crop_fail_before_training(tmp_path):
     config = folder_config(tmp_path, crop="center", crop_size=24, max_bad_fraction=0.2)
     with pytest.raises(input_pipeline.DataError, match="small.png.*data.crop_size"):
         input_pipeline.make_source(config.data)
+
+
+def png_16bit(pixels):
+    """A 16-bit PNG (RGB or RGBA) written by hand: PIL cannot write one."""
+    import struct
+    import zlib
+
+    height, width, channels = pixels.shape
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_images_are_decoded_as_people_see_them(tmp_path):
+    # 16-bit grayscale: the top 8 bits (x / 257), not clipped to white
+    Image.fromarray(np.full((4, 6), 257 * 100, np.uint16)).save(tmp_path / "gray16.png")
+    # 16-bit RGB with alpha: half-transparent red on the white background
+    rgba16 = np.zeros((4, 6, 4), np.uint16)
+    rgba16[..., 0], rgba16[..., 3] = 65535, 257 * 128
+    (tmp_path / "rgba16.png").write_bytes(png_16bit(rgba16))
+    # float (TIFF, mode F) read as [0, 1]
+    Image.fromarray(np.full((4, 6), 0.5, np.float32)).save(tmp_path / "float.tif")
+    # fully transparent pixels stored black show the background, not black
+    clear = np.zeros((4, 6, 4), np.uint8)
+    Image.fromarray(clear, "RGBA").save(tmp_path / "clear.png")
+    # a palette image with a transparent index
+    palette = Image.fromarray(np.zeros((4, 6), np.uint8), "P")
+    palette.putpalette([10, 20, 30] * 256)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    # a phone photo stored sideways: 6x4 pixels, EXIF orientation 6 (rotate 90 clockwise)
+    sideways = np.zeros((4, 6, 3), np.uint8)
+    sideways[:, 0] = 255  # the stored left column becomes the top row
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(sideways).save(tmp_path / "phone.png", exif=exif)
+
+    read = lambda name: input_pipeline.read_image(str(tmp_path / name))  # noqa: E731
+    assert np.all(read("gray16.png") == 100)
+    np.testing.assert_allclose(read("rgba16.png")[0, 0], [255, 127, 127], atol=1)
+    assert np.all(read("float.tif") == 128)
+    assert np.all(read("clear.png") == 255) and np.all(read("palette.png") == 255)
+    phone = read("phone.png")
+    assert phone.shape == (6, 4, 3) and np.all(phone[0] == 255) and np.all(phone[1:] == 0)
+    for name in ("gray16.png", "rgba16.png", "float.tif", "clear.png", "palette.png",
+                 "phone.png"):
+        assert read(name).dtype == np.uint8 and read(name).shape[-1] == 3
+    # the folder source (training, fid-stats) decodes the same, and sizes the rotated photo
+    config = folder_config(tmp_path, image_size=4, crop="center", crop_size=4)
+    source = input_pipeline.make_source(config.data)
+    assert len(source) == 6
+    for index, path in enumerate(source._paths):
+        np.testing.assert_array_equal(source[index], input_pipeline.read_image(path))
+
+
+def test_symlinked_folders_are_followed_once_and_unreadable_ones_reported(
+        tmp_path, monkeypatch):
+    from absl import logging
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for folder, name in ((data, "a.png"), (data / "sub", "b.png"), (elsewhere, "c.png")):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / name)
+    (data / "linked").symlink_to(elsewhere)  # followed
+    (data / "sub" / "loop").symlink_to(data)  # a loop: scanned once
+    (data / "locked").mkdir()
+    (data / "locked" / "d.png").write_bytes((data / "a.png").read_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # a folder this user may not read (root reads everything)
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    files = input_pipeline.list_image_files(str(data))
+    assert [os.path.relpath(f, data) for f in files] == ["a.png", "linked/c.png", "sub/b.png"]
+    assert any("locked" in w and "Permission denied" in w for w in warnings)
+
+
+def test_each_skipped_file_is_logged_with_its_reason(tmp_path, monkeypatch):
+    from absl import logging
+
+    make_messy_folder(tmp_path)
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    input_pipeline.make_source(folder_config(tmp_path, max_bad_fraction=0.2).data)
+    corrupt = [w for w in warnings if "corrupt.jpg" in w]
+    assert len(corrupt) == 1 and "UnidentifiedImageError" in corrupt[0]

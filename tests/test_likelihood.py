@@ -199,7 +199,7 @@ def test_learned_variances_with_min_snr_train_sample_and_give_a_bound(tmp_path):
     assert float(bound(state.params)) < 0.8 * float(initial_bound)  # same t, noise and images
 
     manager = checkpointing.make_manager(tmp_path / "checkpoints", config)
-    checkpointing.save(manager, 30, state, None, config)
+    checkpointing.save(manager, 30, state, config)
     manager.wait_until_finished()
     manager.close()
     run_config, _, _, _ = sample.load_run(str(tmp_path))

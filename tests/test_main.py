@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import ROOT
+from tests.helpers import MICRO_FLAGS, ROOT
 
 TINY_FLAGS = [
     "--config.num_train_steps=3", "--config.batch_size=8", "--config.log_every_steps=1",
@@ -49,9 +49,29 @@ def test_celeba_without_data_stops_at_once_with_instructions(tmp_path):
 
 
 def test_dry_run_prints_overview_and_total_without_training(tmp_path):
-    result = run_main("--config=configs/celeba.py", f"--workdir={tmp_path / 'run'}", "--dry_run")
+    result = run_main("--config=configs/celeba.py", f"--workdir={tmp_path / 'run'}", "--dry_run",
+                      "--config.check_memory=False")  # compiling the celeba step takes minutes
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "total parameters: 332477603"
     assert any("encoder/0/conv1/kernel" in line for line in lines)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_dry_run_prints_the_step_memory_and_refuses_a_step_that_cannot_fit(tmp_path):
+    result = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
+                      "--dry_run", *MICRO_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if "train step memory" in line)
+    assert "MiB" in line and "available host memory" in line
+    # 4096x4096 images: hundreds of GiB of activations, refused before any training
+    result = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
+                      *[flag for flag in MICRO_FLAGS if "image_size" not in flag
+                        and "attention_resolutions" not in flag],
+                      "--config.data.image_size=4096", "--config.model.attention_resolutions=()")
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("ddpm_jax: the train step needs") and "GiB" in message
+    for lever in ("batch_size", "data.image_size", "model.remat"):
+        assert lever in message
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "3")

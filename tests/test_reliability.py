@@ -36,7 +36,8 @@ def final_params(workdir):
     manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
     assert manager.latest_step() == STEPS
     mesh = train.create_mesh(devices=jax.devices()[:1])
-    state, _ = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
+    state = checkpointing.restore_step(manager, manager.latest_step(),
+                                       train.abstract_train_state(config, mesh))
     manager.close()
     return jax.tree.map(np.asarray, state)
 
@@ -115,7 +116,8 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path)
     manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", config)
     assert manager.all_steps() == [1]
     mesh = train.create_mesh(config)
-    state, _ = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), None)
+    state = checkpointing.restore_step(manager, manager.latest_step(),
+                                       train.abstract_train_state(config, mesh))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
@@ -142,6 +144,16 @@ def test_resuming_with_a_different_network_is_refused_before_any_work(tmp_path):
     config.diffusion.prediction = "v"
     with pytest.raises(config_checks.ConfigError, match="diffusion.prediction: checkpoint 'eps'"):
         train.train_and_evaluate(config, str(tmp_path))
+    assert checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints").all_steps() == [2]
+    # Fine-tuning with the new target on purpose, with another batch size: the data goes on
+    # at the next unseen example (2 steps of 8 seen, then 2 of 4).
+    config.batch_size = 4
+    state = train.train_and_evaluate(config, str(tmp_path), allow_diffusion_change=True)
+    assert int(state.step) == 4
+    manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints")
+    stored = checkpointing.stored_config(manager, 4)
+    assert stored["diffusion"]["prediction"] == "v"
+    assert checkpointing.examples_seen(manager, 4, stored) == 2 * 8 + 2 * 4
 
 
 def test_keep_every_steps_keeps_permanent_checkpoints(tmp_path):

@@ -133,9 +133,9 @@ def restore(workdir, step):
     config = micro_config()
     manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
     assert manager.latest_step() == step
-    state, _ = checkpointing.restore_latest(
-        manager, train.abstract_train_state(config, train.create_mesh(config, jax.devices()[:1])),
-        None)
+    state = checkpointing.restore_step(
+        manager, step,
+        train.abstract_train_state(config, train.create_mesh(config, jax.devices()[:1])))
     return jax.tree.map(np.asarray, state)
 
 

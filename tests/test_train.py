@@ -94,21 +94,22 @@ def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
     for _ in range(2):
         state, _ = step_fn(state, train.global_batch(next(data_iter), mesh))
     manager = checkpointing.make_manager(tmp_path / "ckpt", config)
-    checkpointing.save(manager, 2, state, data_iter, config)
+    checkpointing.save(manager, 2, state, config)
     manager.wait_until_finished()
     expected_next = next(data_iter)
 
-    fresh_iter = iter(dataset)
-    restored, data_restored = checkpointing.restore_latest(
-        checkpointing.make_manager(tmp_path / "ckpt", config),
-        train.abstract_train_state(config, mesh), fresh_iter,
-    )
-    assert data_restored
+    manager = checkpointing.make_manager(tmp_path / "ckpt", config)
+    step, (restored, examples) = checkpointing.newest_readable(manager, lambda step: (
+        checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh)),
+        checkpointing.examples_seen(manager, step, {})), repair=False)
+    assert (step, examples) == (2, 2 * config.batch_size)
+    resumed = iter(input_pipeline.create_dataset(config, source, process_index=0,
+                                                 process_count=1, start_example=examples))
+    np.testing.assert_array_equal(next(resumed), expected_next)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert restored.params["conv_in"]["kernel"].sharding.is_equivalent_to(
         train.replicated(mesh), 4)
-    np.testing.assert_array_equal(next(fresh_iter), expected_next)
 
 
 def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
@@ -173,7 +174,7 @@ def test_loop_keeps_every_event_step_with_several_steps_per_call(tmp_path, monke
 
 
 def test_nonfinite_check_names_the_step_inside_a_call():
-    loop = train._Loop(micro_config(), "", None, None, None, None, None, None)
+    loop = train._Loop(micro_config(), "", None, None, None, None, None, None, 0)
     loop.check_finite(8, {"nonfinite": np.zeros(4, np.int32), "loss": np.ones(4)})
     metrics = {"nonfinite": np.array([0, 1, 1, 0], np.int32),
                "loss": np.array([1.0, np.nan, np.inf, 1.0])}

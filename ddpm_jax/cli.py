@@ -1,0 +1,88 @@
+"""What every command does with its command line: flag errors as one line, not a traceback.
+
+`app.run(main, flags_parser=cli.flags_parser(name))` parses the flags; a wrong `--config`
+path, an unknown `--config.*` field (with the closest valid names), a value of the wrong
+type or an unknown flag ends the command with one message that says what to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import runpy
+import sys
+from collections.abc import Callable
+
+from absl import flags
+
+
+def _config_file(argv: list[str]) -> str | None:
+    """The file given as --config=FILE[:ARG] (or --config FILE), if any."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+def field_names(config: object, prefix: str = "") -> list[str]:
+    """Every field of a ConfigDict as a dotted path."""
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if hasattr(value, "items"):
+            names += field_names(value, f"{prefix}{key}.")
+    return names
+
+
+def _unknown_fields(argv: list[str], config_file: str) -> list[str]:
+    """One line per --config.FIELD override that the config file lacks, with close names."""
+    path, _, arg = config_file.partition(":")
+    module = runpy.run_path(path)
+    config = module["get_config"](arg) if arg else module["get_config"]()
+    names = field_names(config)
+    lines = []
+    for item in argv:
+        if not item.startswith("--config."):
+            continue
+        name = item[len("--config."):].split("=", 1)[0]
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            lines.append(f"--config.{name}: {path} has no field {name!r}{hint} "
+                         "(configs/default.py lists every field)")
+    return lines
+
+
+def flags_parser(command: str) -> Callable[[list[str]], list[str]]:
+    """A flags parser for `app.run` that ends `command` with one line on a bad flag."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            remaining = flags.FLAGS(argv)
+            if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+                flags.FLAGS.config.keys()  # a config that failed to load raises on first use
+            return remaining
+        except Exception as error:  # absl and ml_collections raise several kinds
+            sys.exit(f"{command}: {_explain(argv, error)}")
+
+    return parse
+
+
+def _explain(argv: list[str], error: Exception) -> str:
+    config_file = _config_file(argv[1:])
+    if config_file is not None:
+        path = config_file.partition(":")[0]
+        if not os.path.isfile(path):
+            return (f"--config={config_file}: no such file (from {os.getcwd()}); the setups are "
+                    "in configs/, e.g. --config=configs/quickstart.py")
+        try:
+            unknown = _unknown_fields(argv[1:], config_file)
+        except Exception:  # the config file itself is broken: report the original error
+            unknown = []
+        if unknown:
+            return "\n".join(unknown)
+    message = str(error).strip().splitlines()
+    return (message[0] if message else type(error).__name__) + (
+        " (see --helpfull; config fields are documented in configs/default.py)")

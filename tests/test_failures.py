@@ -1,0 +1,322 @@
+"""Faults users meet: a busy workdir, damaged checkpoints, a full disk, a stop request during
+an evaluation, outputs that cannot be written. Each is run through the real command where
+the case is about the command."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from ddpm_jax import checkpointing, sample, sampling, train, workdir_lock
+from ddpm_jax.samplers import SamplerSettings
+from tests.helpers import MICRO_FLAGS, ROOT, micro_config
+
+
+def command(module, *args):
+    """[python, -m, module, args] and an environment for a command run as users run it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    return [sys.executable, "-m", module, *args], env
+
+
+def run(module, *args, timeout=300, **kwargs):
+    argv, env = command(module, *args)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def train_args(workdir, *extra):
+    return ("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS, *extra)
+
+
+class Watched:
+    """A command started in the background whose stderr lines are collected as they come."""
+
+    def __init__(self, *args):
+        argv, env = command("ddpm_jax.main", *args)
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr),
+                                        daemon=True)
+        self._reader.start()
+
+    def wait_for(self, text, timeout=240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return True
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                return any(text in line for line in self.lines)
+            time.sleep(0.01)
+        raise TimeoutError(text)
+
+    def wait(self, timeout=240):
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(5)
+        return code
+
+    @property
+    def stderr(self):
+        return "".join(self.lines)
+
+
+# --------------------------------------------------------------------- one writer per workdir
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+    workdir = tmp_path / "run"
+    first = Watched(*train_args(workdir, "--config.num_train_steps=100000",
+                                "--config.save_every_steps=100000",
+                                "--config.sample_every_steps=100000"))
+    try:
+        assert first.wait_for("loss=")  # training, with the stop handler in place
+        started = time.monotonic()
+        second = run("ddpm_jax.main", *train_args(workdir))
+        assert second.returncode == 1
+        message = second.stderr.strip().splitlines()[-1]
+        assert message.startswith("ddpm_jax: workdir") and f"pid {first.proc.pid}" in message
+        assert "--steal_lock" in message and "Traceback" not in second.stderr
+        assert time.monotonic() - started < 60  # refused before building anything
+        assert first.proc.poll() is None  # the first run goes on, untouched
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.wait() == 0, first.stderr[-3000:]
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    assert not (workdir / "run.lock").exists()
+    steps = checkpointing.make_manager(epath.Path(workdir) / "checkpoints").all_steps()
+    assert len(steps) == 1
+    # A run killed without releasing the lock (same host, its pid gone) is taken over.
+    holder = workdir_lock.WorkdirLock(epath.Path(workdir))
+    holder.record["pid"] = first.proc.pid  # exited above
+    (workdir / "run.lock").write_text(json.dumps(holder.record))
+    resumed = run("ddpm_jax.main", *train_args(workdir, f"--config.num_train_steps={steps[0] + 1}"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "taking over the workdir lock" in resumed.stderr and "is gone" in resumed.stderr
+    assert not (workdir / "run.lock").exists()
+
+
+def test_lock_held_by_another_host_is_refused_until_its_heartbeat_stops(tmp_path):
+    other = workdir_lock.WorkdirLock(epath.Path(tmp_path))
+    other.record.update(host="another-host", pid=1)
+    (tmp_path / "run.lock").write_text(json.dumps(other.record | {"heartbeat": time.time()}))
+    with pytest.raises(workdir_lock.WorkdirLockedError, match="pid 1 on host 'another-host'"):
+        workdir_lock.WorkdirLock(epath.Path(tmp_path)).acquire()
+    # --steal_lock takes it at once; releasing removes only the lock it holds
+    with workdir_lock.WorkdirLock(epath.Path(tmp_path), steal=True) as lock:
+        assert json.loads((tmp_path / "run.lock").read_text())["token"] == lock.record["token"]
+    assert not (tmp_path / "run.lock").exists()
+    # a heartbeat older than STALE_SECONDS: the holder's host is gone
+    stale = time.time() - workdir_lock.STALE_SECONDS - 1
+    (tmp_path / "run.lock").write_text(json.dumps(other.record | {"heartbeat": stale}))
+    lock = workdir_lock.WorkdirLock(epath.Path(tmp_path))
+    lock.acquire()
+    assert lock.stale_reason(other.record | {"heartbeat": stale}).startswith("its heartbeat")
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    # while held, this process's own second attempt is refused
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()}"):
+        workdir_lock.WorkdirLock(epath.Path(tmp_path)).acquire()
+    lock.release()
+
+
+# ----------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A micro run with checkpoints at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("saved") / "run"
+    config = micro_config()
+    config.num_train_steps, config.save_every_steps, config.sample_every_steps = 4, 2, 100
+    train.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def array_files(step_dir):
+    """The files of the state's array data (which of them a restore reads varies)."""
+    return glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True)
+
+
+def overwrite(path):
+    with open(path, "r+b") as f:
+        f.write(bytes(200))
+
+
+DAMAGES = {
+    "deleted": lambda step: [os.remove(path) for path in array_files(step)],
+    "truncated": lambda step: [os.truncate(path, 100) for path in array_files(step)],
+    "overwritten": lambda step: [overwrite(path) for path in array_files(step)],
+    "config_json": lambda step: (step / "config" / "metadata").write_text("{not json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(
+        saved_run, tmp_path, damage):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    DAMAGES[damage](workdir / "checkpoints" / "4")
+    config = micro_config()
+    config.num_train_steps, config.save_every_steps, config.sample_every_steps = 5, 5, 100
+    state = train.train_and_evaluate(config, str(workdir))
+    assert int(state.step) == 5
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "5"]
+    aside = glob.glob(str(workdir / "damaged_checkpoints" / "step_4_*"))
+    assert len(aside) == 1 and os.path.isdir(os.path.join(aside[0], "state"))  # kept whole
+
+
+def test_readers_skip_a_damaged_checkpoint_and_name_one_they_were_asked_for(saved_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    DAMAGES["truncated"](workdir / "checkpoints" / "4")
+    result = run("ddpm_jax.sample", f"--workdir={workdir}", "--num_samples=2",
+                 f"--output={tmp_path / 'newest.npz'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint of step 4" in result.stderr and "cannot be read" in result.stderr
+    assert "sampling 2 images from step 2" in result.stderr
+    assert "Event loop is closed" not in result.stderr  # the failed read's echo is silenced
+    assert os.path.isdir(workdir / "checkpoints" / "4")  # readers move and delete nothing
+    result = run("ddpm_jax.sample", f"--workdir={workdir}", "--num_samples=2", "--step=4",
+                 f"--output={tmp_path / 'four.npz'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "ddpm_jax.sample: the checkpoint of step 4")
+    # no checkpoint readable: one message, everything left where it was
+    DAMAGES["config_json"](workdir / "checkpoints" / "2")
+    result = run("ddpm_jax.main", *train_args(workdir, "--config.num_train_steps=5"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "none of the checkpoints" in result.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_weights_with_nan_are_refused_by_the_readers(saved_run, tmp_path):
+    config = micro_config()
+    mesh = train.create_mesh(config)
+    manager = checkpointing.make_manager(epath.Path(saved_run) / "checkpoints")
+    state = checkpointing.restore_step(manager, 4, train.abstract_train_state(config, mesh))
+    state = state.replace(ema_params=jax.tree.map(lambda x: x * np.nan, state.ema_params))
+    writer = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", config)
+    checkpointing.save(writer, 4, state, config)
+    writer.wait_until_finished()
+    with pytest.raises(sample.NonFiniteWeightsError, match="step 4 .* NaN or infinite"):
+        sample.load_run(str(tmp_path))
+    sample.load_run(str(tmp_path), weights="params")  # the raw weights are fine
+
+
+# ------------------------------------------------------------------------------ failed saves
+
+
+def test_a_full_disk_stops_the_run_with_one_message_and_leaves_no_partial_files(tmp_path):
+    """With a 48 KiB limit on file size, and (where the kernel gives a mount namespace of
+    its own) on a 400 KiB tmpfs: either way the first checkpoint cannot be written."""
+    import resource
+
+    def check(result, cause):
+        assert result.returncode == 1, result.stderr[-3000:]
+        message = result.stderr.strip().splitlines()[-1]
+        assert message.startswith("ddpm_jax: saving ") and cause in message, message
+        assert "Removed the unfinished save" in message
+        assert "Traceback" not in result.stderr
+
+    workdir = tmp_path / "mount" / "run"
+    (tmp_path / "mount").mkdir()
+    argv, env = command("ddpm_jax.main", *train_args(workdir, "--config.num_train_steps=6",
+                                                     "--config.save_every_steps=2"))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000))  # noqa: E731
+    check(subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                         preexec_fn=limit), "a file is too large")
+    leftovers = [p for p in glob.glob(str(workdir / "**"), recursive=True)
+                 if "tmp" in os.path.basename(p) or (os.path.isfile(p) and os.path.getsize(p) == 0)]
+    assert leftovers == []
+    assert not (workdir / "run.lock").exists()
+
+    shutil.rmtree(workdir)
+    mount = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+             f'mount -t tmpfs -o size=400k tmpfs "{tmp_path / "mount"}" && exec "$@"', "sh"]
+    if shutil.which("unshare") and subprocess.run(mount + ["true"]).returncode == 0:
+        check(subprocess.run(mount + argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300), "the disk is full")
+
+
+# --------------------------------------------------------------------------- prompt stops
+
+
+def test_the_chunked_sampler_gives_the_one_call_images_and_stops_between_chunks():
+    config = micro_config()
+    mesh = train.create_mesh(config, jax.devices()[:1])
+    state = train.create_train_state(config, mesh)
+    fn = sampling.make_sample_fn(config, mesh, SamplerSettings("ddpm", 12), num_images=2,
+                                 num_snapshots=3)
+    rng = jax.random.PRNGKey(3)
+    whole = fn(state.params, rng)
+    calls = []
+    chunked = fn(state.params, rng, should_stop=lambda: False, on_steps=calls.append)
+    assert sum(calls) == 12 and len(calls) > 1
+    for a, b in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    calls.clear()
+    assert fn(state.params, rng, should_stop=lambda: True, on_steps=calls.append) is None
+    assert calls == [1]
+
+
+def test_a_stop_request_during_the_sample_grid_abandons_it_and_saves(tmp_path):
+    workdir = tmp_path / "run"
+    # A grid of 1,000 DDPM steps over 256 images: far longer than a stop may wait.
+    watched = Watched(*train_args(workdir, "--config.num_train_steps=4",
+                                  "--config.sample_every_steps=2", "--config.save_every_steps=4",
+                                  "--config.sample.num_steps=1000",
+                                  "--config.sample.num_images=256",
+                                  "--config.sample.sampler=ddpm"))
+    try:
+        assert watched.wait_for("step 2: sampling 256 images")
+        time.sleep(1.0)  # inside the chain
+        asked = time.monotonic()
+        watched.proc.send_signal(signal.SIGTERM)
+        assert watched.wait() == 0, watched.stderr[-3000:]
+        waited = time.monotonic() - asked
+    finally:
+        if watched.proc.poll() is None:
+            watched.proc.kill()
+    assert "sample grid abandoned" in watched.stderr
+    assert waited < 30, waited
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    assert not os.path.exists(workdir / "samples" / "step_00000002.png")
+
+
+# ------------------------------------------------------------------------------- outputs
+
+
+def test_sample_to_an_unwritable_path_fails_before_sampling(saved_run):
+    started = time.monotonic()
+    result = run("ddpm_jax.sample", f"--workdir={saved_run}", "--output=/proc/samples.png")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "ddpm_jax.sample: cannot write --output='/proc/samples.png'")
+    assert "sampling" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_a_typo_in_a_config_field_is_one_line_with_the_closest_names(tmp_path):
+    result = run("ddpm_jax.main", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                 "--config.batch_sizee=8", "--config.model.base_channel=8")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2].startswith("ddpm_jax.main: --config.batch_sizee: configs/quickstart.py has "
+                                "no field 'batch_sizee'; did you mean batch_size")
+    assert "did you mean model.base_channels" in lines[-1]
+    result = run("ddpm_jax.main", "--config=configs/quickstat.py", f"--workdir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "ddpm_jax.main: --config=configs/quickstat.py: no such file")
