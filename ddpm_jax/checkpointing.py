@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging as pylogging
+import os
 import re
 import sys
 import time
@@ -108,16 +109,20 @@ _OS_ERROR_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk qu
 
 def os_error_cause(error: BaseException) -> str:
     """The OS-level reason in `error` or the errors it came from, as a person reads it
-    ("error" when there is none). TensorStore reports the errno in its message."""
+    ("error" when there is none). TensorStore and TensorFlow report it in their messages."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _OS_ERROR_CAUSES:
             where = f" ({error.filename})" if error.filename else ""
             return f"{_OS_ERROR_CAUSES[error.errno]}{where}"
-        code = re.search(r"os_error_code='(\d+)'", str(error))
-        if code and int(code.group(1)) in _OS_ERROR_CAUSES:
-            return _OS_ERROR_CAUSES[int(code.group(1))]
+        code = re.search(r"os_error_code='(\d+)'|\[Errno (\d+)\]", str(error))
+        number = code and int(code.group(1) or code.group(2))
+        if number in _OS_ERROR_CAUSES:
+            return _OS_ERROR_CAUSES[number]
+        for errno_value, cause in _OS_ERROR_CAUSES.items():
+            if os.strerror(errno_value) in str(error):  # TensorFlow's file errors
+                return cause
         error = error.__cause__ or error.__context__
     return "error"
 

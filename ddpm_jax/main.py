@@ -115,12 +115,14 @@ def main(argv: list[str]) -> None:
     except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError,
             fid.FIDError, inception.InceptionWeightsError, memory.MemoryCheckError,
             workdir_lock.WorkdirLockedError, checkpointing.CheckpointSaveError,
-            checkpointing.CheckpointReadError) as error:
+            checkpointing.CheckpointReadError, train.LogWriteError) as error:
         sys.exit(f"ddpm_jax: {error}")
-    except OSError as error:  # a full disk or a permission, outside a checkpoint save
-        if checkpointing.os_error_cause(error) == "error":
+    except Exception as error:  # a full disk or a permission, outside a checkpoint save
+        cause = checkpointing.os_error_cause(error)
+        if cause == "error":
             raise
-        sys.exit(f"ddpm_jax: {checkpointing.os_error_cause(error)}: {error}; checkpoints "
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        sys.exit(f"ddpm_jax: {cause} [{type(error).__name__}: {first_line[:300]}]; checkpoints "
                  "saved so far are intact: fix it and rerun the same command to resume")
 
 

@@ -345,15 +345,37 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
     loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid,
                  periodic_actions.ReportProgress(num_train_steps=config.num_train_steps),
                  examples)
-    with metric_writers.ensure_flushes(writer), preemption.PreemptionWatcher() as watcher:
+    failed = True
+    with preemption.PreemptionWatcher() as watcher:
         try:
             state = loop.run(state, step_fns, watcher)
+            failed = False
         finally:
             try:  # never leave a half-written checkpoint behind
                 checkpointing.check_saves(manager, loop.last_saved, wait=True)
             finally:
                 manager.close()
+                _flush_logs(writer, workdir_path, failed)
     return state
+
+
+class LogWriteError(RuntimeError):
+    """The TensorBoard logs could not be written (disk full, permissions)."""
+
+
+def _flush_logs(writer, workdir_path: epath.Path, failed: bool) -> None:
+    """Flushes the metric writers; a failure is a warning when the run already failed (its
+    own error is the one to report), else LogWriteError."""
+    try:
+        writer.flush()
+    except Exception as error:
+        if failed:
+            logging.warning("could not flush the TensorBoard logs: %s", error)
+            return
+        raise LogWriteError(
+            f"could not write the TensorBoard logs in {workdir_path}: "
+            f"{checkpointing.os_error_cause(error)} ({str(error).strip().splitlines()[0]}); "
+            "checkpoints are intact: fix it and rerun the same command") from error
 
 
 class StepFunctions:

@@ -223,12 +223,17 @@ def test_a_full_disk_stops_the_run_with_one_message_and_leaves_no_partial_files(
     its own) on a 400 KiB tmpfs: either way the first checkpoint cannot be written."""
     import resource
 
-    def check(result, cause):
+    def check(result, cause, saving=True):
         assert result.returncode == 1, result.stderr[-3000:]
         message = result.stderr.strip().splitlines()[-1]
-        assert message.startswith("ddpm_jax: saving ") and cause in message, message
-        assert "Removed the unfinished save" in message
+        assert message.startswith("ddpm_jax: ") and cause in message, message
+        if saving:
+            assert message.startswith("ddpm_jax: saving ") and "Removed the unfinished save" in message
         assert "Traceback" not in result.stderr
+
+    def leftovers(root):
+        return [p for p in glob.glob(str(root / "**"), recursive=True)
+                if "tmp" in os.path.basename(p) or (os.path.isfile(p) and os.path.getsize(p) == 0)]
 
     workdir = tmp_path / "mount" / "run"
     (tmp_path / "mount").mkdir()
@@ -237,17 +242,23 @@ def test_a_full_disk_stops_the_run_with_one_message_and_leaves_no_partial_files(
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000))  # noqa: E731
     check(subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                          preexec_fn=limit), "a file is too large")
-    leftovers = [p for p in glob.glob(str(workdir / "**"), recursive=True)
-                 if "tmp" in os.path.basename(p) or (os.path.isfile(p) and os.path.getsize(p) == 0)]
-    assert leftovers == []
+    assert leftovers(workdir) == []
     assert not (workdir / "run.lock").exists()
 
     shutil.rmtree(workdir)
+    # On the tmpfs the logs may be what fills it first; what is left is listed before the
+    # mount goes away with its namespace.
+    lister = ("import glob, os, sys; print('LEFT', [p for p in glob.glob(sys.argv[1] + '/**', "
+              "recursive=True) if 'tmp' in os.path.basename(p) or 'lock' in p or "
+              "(os.path.isfile(p) and os.path.getsize(p) == 0)])")
     mount = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-             f'mount -t tmpfs -o size=400k tmpfs "{tmp_path / "mount"}" && exec "$@"', "sh"]
+             f'mount -t tmpfs -o size=400k tmpfs "{tmp_path / "mount"}" && "$@"; code=$?; '
+             f'"{sys.executable}" -c "{lister}" "{workdir}"; exit $code', "sh"]
     if shutil.which("unshare") and subprocess.run(mount + ["true"]).returncode == 0:
-        check(subprocess.run(mount + argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=300), "the disk is full")
+        result = subprocess.run(mount + argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+        check(result, "the disk is full", saving=False)
+        assert "LEFT []" in result.stdout, result.stdout
 
 
 # --------------------------------------------------------------------------- prompt stops
@@ -320,3 +331,13 @@ def test_a_typo_in_a_config_field_is_one_line_with_the_closest_names(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "ddpm_jax.main: --config=configs/quickstat.py: no such file")
+
+
+def test_logs_that_cannot_be_flushed_never_hide_the_error_that_stopped_the_run(tmp_path):
+    class FullDiskWriter:
+        def flush(self):
+            raise RuntimeError("Could not flush events file: No space left on device")
+
+    with pytest.raises(train.LogWriteError, match="the disk is full"):
+        train._flush_logs(FullDiskWriter(), epath.Path(tmp_path), failed=False)
+    train._flush_logs(FullDiskWriter(), epath.Path(tmp_path), failed=True)  # a warning only
