@@ -7,6 +7,7 @@ step and the sampler pass through `jax.jit` as pytrees.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -22,16 +23,31 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     return models.create_model(config, rngs, ops.layer_ops(config))
 
 
+def config_key(config: ml_collections.ConfigDict) -> str:
+    """A key of everything `config` and this backend decide, for caching what is derived
+    from them (tracing a net's construction is slow, and a run asks for it many times)."""
+    return json.dumps(config.to_dict(), sort_keys=True, default=str) + jax.default_backend()
+
+
+_ABSTRACT: dict[str, tuple[nnx.GraphDef, Any]] = {}
+
+
+def _abstract(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, abstract parameter state) of `config`'s net, traced once per config."""
+    key = config_key(config)
+    if key not in _ABSTRACT:
+        _ABSTRACT[key] = nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(0))), nnx.Param)
+    return _ABSTRACT[key]
+
+
 def graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
     """The static structure of the network, built without allocating parameters."""
-    definition, _ = nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(0))), nnx.Param)
-    return definition
+    return _abstract(config)[0]
 
 
 def abstract_params(config: ml_collections.ConfigDict) -> Any:
     """Parameter shapes and dtypes (a pure dict of ShapeDtypeStruct), allocating nothing."""
-    abstract = nnx.eval_shape(lambda: build(config, nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    return nnx.to_pure_dict(_abstract(config)[1])
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> Any:

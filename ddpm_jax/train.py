@@ -82,10 +82,20 @@ def train_state_from_params(config: ml_collections.ConfigDict, params: Any) -> T
     )
 
 
+_STATE_SHAPES: dict[str, TrainState] = {}
+
+
+def train_state_shapes(config: ml_collections.ConfigDict) -> TrainState:
+    """Shapes and dtypes of the state of `config` (traced once per config)."""
+    key = network.config_key(config)
+    if key not in _STATE_SHAPES:
+        _STATE_SHAPES[key] = jax.eval_shape(functools.partial(init_train_state, config))
+    return _STATE_SHAPES[key]
+
+
 def train_state_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
     """Where each leaf of the state lives (replicated, or FSDP-split by `config.mesh`)."""
-    shapes = jax.eval_shape(functools.partial(init_train_state, config))
-    return sharding.state_shardings(shapes, mesh, config)
+    return sharding.state_shardings(train_state_shapes(config), mesh, config)
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
@@ -96,7 +106,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring a checkpoint into."""
-    shapes = jax.eval_shape(functools.partial(init_train_state, config))
+    shapes = train_state_shapes(config)
     shardings = sharding.state_shardings(shapes, mesh, config)
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings

@@ -75,7 +75,7 @@ class Watched:
 # --------------------------------------------------------------------- one writer per workdir
 
 
-def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+def test_a_busy_workdir_is_refused_sigterm_saves_and_a_dead_holder_is_taken_over(tmp_path):
     workdir = tmp_path / "run"
     first = Watched(*train_args(workdir, "--config.num_train_steps=100000",
                                 "--config.save_every_steps=100000",
@@ -96,8 +96,9 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_is_taken_ov
         if first.proc.poll() is None:
             first.proc.kill()
     assert not (workdir / "run.lock").exists()
+    # SIGTERM: the reached step was saved, and the run exited 0
     steps = checkpointing.make_manager(epath.Path(workdir) / "checkpoints").all_steps()
-    assert len(steps) == 1
+    assert len(steps) == 1 and steps[0] >= 1
     # A run killed without releasing the lock (same host, its pid gone) is taken over.
     holder = workdir_lock.WorkdirLock(epath.Path(workdir))
     holder.record["pid"] = first.proc.pid  # exited above
@@ -105,6 +106,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_is_taken_ov
     resumed = run("ddpm_jax.main", *train_args(workdir, f"--config.num_train_steps={steps[0] + 1}"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "taking over the workdir lock" in resumed.stderr and "is gone" in resumed.stderr
+    assert f"starting at step {steps[0]} of {steps[0] + 1}" in resumed.stderr
     assert not (workdir / "run.lock").exists()
 
 
@@ -163,18 +165,37 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_is_read(
         saved_run, tmp_path, damage):
     workdir = tmp_path / "run"
     shutil.copytree(saved_run, workdir)
     DAMAGES[damage](workdir / "checkpoints" / "4")
     config = micro_config()
+    mesh = train.create_mesh(config)
+    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
+
+    def read(step):  # what a resuming run reads: its config, then its state
+        checkpointing.stored_config(manager, step)
+        return checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
+
+    step, state = checkpointing.newest_readable(manager, read, repair=True)
+    assert step == 2 and int(state.step) == 2 and manager.all_steps() == [2]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    aside = glob.glob(str(workdir / "damaged_checkpoints" / "step_4_*"))
+    assert len(aside) == 1 and os.path.isdir(os.path.join(aside[0], "state"))  # kept whole
+    manager.close()
+
+
+def test_a_run_resumes_past_a_damaged_checkpoint(saved_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    DAMAGES["truncated"](workdir / "checkpoints" / "4")
+    config = micro_config()
     config.num_train_steps, config.save_every_steps, config.sample_every_steps = 5, 5, 100
     state = train.train_and_evaluate(config, str(workdir))
     assert int(state.step) == 5
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "5"]
-    aside = glob.glob(str(workdir / "damaged_checkpoints" / "step_4_*"))
-    assert len(aside) == 1 and os.path.isdir(os.path.join(aside[0], "state"))  # kept whole
+    assert len(glob.glob(str(workdir / "damaged_checkpoints" / "step_4_*"))) == 1
 
 
 def test_readers_skip_a_damaged_checkpoint_and_name_one_they_were_asked_for(saved_run, tmp_path):

@@ -7,13 +7,6 @@ import time
 
 from tests.helpers import MICRO_FLAGS, ROOT
 
-TINY_FLAGS = [
-    "--config.num_train_steps=3", "--config.batch_size=8", "--config.log_every_steps=1",
-    "--config.sample_every_steps=3", "--config.save_every_steps=3", "--config.data.image_size=16",
-    "--config.model.base_channels=16", "--config.model.channel_mults=(1,2)",
-    "--config.model.norm_groups=4", "--config.sample.num_images=4", "--config.sample.num_steps=3",
-]
-
 
 def run_main(*args, timeout=300):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
@@ -27,10 +20,10 @@ def run_main(*args, timeout=300):
 def test_quickstart_entry_point_trains_and_resumes(tmp_path):
     workdir = os.path.relpath(tmp_path / "run", ROOT)  # relative, as users type it
     assert not os.path.isabs(workdir)
-    result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY_FLAGS)
+    result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(os.path.join(ROOT, workdir, "checkpoints")) == ["3"]
-    result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *TINY_FLAGS,
+    result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS,
                       "--config.num_train_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting at step 3 of 4" in result.stderr

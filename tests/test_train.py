@@ -84,7 +84,7 @@ def test_learning_rate_schedule():
 
 
 def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
-    config = tiny_config()
+    config = micro_config()
     mesh = train.create_mesh(config)
     source = input_pipeline.make_source(config.data)
     dataset = input_pipeline.create_dataset(config, source, process_index=0, process_count=1)
@@ -113,7 +113,7 @@ def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
 
 
 def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
-    config = tiny_config()
+    config = micro_config()
     workdir = str(tmp_path / "run")
     state = train.train_and_evaluate(config, workdir)
     assert int(state.step) == 4
