@@ -150,7 +150,8 @@ def make_sample_fid_fn(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, settings: SamplerSettings, *,
     weights: str, reference: str, num_samples: int, batch_size: int, progress: bool = False,
 ):
-    """`fn(params, rng) -> (FID, images scored)` of `num_samples` samples against `reference`.
+    """`fn(params, rng, should_stop=None) -> (FID, images scored)` of `num_samples` samples
+    against `reference`, or None when `should_stop()` asked to stop.
 
     Loads the Inception weights and reference statistics at once (a wrong path fails before
     any sampling); samples go from the sampler to the Inception network on device.
@@ -171,7 +172,8 @@ def make_sample_fid_fn(
 
 
 def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """`fn(params) -> FID` of `config.eval.num_samples` samples, or None when FID is off.
+    """`fn(params, should_stop=None) -> FID` of `config.eval.num_samples` samples (None when
+    `should_stop()` asked to stop), or None when FID is off.
 
     Built before training, so a wrong path stops the run first. Every evaluation draws from
     the same noise (`seed + 3`), so changes in the curve come from the weights, not the draw.
