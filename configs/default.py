@@ -32,12 +32,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.save_every_steps = 5000  # Orbax checkpoint under workdir/checkpoints
     config.keep_checkpoints = 3  # newest checkpoints kept
     config.keep_every_steps = 0  # also keep every checkpoint at a multiple of this (0: none)
+    # Trace this many train steps (after the first, compiled, call) into
+    # WORKDIR/plugins/profile, for TensorBoard's profile tab or Perfetto; 0: no trace.
+    config.profile_steps = 0
     config.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" the run or "skip" the step
     # Refuse, before training, a step whose compiled memory exceeds the device's (CPU: the
     # available host memory); False skips the check.
     config.check_memory = True
 
     # ---- speed (ddpm_jax/ops; none of these changes results) --------------------------
+    # JAX's persistent compilation cache: a restart (preemption, resume) loads the compiled
+    # step instead of compiling again. A local, gs:// or shared path; "" turns it off;
+    # JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
+    config.compilation_cache_dir = "~/.cache/ddpm_jax/xla"
     config.compute_chunk_size = 0  # max examples per device per pass; 0: automatic, -1: never split
     config.steps_per_dispatch = 0  # train steps per compiled call; 0: automatic
     config.cpu_conv_library = "eigen"  # CPU: "eigen" (XLA's own conv/dot kernels) or "default"

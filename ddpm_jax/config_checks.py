@@ -153,6 +153,8 @@ def validate(
     _checked(sharding.check_config, config, device_count, process_count)
     _checked(optimizer.check_config, config)
     _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
+    if config.profile_steps < 0:
+        raise ConfigError(f"profile_steps must be >= 0 (0: no trace), got {config.profile_steps}")
     if config.keep_every_steps < 0:
         raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:

@@ -110,7 +110,8 @@ def _read_image_files(paths: list[str]):
 
 def _load_npz_images(path: str) -> np.ndarray:
     with epath.Path(path).open("rb") as f, np.load(f) as data:
-        key = "images" if "images" in data.files else data.files[0]
+        # arr_0: the sample command's and the ADM evaluator's key; images: older files
+        key = next((k for k in ("arr_0", "images") if k in data.files), data.files[0])
         images = data[key]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}[{key!r}] is {images.dtype} {images.shape}; expected uint8 "

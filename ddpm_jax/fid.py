@@ -181,10 +181,19 @@ class InceptionFeatures:
         return stats
 
 
+# Published FIDs are over 50,000 samples; FID is biased upward with fewer.
+PUBLISHED_SAMPLE_COUNT = 50_000
+
+
 def distance_to(stats: FeatureStatistics, mu: np.ndarray, sigma: np.ndarray) -> float:
-    """FID of accumulated statistics against reference statistics (mu, sigma)."""
+    """FID of accumulated statistics against reference statistics (mu, sigma); warns when
+    the sample count makes it not comparable with published numbers."""
     if stats.count < inception.FEATURE_DIM:
         logging.warning("FID from %d images (< %d features): the covariance is rank-deficient "
                         "and the value is biased upward; use >= 10,000 for a comparable number",
                         stats.count, inception.FEATURE_DIM)
+    elif stats.count < PUBLISHED_SAMPLE_COUNT:
+        logging.warning("FID over %d samples: FID is biased upward with fewer than %d, so it "
+                        "is not comparable with published numbers (it is with other FIDs "
+                        "over %d)", stats.count, PUBLISHED_SAMPLE_COUNT, stats.count)
     return frechet_distance(stats.mean(), stats.covariance(), mu, sigma)

@@ -60,6 +60,21 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def use_compilation_cache(config) -> None:
+    """Points JAX's persistent compilation cache at `config.compilation_cache_dir`; "" turns
+    it off. JAX_COMPILATION_CACHE_DIR in the environment, where set, takes precedence."""
+    path = config.compilation_cache_dir
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    if not path:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+    jax.config.update("jax_compilation_cache_dir", path)
+    logging.info("compilation cache: %s", path)
+
+
 def dry_run(config) -> None:
     """Validates `config`, prints the per-module parameter overview, and (unless
     `config.check_memory` is False) compiles the train step and prints and checks its
@@ -91,6 +106,7 @@ def main(argv: list[str]) -> None:
     from ddpm_jax import checkpointing  # touches no device
 
     checkpointing.hide_orbax_info()
+    use_compilation_cache(FLAGS.config)
     initialize_distributed()
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

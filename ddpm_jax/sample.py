@@ -4,8 +4,9 @@ Reads the config saved with the checkpoint, restores the newest step (or `--step
 samples from the EMA weights (the raw weights when the run kept no EMA) with the run's
 diffusion settings. Samples are drawn in batches sharded over every device, so N can be
 far larger than what fits in device memory. `.png` writes one grid, `.npz` writes uint8
-images under the key `images`; `--snapshots=K` also writes `<output>_denoising.png` (each
-sample at K points along the reverse chain). The same seed gives the same images.
+images under the key `arr_0` (what the ADM evaluator reads); `--snapshots=K` also writes
+`<output>_denoising.png` (each sample at K points along the reverse chain). The same seed
+gives the same images.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
         image_utils.save_png(image_utils.make_grid(samples), output)
     elif path.suffix == ".npz":
         buffer = io.BytesIO()
-        np.savez(buffer, images=samples)
+        np.savez(buffer, arr_0=samples)  # the key the ADM evaluator reads
         image_utils.write_atomically(path, buffer.getvalue())
     else:
         raise ValueError(f"--output must end in .png or .npz, got {output!r}")

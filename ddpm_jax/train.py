@@ -430,6 +430,39 @@ class StepFunctions:
         return self.compiled(len(local_batches))(state, global_batches(local_batches, self.mesh))
 
 
+class StepProfiler:
+    """Traces `config.profile_steps` train steps with `jax.profiler`, once, on process 0: it
+    starts after the first call of the step (compiled, warm) and stops at the end of the call
+    that reaches the count, writing under WORKDIR/plugins/profile."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.steps = config.profile_steps if jax.process_index() == 0 else 0
+        self.workdir = workdir
+        self.start_step: int | None = None
+        self.calls = 0
+
+    def after_call(self, step: int, state: TrainState) -> None:
+        if self.steps <= 0:
+            return
+        self.calls += 1
+        if self.start_step is None and self.calls == 1:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(self.workdir)
+            self.start_step = step
+        elif self.start_step is not None and step - self.start_step >= self.steps:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            logging.info("traced steps %d to %d into %s/plugins/profile (TensorBoard's profile "
+                         "tab)", self.start_step + 1, step, self.workdir)
+            self.steps = 0
+
+    def close(self) -> None:
+        """Ends a trace the run stopped inside of."""
+        if self.start_step is not None and self.steps > 0:
+            jax.profiler.stop_trace()
+            self.steps = 0
+
+
 class NonFiniteError(FloatingPointError):
     """The loss or gradient became NaN or infinite and `config.on_nonfinite` is "stop"."""
 
@@ -451,6 +484,7 @@ class _Loop:
         self.pending: list[dict[str, jax.Array]] = []
         self.examples_seen = examples_seen  # position in the data stream
         self.last_saved: int | None = None
+        self.profiler = StepProfiler(config, self.workdir)
         self.interval_start = time.perf_counter()
 
     def run(self, state: TrainState, step_fns: StepFunctions, watcher) -> TrainState:
@@ -463,6 +497,7 @@ class _Loop:
             state, metrics = step_fns(state, batches)
             step += count
             self.examples_seen += count * config.batch_size
+            self.profiler.after_call(step, state)
             checkpointing.check_saves(self.manager, self.last_saved)  # a failed background save
             if previous is not None:
                 self.check_finite(*previous)
@@ -486,6 +521,7 @@ class _Loop:
                 break
         if previous is not None:
             self.check_finite(*previous)
+        self.profiler.close()
         return state
 
     def log_samples(self, step: int, state: TrainState, watcher) -> bool:

@@ -330,6 +330,29 @@ def test_fid_stats_and_fid_commands_end_to_end(weights_file, image_sets, tmp_pat
     scale = np.trace(sigma)
     assert abs(same) < 1e-3 * scale
     assert different["fid"] > 0.5 * scale and different["num_images"] == 10
+    # the sample command's key, arr_0 (the ADM evaluator's), wins over a legacy `images`
+    np.savez(tmp_path / "both.npz", images=noisy[:4], arr_0=noisy)
+    both = evaluate.sample_fid(str(tmp_path / "both.npz"), str(stats_path), weights_file,
+                               batch_size=3)
+    assert both["num_images"] == 10 and both["fid"] == pytest.approx(different["fid"], rel=1e-6)
+
+
+def test_fid_under_50000_samples_warns_that_it_is_not_comparable(monkeypatch):
+    from absl import logging
+
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    rng = np.random.default_rng(0)
+    mu, sigma = np.zeros(inception.FEATURE_DIM), np.eye(inception.FEATURE_DIM)
+    stats = fid.FeatureStatistics()
+    stats.update(rng.normal(size=(3000, inception.FEATURE_DIM)))
+    fid.distance_to(stats, mu, sigma)
+    assert len(warnings) == 1 and "FID over 3000 samples" in warnings[0]
+    assert "not comparable with published numbers" in warnings[0]
+    monkeypatch.setattr(fid, "PUBLISHED_SAMPLE_COUNT", 3000)  # as many as published
+    warnings.clear()
+    fid.distance_to(stats, mu, sigma)
+    assert warnings == []
 
 
 def test_evaluate_rejects_bad_sample_files(weights_file, tmp_path):

@@ -1,5 +1,6 @@
 """The command-line entry point, run as a user runs it."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -8,21 +9,29 @@ import time
 from tests.helpers import MICRO_FLAGS, ROOT
 
 
-def run_main(*args, timeout=300):
+def run_main(*args, timeout=300, env_cache=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)
+    if not env_cache:  # the config's compilation_cache_dir, not the tests' shared cache
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run(
         [sys.executable, "-m", "ddpm_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=timeout,
     )
 
 
-def test_quickstart_entry_point_trains_and_resumes(tmp_path):
+def test_quickstart_entry_point_trains_profiles_caches_and_resumes(tmp_path):
     workdir = os.path.relpath(tmp_path / "run", ROOT)  # relative, as users type it
     assert not os.path.isabs(workdir)
-    result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS)
+    cache = tmp_path / "xla_cache"
+    result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS,
+                      "--config.profile_steps=1", f"--config.compilation_cache_dir={cache}",
+                      env_cache=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(os.path.join(ROOT, workdir, "checkpoints")) == ["3"]
+    traces = glob.glob(os.path.join(ROOT, workdir, "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+    assert len(os.listdir(cache)) > 0  # the compiled programs, for the next start
     result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS,
                       "--config.num_train_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]

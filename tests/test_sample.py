@@ -53,8 +53,8 @@ def test_cli_writes_png_grid_npz_and_strip(run_dir, tmp_path):
         result = subprocess.run([*common, "--num_samples=5", f"--output={out}", *extra], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert np.load(npz)["images"].shape == (5, 8, 8, 3)
-    assert np.load(npz)["images"].dtype == np.uint8
+    assert np.load(npz)["arr_0"].shape == (5, 8, 8, 3)  # the ADM evaluator's key
+    assert np.load(npz)["arr_0"].dtype == np.uint8
     grid = np.asarray(Image.open(png))
     assert grid.shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # 5 images: 2 rows of 3, 2-pixel padding
     strip = np.asarray(Image.open(tmp_path / "grid_denoising.png"))
