@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -49,6 +50,9 @@ def hide_orbax_info() -> None:
     lines still show."""
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
     quiet_abandoned_io()
+    # the coroutines of a failed save, collected at exit after the failure was reported
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
 
 
 def make_manager(

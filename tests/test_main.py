@@ -66,11 +66,12 @@ def test_dry_run_prints_the_step_memory_and_refuses_a_step_that_cannot_fit(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if "train step memory" in line)
     assert "MiB" in line and "available host memory" in line
-    # 4096x4096 images: hundreds of GiB of activations, refused before any training
+    # 256x256 images: the middle block's attention over 65,536 positions needs hundreds of
+    # GiB, refused before any training
     result = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
                       *[flag for flag in MICRO_FLAGS if "image_size" not in flag
                         and "attention_resolutions" not in flag],
-                      "--config.data.image_size=4096", "--config.model.attention_resolutions=()")
+                      "--config.data.image_size=256", "--config.model.attention_resolutions=()")
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("ddpm_jax: the train step needs") and "GiB" in message
