@@ -40,6 +40,16 @@ def get_config() -> ml_collections.ConfigDict:
     # available host memory); False skips the check.
     config.check_memory = True
 
+    # ---- Weights & Biases (optional: pip install -e ".[wandb]") ---------------------------
+    # Mirrors every scalar and image of the TensorBoard logs into one W&B run, resumed after
+    # a restart (its id is kept in WORKDIR/wandb_run_id). Off while `project` is empty.
+    config.wandb = wandb = ml_collections.ConfigDict()
+    wandb.project = ""
+    wandb.entity = ""  # team or user; "" means your default
+    wandb.name = ""  # display name; "" lets W&B pick one
+    wandb.tags = ()
+    wandb.mode = "online"  # "online", "offline" (sync later with `wandb sync`) or "disabled"
+
     # ---- speed (ddpm_jax/ops; none of these changes results) --------------------------
     # JAX's persistent compilation cache: a restart (preemption, resume) loads the compiled
     # step instead of compiling again. A local, gs:// or shared path; "" turns it off;

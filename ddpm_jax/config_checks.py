@@ -16,7 +16,16 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import diffusion, input_pipeline, models, ops, optimizer, samplers, sharding
+from ddpm_jax import (
+    diffusion,
+    input_pipeline,
+    models,
+    ops,
+    optimizer,
+    samplers,
+    sharding,
+    wandb_writer,
+)
 from ddpm_jax.registry import check_choice
 
 
@@ -172,6 +181,7 @@ def validate(
     _checked(input_pipeline.check_config, config.data)
 
     _checked(models.check_config, config)
+    _checked(wandb_writer.check_config, config)
 
     if workdir is not None:
         check_workdir_writable(workdir)

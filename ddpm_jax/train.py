@@ -40,6 +40,7 @@ from ddpm_jax import (
     preemption,
     sampling,
     sharding,
+    wandb_writer,
     workdir_lock,
 )
 from ddpm_jax.samplers import SamplerSettings
@@ -342,6 +343,10 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
     writer = metric_writers.create_default_writer(
         str(workdir_path), just_logging=jax.process_index() > 0
     )
+    wandb_run = None
+    if config.wandb.project and jax.process_index() == 0:
+        wandb_run = wandb_writer.WandbWriter(config, str(workdir_path))
+        writer = metric_writers.MultiWriter([writer, wandb_run])
     if initial_step == 0:
         writer.write_hparams(_flat_hparams(config))
         parameter_overview.log_parameter_overview(state.params, msg="model parameters",
@@ -366,6 +371,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
             finally:
                 manager.close()
                 _flush_logs(writer, workdir_path, failed)
+                if wandb_run is not None:
+                    wandb_run.close()
     return state
 
 
