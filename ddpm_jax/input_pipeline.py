@@ -1,15 +1,17 @@
-"""Input pipeline: image sources, preprocessing and a deterministic, checkpointable grain iterator.
+"""Input pipeline: image sources, preprocessing and a deterministic grain iterator.
 
 Sources (`config.data.source`, registered in `DATA_SOURCES`; README, "Extending"):
   * ``tfds``: any TFDS image dataset (`data.name`, e.g. ``celeb_a``), read through
     `tfds.data_source` (ArrayRecord, random access);
-  * ``folder``: every JPEG/PNG/WebP image under `data.path`, recursively;
+  * ``folder``: every JPEG/PNG/WebP/BMP/TIFF image under `data.path`, recursively, decoded
+    as a person sees it (`to_rgb8`);
   * ``bundled``: the 100 LFW face crops that ship inside scikit-image (offline).
 
 Each process reads a disjoint slice of the records. Shuffling (per epoch) and
-random flips depend only on `config.seed`, the epoch and the record index, so a
-restored iterator continues with exactly the batches an uninterrupted run would
-see. Batches leave the pipeline as uint8 NHWC; scaling to [-1, 1] happens on device.
+random flips depend only on `config.seed` and the position in the stream of examples,
+so a run resumed at the next unseen example (`start_example`, saved with each
+checkpoint) sees exactly the batches an uninterrupted run would, for any batch size.
+Batches leave the pipeline as uint8 NHWC; scaling to [-1, 1] happens on device.
 """
 
 from __future__ import annotations
