@@ -154,7 +154,7 @@ def save_failed(manager: ocp.CheckpointManager, step: int | None, error: BaseExc
     what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
     return CheckpointSaveError(
         f"saving {what} under {manager.directory} failed: {os_error_cause(error)} "
-        f"[{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}]."
+        f"[{error_summary(error)}]."
         f"{' Removed the unfinished save.' if removed else ''} "
         + (f"The checkpoints of steps {kept} are intact; " if kept else "No checkpoint was "
            "complete yet; ")
@@ -246,9 +246,10 @@ def examples_seen(manager: ocp.CheckpointManager, step: int, stored: dict) -> in
     return step * int(stored.get("batch_size", 0))
 
 
-def _short(error: BaseException) -> str:
+def error_summary(error: BaseException) -> str:
+    """`Type: first line of the message`, for one-line reports of long library errors."""
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    return f"{type(error).__name__}: {lines[0].strip()[:300] if lines else ''}"
 
 
 def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -323,8 +324,8 @@ def newest_readable(
                 manager.reload()
             return step, result
         logging.warning("the checkpoint of step %d in %s cannot be read (%s); trying the one "
-                        "before it", step, manager.directory, _short(error))
-        failures.append((step, _short(error)))
+                        "before it", step, manager.directory, error_summary(error))
+        failures.append((step, error_summary(error)))
     if failures:
         raise CheckpointReadError(
             f"none of the checkpoints in {manager.directory} can be read ("

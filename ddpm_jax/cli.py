@@ -55,6 +55,20 @@ def _unknown_fields(argv: list[str], config_file: str) -> list[str]:
     return lines
 
 
+def check_output(command: str, flag: str, path: str | None) -> None:
+    """Ends `command` with one line unless a file can be written at `path` (the value of
+    `--flag`): checked before any work, which an unwritable output would lose."""
+    if not path:
+        return
+    from ddpm_jax import checkpointing, image_utils
+
+    try:
+        image_utils.check_writable(path)
+    except OSError as error:
+        sys.exit(f"{command}: cannot write --{flag}={path!r} "
+                 f"({checkpointing.os_error_cause(error)}: {error}); choose another path")
+
+
 def flags_parser(command: str) -> Callable[[list[str]], list[str]]:
     """A flags parser for `app.run` that ends `command` with one line on a bad flag."""
 

@@ -9,8 +9,6 @@ change and how.
 
 from __future__ import annotations
 
-import uuid
-
 import ml_collections
 import numpy as np
 from absl import logging
@@ -18,6 +16,7 @@ from etils import epath
 
 from ddpm_jax import (
     diffusion,
+    image_utils,
     input_pipeline,
     models,
     ops,
@@ -78,20 +77,11 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
             old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
             if _normalise(old) != _normalise(new):
                 differences.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
-    for field in SHAPE_FIELDS:
-        section, key = field.split(".")
-        old, new = saved.get(section, {}).get(key), current[section][key]
-        if _normalise(old) != _normalise(new):
-            differences.append(f"{field}: checkpoint {old!r}, config {new!r}")
+    differences += _changed_fields(saved, current, SHAPE_FIELDS)
     old, new = saved.get("diffusion", {}).get("variance"), current["diffusion"]["variance"]
     if (old == "learned_range") != (new == "learned_range"):  # 6 output channels or 3
         differences.append(f"diffusion.variance: checkpoint {old!r}, config {new!r}")
-    changed = []
-    for field in DIFFUSION_FIELDS:
-        section, key = field.split(".")
-        old, new = saved.get(section, {}).get(key), current[section][key]
-        if _normalise(old) != _normalise(new):
-            changed.append(f"{field}: checkpoint {old!r}, config {new!r}")
+    changed = _changed_fields(saved, current, DIFFUSION_FIELDS)
     if changed and allow_diffusion_change and not differences:
         logging.warning("fine-tuning with another diffusion (--allow_diffusion_change): %s",
                         "; ".join(changed))
@@ -106,18 +96,25 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
         )
 
 
+def _changed_fields(saved: dict, current: dict, fields: tuple[str, ...]) -> list[str]:
+    """`field: checkpoint X, config Y` for each of `fields` whose value differs."""
+    changed = []
+    for field in fields:
+        section, key = field.split(".")
+        old, new = saved.get(section, {}).get(key), current[section][key]
+        if _normalise(old) != _normalise(new):
+            changed.append(f"{field}: checkpoint {old!r}, config {new!r}")
+    return changed
+
+
 def _normalise(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def check_workdir_writable(workdir: str) -> None:
     """Creates `workdir` if needed and proves a file can be written there."""
-    path = epath.Path(workdir)
-    probe = path / f".write_probe_{uuid.uuid4().hex}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
+        image_utils.check_writable(epath.Path(workdir) / ".write_probe")
     except Exception as error:
         raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); choose another folder") from error
 

@@ -223,17 +223,11 @@ def convert_weights(input_path: str, output: str) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m ddpm_jax.evaluate {{{'|'.join(COMMANDS)}}} --flags")
-    from ddpm_jax import checkpointing, fid, image_utils, inception, input_pipeline
+    from ddpm_jax import checkpointing, cli, fid, inception, input_pipeline
 
     command = argv[1]
-    for flag in ("output", "json"):  # before any work: an output that cannot be written
-        path = getattr(FLAGS, flag)
-        try:
-            if path:
-                image_utils.check_writable(path)
-        except OSError as error:
-            sys.exit(f"ddpm_jax.evaluate {command}: cannot write --{flag}={path!r} "
-                     f"({checkpointing.os_error_cause(error)}: {error}); choose another path")
+    for flag in ("output", "json"):
+        cli.check_output(f"ddpm_jax.evaluate {command}", flag, getattr(FLAGS, flag))
     try:
         if command == "nll":
             _required(workdir=FLAGS.workdir)

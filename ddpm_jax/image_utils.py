@@ -62,8 +62,10 @@ def check_writable(path: str | epath.Path) -> None:
     target = epath.Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
-    write_atomically(target.parent / f".{target.name}.probe", b"")
-    (target.parent / f".{target.name}.probe").unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    probe = target.parent / f".{target.name}.{uuid.uuid4().hex}.probe"  # one per caller
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def save_png(image: np.ndarray, path: str) -> None:

@@ -92,11 +92,9 @@ def dry_run(config) -> None:
         return
     step_fns = train.StepFunctions(config, train.create_mesh(config))
     compiled = step_fns.compiled(step_fns.per_call)
-    needed = memory.step_bytes(compiled)
-    available, where = memory.available_bytes()
+    needed, (available, where) = memory.step_bytes(compiled), memory.available_bytes()
     if needed is not None:
-        print(f"train step memory per device: {memory.human_bytes(needed)} ({where}: "
-              f"{'unknown' if available is None else memory.human_bytes(available)})")
+        print(f"train step memory: {memory.describe(needed, available, where)}")
     memory.check_step_fits(compiled)
 
 
@@ -137,8 +135,7 @@ def main(argv: list[str]) -> None:
         cause = checkpointing.os_error_cause(error)
         if cause == "error":
             raise
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        sys.exit(f"ddpm_jax: {cause} [{type(error).__name__}: {first_line[:300]}]; checkpoints "
+        sys.exit(f"ddpm_jax: {cause} [{checkpointing.error_summary(error)}]; checkpoints "
                  "saved so far are intact: fix it and rerun the same command to resume")
 
 

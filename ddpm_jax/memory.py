@@ -59,6 +59,12 @@ def human_bytes(value: int) -> str:
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
 
 
+def describe(needed: int, available: int | None, where: str) -> str:
+    """`N per device (where: M)`, as the logs and `--dry_run` print it."""
+    return (f"{human_bytes(needed)} per device ({where}: "
+            f"{human_bytes(available) if available else 'unknown'})")
+
+
 def check_step_fits(compiled: jax.stages.Compiled, what: str = "the train step") -> None:
     """Logs the step's memory and raises MemoryCheckError when it exceeds the devices'."""
     needed = step_bytes(compiled)
@@ -66,8 +72,8 @@ def check_step_fits(compiled: jax.stages.Compiled, what: str = "the train step")
     if needed is None:
         logging.warning("XLA gives no memory analysis of %s on this backend: not checked", what)
         return
-    logging.info("%s needs %s per device (XLA's memory analysis); %s: %s", what, human_bytes(needed),
-                 where, human_bytes(available) if available else "unknown")
+    summary = describe(needed, available, where)
+    logging.info("%s needs %s (XLA's memory analysis)", what, summary)
     if available is not None and needed > available:
         raise MemoryCheckError(
             f"{what} needs {human_bytes(needed)} per device, more than the {human_bytes(available)} of "

@@ -7,7 +7,9 @@ step and the sampler pass through `jax.jit` as pytrees.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,15 +31,24 @@ def config_key(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, default=str) + jax.default_backend()
 
 
-_ABSTRACT: dict[str, tuple[nnx.GraphDef, Any]] = {}
+def cached_per_config(fn: Callable[[ml_collections.ConfigDict], Any]):
+    """`fn(config)` computed once per distinct `config_key` (for pure, slow derivations)."""
+    results: dict[str, Any] = {}
+
+    @functools.wraps(fn)
+    def wrapper(config: ml_collections.ConfigDict) -> Any:
+        key = config_key(config)
+        if key not in results:
+            results[key] = fn(config)
+        return results[key]
+
+    return wrapper
 
 
+@cached_per_config
 def _abstract(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
-    """(graphdef, abstract parameter state) of `config`'s net, traced once per config."""
-    key = config_key(config)
-    if key not in _ABSTRACT:
-        _ABSTRACT[key] = nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(0))), nnx.Param)
-    return _ABSTRACT[key]
+    """(graphdef, abstract parameter state) of `config`'s net."""
+    return nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(0))), nnx.Param)
 
 
 def graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:

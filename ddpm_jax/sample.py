@@ -70,7 +70,7 @@ def _open_run(workdir: str, step: int | None, read):
             checkpointing.quiet_abandoned_io()
             raise checkpointing.CheckpointReadError(
                 f"the checkpoint of step {step} in {directory} cannot be read "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); other steps: "
+                f"({checkpointing.error_summary(error)}); other steps: "
                 f"{[s for s in manager.all_steps() if s != step]}") from error
     finally:
         manager.close()
@@ -180,16 +180,12 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddpm_jax import checkpointing, image_utils
+    from ddpm_jax import checkpointing, cli
 
     checkpointing.hide_orbax_info()
     if not FLAGS.output.endswith((".png", ".npz")):
         sys.exit(f"ddpm_jax.sample: --output must end in .png or .npz, got {FLAGS.output!r}")
-    try:  # before any sampling: an output that cannot be written would lose it all
-        image_utils.check_writable(FLAGS.output)
-    except OSError as error:
-        sys.exit(f"ddpm_jax.sample: cannot write --output={FLAGS.output!r} "
-                 f"({checkpointing.os_error_cause(error)}: {error}); choose another path")
+    cli.check_output("ddpm_jax.sample", "output", FLAGS.output)
     try:
         samples, strips = generate(
             FLAGS.workdir, FLAGS.num_samples, step=FLAGS.step, sampler=FLAGS.sampler,

@@ -83,15 +83,10 @@ def train_state_from_params(config: ml_collections.ConfigDict, params: Any) -> T
     )
 
 
-_STATE_SHAPES: dict[str, TrainState] = {}
-
-
+@network.cached_per_config
 def train_state_shapes(config: ml_collections.ConfigDict) -> TrainState:
     """Shapes and dtypes of the state of `config` (traced once per config)."""
-    key = network.config_key(config)
-    if key not in _STATE_SHAPES:
-        _STATE_SHAPES[key] = jax.eval_shape(functools.partial(init_train_state, config))
-    return _STATE_SHAPES[key]
+    return jax.eval_shape(functools.partial(init_train_state, config))
 
 
 def train_state_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
@@ -391,7 +386,7 @@ def _flush_logs(writer, workdir_path: epath.Path, failed: bool) -> None:
             return
         raise LogWriteError(
             f"could not write the TensorBoard logs in {workdir_path}: "
-            f"{checkpointing.os_error_cause(error)} ({str(error).strip().splitlines()[0]}); "
+            f"{checkpointing.os_error_cause(error)} ({checkpointing.error_summary(error)}); "
             "checkpoints are intact: fix it and rerun the same command") from error
 
 
@@ -446,13 +441,11 @@ class StepProfiler:
         self.steps = config.profile_steps if jax.process_index() == 0 else 0
         self.workdir = workdir
         self.start_step: int | None = None
-        self.calls = 0
 
     def after_call(self, step: int, state: TrainState) -> None:
         if self.steps <= 0:
             return
-        self.calls += 1
-        if self.start_step is None and self.calls == 1:
+        if self.start_step is None:  # the first call: compiled and warm from here on
             jax.block_until_ready(state)
             jax.profiler.start_trace(self.workdir)
             self.start_step = step
