@@ -1,4 +1,4 @@
-"""FID on demand: `python -m ddpm_jax.evaluate COMMAND --flags`.
+"""FID, IS, KID and bits/dim on demand: `python -m ddpm_jax.evaluate COMMAND --flags`.
 
 Commands:
 
@@ -6,11 +6,13 @@ Commands:
   statistics of a dataset as the training pipeline feeds it (RGB, ``data.crop``, bicubic
   resize to ``data.image_size``, no flips), over every image or ``--num_images`` drawn at
   random. Any config field can be overridden as in training (``--config.data.path=...``).
-* ``fid --samples=PATH --reference=STATS.npz``: FID of samples against reference
-  statistics. PATH is a folder of images, an ``.npz`` of uint8 images (the sample command's
-  output), or a training workdir, in which case ``--num_images`` samples (default the run's
-  ``eval.num_samples``) are drawn from its newest checkpoint (or ``--step``) and go from the
-  sampler to the Inception network without being stored.
+* ``fid --samples=PATH --reference=STATS.npz``: FID and KID of samples against reference
+  statistics, and their Inception Score (`fid.py`). PATH is a folder of images, an ``.npz``
+  of uint8 images (the sample command's output), or a training workdir, in which case
+  ``--num_images`` samples (default the run's ``eval.num_samples``) are drawn from its
+  newest checkpoint (or ``--step``) and go from the sampler to the Inception network
+  without being stored. KID needs a statistics file written by ``fid-stats`` (it keeps a
+  feature subset); with another tool's file it is reported as null.
 * ``convert-weights --input=pt_inception-2015-12-05-6726825d.pth --output=inception.npz``:
   the standard PyTorch weight file as a NumPy file that loads without PyTorch.
 * ``nll --workdir=DIR [--step=N] [--num_images=N] [--split=S | --config=F]``: the negative
@@ -81,7 +83,8 @@ def fid_stats(config, output: str, weights: str, num_images: int = 0, batch_size
     count, read = input_pipeline.evaluation_images(config.data, source, num_images, seed)
     d = config.data
     logging.info("Inception statistics of %d images of %s", count, d.name or d.path or d.source)
-    stats = features.statistics(read, count, batch_size, progress=True)
+    scores = features.statistics(read, count, batch_size, progress=True)
+    inception_score, _ = scores.inception_score()
     described = {
         "source": d.source, "dataset": d.name if d.source == "tfds" else d.path,
         "split": d.split, "image_size": d.image_size, "crop": d.crop, "crop_size": d.crop_size,
@@ -89,8 +92,10 @@ def fid_stats(config, output: str, weights: str, num_images: int = 0, batch_size
         "flip": "none",
     }
     if jax.process_index() == 0:
-        fid.save_statistics(output, stats, **described)
-    return {"num_images": stats.count, "output": output, **described}
+        fid.save_statistics(output, scores.features, kid_features=scores.kid_subset.features(),
+                            inception_score=inception_score, **described)
+    return {"num_images": scores.count, "output": output, "inception_score": inception_score,
+            **described}
 
 
 def _read_image_files(paths: list[str]):
@@ -123,7 +128,8 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
                batch_size: int = 100, step: int | None = None, sampler: str | None = None,
                num_steps: int | None = None, eta: float | None = None,
                spacing: str | None = None, seed: int = 0) -> dict:
-    """FID of a folder, an .npz or a workdir's samples against `reference` statistics."""
+    """FID, Inception Score and KID (`fid.compare`) of a folder, an .npz or a workdir's
+    samples against `reference` statistics."""
     from ddpm_jax import fid, input_pipeline, sample, sampling, sharding
     from ddpm_jax.samplers import SamplerSettings
 
@@ -140,11 +146,11 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         sample_fid = sampling.make_sample_fid_fn(
             config, mesh, settings, weights=weights, reference=reference,
             num_samples=num_images or e.num_samples, batch_size=batch_size, progress=True)
-        value, count = sample_fid(params, jax.random.PRNGKey(seed))
         result.update(step=step, seed=seed, **settings.describe())
+        scores = sample_fid(params, jax.random.PRNGKey(seed))
     else:
         _required(weights=weights, reference=reference)
-        mu, sigma, _ = fid.load_statistics(reference)  # fail before reading images
+        reference_stats = fid.load_reference(reference)  # fail before reading images
         if path.is_dir():
             files = input_pipeline.list_image_files(samples)
             count, read = len(files), _read_image_files(files)
@@ -154,9 +160,9 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         else:
             raise ValueError(f"--samples={samples!r} is not a folder, an .npz or a workdir")
         features = fid.InceptionFeatures(weights, sharding.create_mesh())
-        stats = features.statistics(read, count, batch_size, progress=True)
-        value, count = fid.distance_to(stats, mu, sigma), stats.count
-    result.update(num_images=count, reference=reference, fid=value)
+        image_scores = features.statistics(read, count, batch_size, progress=True)
+        scores = {**fid.compare(image_scores, reference_stats), "num_images": image_scores.count}
+    result.update(reference=reference, **scores)
     return result
 
 
@@ -165,6 +171,7 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
     """Bits/dim of a run's data under its checkpoint `step` (default the newest): the mean
     over `num_images` images (0: all) of the bound and of its terms."""
     from ddpm_jax import diffusion, input_pipeline, likelihood, network, sample, sharding, train
+    from ddpm_jax import progress as progress_bars
 
     config, params, step, mesh = sample.load_run(workdir, step)
     data = (data_config or config).data.copy_and_resolve_references()
@@ -187,20 +194,17 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
             prediction=d.prediction, variance=d.variance, clip_x0=d.clip_x0)
 
     sums = None
-    batches = range(-(-count // batch))
-    if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="nll", unit="batch")
-    for index in batches:
-        rows = np.arange(index * batch, min((index + 1) * batch, count))
-        images = read(np.resize(rows, batch))  # the last batch padded with its own rows
-        images = jax.make_array_from_callback(images.shape, images_sharding,
-                                              lambda where, images=images: images[where])
-        out = jax.device_get(batch_bpd(params, images, jax.random.fold_in(
-            jax.random.PRNGKey(seed), index)))
-        kept = {key: value[..., :len(rows)].sum(axis=-1) for key, value in out.items()}
-        sums = kept if sums is None else {k: sums[k] + kept[k] for k in sums}
+    with progress_bars.bar(count, "nll", "image", progress) as bar:
+        for index in range(-(-count // batch)):
+            rows = np.arange(index * batch, min((index + 1) * batch, count))
+            images = read(np.resize(rows, batch))  # the last batch padded with its own rows
+            images = jax.make_array_from_callback(images.shape, images_sharding,
+                                                  lambda where, images=images: images[where])
+            out = jax.device_get(batch_bpd(params, images, jax.random.fold_in(
+                jax.random.PRNGKey(seed), index)))
+            kept = {key: value[..., :len(rows)].sum(axis=-1) for key, value in out.items()}
+            sums = kept if sums is None else {k: sums[k] + kept[k] for k in sums}
+            bar.update(len(rows))
     means = {key: value / count for key, value in sums.items()}
     return {"workdir": workdir, "step": step, "num_images": count, "split": data.split,
             "bits_per_dim": float(means["total"]), "prior_bpd": float(means["prior"]),
@@ -255,7 +259,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"ddpm_jax.evaluate {command}: {error}")
     if jax.process_index() == 0:
         if "fid" in result:
-            print(f"FID {result['fid']:.4f} ({result['num_images']} images vs {result['reference']})")
+            print(f"{fid.describe(result)} ({result['num_images']} images vs {result['reference']})")
         if "bits_per_dim" in result:
             print(f"{result['bits_per_dim']:.4f} bits/dim over {result['num_images']} images "
                   f"(prior {result['prior_bpd']:.4f}, KL terms {result['kl_terms_bpd']:.4f}, "

@@ -1,20 +1,31 @@
-"""FID: Inception feature statistics of image sets and the Frechet distance between them.
+"""FID, Inception Score and KID of image sets, from the FID Inception network.
 
-FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), for the mean and covariance
-of the 2048-d Inception pool features of two image sets (`inception.py`). Features are
-computed on device, batch-sharded over the mesh, and accumulated on the host in float64
-(sums of x and x x^T), so N = 50,000 never needs 50,000 images or features in memory.
+* FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), for the mean and
+  covariance of the 2048-d Inception pool features of two image sets (`inception.py`).
+* Inception Score (Salimans et al. 2016) = exp(E_x KL(p(y|x) || p(y))) over the 1008 classes
+  of the same network, computed as the original IS code does: the softmax of the pool
+  features times the classifier's weight (no bias), the images cut in 10 consecutive
+  splits, the mean and standard deviation of the splits' scores.
+* KID (Binkowski et al. 2018): the unbiased squared MMD between the two feature sets under
+  the polynomial kernel k(x, y) = (x.y / 2048 + 1)^3, averaged over random subsets of 1,000
+  features from each set (100 subsets, as torch-fidelity); mean and standard deviation.
+
+Features are computed on device, batch-sharded over the mesh, and accumulated on the host
+in float64 (sums of x and x x^T, per-split class sums), so N = 50,000 never needs 50,000
+images or features in memory; KID keeps a random subset of 10,000 features per set.
 
 Statistics files are .npz with ``mu`` [2048] and ``sigma`` [2048, 2048] (float64), the
 keys the original FID code and pytorch-fid use, so their published reference files load
-here and ours load there. Images are compared as uint8 pictures: generated samples are
-clamped and rounded to uint8 exactly as when written to PNG.
+here and ours load there; ours also hold ``kid_features`` (the random subset, float32) for
+KID. Images are compared as uint8 pictures: generated samples are clamped and rounded to
+uint8 exactly as when written to PNG.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +36,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ddpm_jax import image_utils, inception, ops, sharding
+from ddpm_jax import progress as progress_bars
 
 
 class FIDError(ValueError):
@@ -80,19 +92,173 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
+IS_SPLITS = 10  # the original Inception Score code's
+KID_SUBSETS = 100  # torch-fidelity's default (the KID paper's code draws 50)
+KID_SUBSET_SIZE = 1000  # both codes'
+KID_FEATURES = 10_000  # features kept per image set for KID: 10 full subsets' worth
+
+
+def class_probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in float64."""
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class InceptionScoreSums:
+    """The sums that give the Inception Score of a set of `count` images, fed in order.
+
+    Split k holds images k*N//S .. (k+1)*N//S - 1 (the original code's cut). Its score
+    exp(mean_x sum_y p log p - sum_y pbar log pbar), pbar the split's mean p(y|x), is the
+    exponent of the mean KL(p(y|x) || pbar), so two sums per split are all it needs.
+    """
+
+    def __init__(self, count: int, num_classes: int = inception.NUM_CLASSES,
+                 splits: int = IS_SPLITS):
+        if not 1 <= splits <= count:
+            raise FIDError(f"an Inception Score over {splits} splits needs at least {splits} "
+                           f"images, got {count}")
+        self.count, self.splits, self.seen = count, splits, 0
+        self._probabilities = np.zeros((splits, num_classes), np.float64)
+        self._negative_entropy = np.zeros(splits, np.float64)
+
+    def update(self, probabilities: np.ndarray) -> None:
+        """Adds the class probabilities [B, classes] of the next B images."""
+        probabilities = np.asarray(probabilities, np.float64)
+        index = np.arange(self.seen, self.seen + len(probabilities))
+        split = np.searchsorted(self._bounds(), index, side="right") - 1
+        np.add.at(self._probabilities, split, probabilities)
+        plogp = np.where(probabilities > 0, probabilities * np.log(np.where(
+            probabilities > 0, probabilities, 1.0)), 0.0)
+        np.add.at(self._negative_entropy, split, plogp.sum(axis=-1))
+        self.seen += len(probabilities)
+
+    def _bounds(self) -> np.ndarray:
+        return np.array([k * self.count // self.splits for k in range(self.splits + 1)])
+
+    def score(self) -> tuple[float, float]:
+        """(mean, standard deviation) of the splits' Inception Scores."""
+        if self.seen != self.count:
+            raise FIDError(f"Inception Score sums hold {self.seen} of {self.count} images")
+        sizes = np.diff(self._bounds()).astype(np.float64)
+        mean_p = self._probabilities / sizes[:, None]
+        cross = np.where(mean_p > 0, mean_p * np.log(np.where(mean_p > 0, mean_p, 1.0)), 0.0)
+        scores = np.exp(self._negative_entropy / sizes - cross.sum(axis=-1))
+        return float(scores.mean()), float(scores.std())
+
+
+def inception_score(probabilities: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
+    """(mean, std) Inception Score of class probabilities [N, classes] of N images."""
+    sums = InceptionScoreSums(len(probabilities), probabilities.shape[-1], splits)
+    sums.update(probabilities)
+    return sums.score()
+
+
+def polynomial_mmd_squared(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased squared MMD of two equal-size feature sets under (x.y / d + 1)^3."""
+    m, dim = x.shape
+
+    def kernel(a, b):  # float32 products (BLAS), float64 from the cube on
+        return (np.asarray(a @ b.T, np.float64) / dim + 1.0) ** 3
+
+    k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+    off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(off_diagonal - 2.0 * k_xy.mean())
+
+
+def kernel_inception_distance(features: np.ndarray, reference: np.ndarray,
+                              num_subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+                              seed: int = 0) -> tuple[float, float, int]:
+    """(mean, std, subset size) of the KID over `num_subsets` random subsets of each set.
+
+    Subsets have `subset_size` features, or all of the smaller set's when it has fewer
+    (a warning says the value is then not comparable with published KIDs).
+    """
+    size = min(subset_size, len(features), len(reference))
+    if size < 2:
+        raise FIDError(f"KID needs at least 2 features on each side, got {len(features)} and "
+                       f"{len(reference)}")
+    if size < subset_size:
+        logging.warning("KID over subsets of %d features (fewer than the usual %d): not "
+                        "comparable with published KIDs", size, subset_size)
+    rng = np.random.default_rng(seed)
+    features, reference = np.asarray(features, np.float32), np.asarray(reference, np.float32)
+    values = [polynomial_mmd_squared(features[rng.choice(len(features), size, replace=False)],
+                                     reference[rng.choice(len(reference), size, replace=False)])
+              for _ in range(num_subsets)]
+    return float(np.mean(values)), float(np.std(values)), size
+
+
+class FeatureSubset:
+    """A random subset of `keep` of the feature vectors of `count` images fed in order:
+    which images is fixed up front by `seed`, so it needs no more memory than it keeps."""
+
+    def __init__(self, count: int, keep: int = KID_FEATURES, seed: int = 0):
+        self._chosen = np.sort(np.random.default_rng(seed).choice(
+            count, min(count, keep), replace=False))
+        self._kept: list[np.ndarray] = []
+        self.seen = 0
+
+    def update(self, features: np.ndarray) -> None:
+        lo, hi = np.searchsorted(self._chosen, (self.seen, self.seen + len(features)))
+        self._kept.append(np.asarray(features, np.float32)[self._chosen[lo:hi] - self.seen])
+        self.seen += len(features)
+
+    def features(self) -> np.ndarray:
+        """The kept features [keep, dim], float32."""
+        return np.concatenate(self._kept) if self._kept else np.zeros((0, 0), np.float32)
+
+
+class ImageSetScores:
+    """What the Inception network says of a set of `count` images, fed batch by batch in
+    order: pool-feature statistics (FID), Inception Score sums, a feature subset (KID)."""
+
+    def __init__(self, count: int, keep_features: int = KID_FEATURES, seed: int = 0):
+        self.features = FeatureStatistics()
+        # fewer images than splits (small test sets): one image per split
+        self.inception_score_sums = InceptionScoreSums(count, splits=min(IS_SPLITS, count))
+        self.kid_subset = FeatureSubset(count, keep_features, seed)
+
+    @property
+    def count(self) -> int:
+        return self.features.count
+
+    def update(self, features: np.ndarray, logits: np.ndarray) -> None:
+        self.features.update(features)
+        self.inception_score_sums.update(class_probabilities(logits))
+        self.kid_subset.update(features)
+
+    def inception_score(self) -> tuple[float, float]:
+        return self.inception_score_sums.score()
+
+
 # ----------------------------------------------------------------------- statistics files
 
 
-def save_statistics(path: str, stats: FeatureStatistics, **metadata: Any) -> None:
-    """Writes mu, sigma, the image count and string metadata (what was measured, how)."""
+def save_statistics(path: str, stats: FeatureStatistics, kid_features: np.ndarray | None = None,
+                    **metadata: Any) -> None:
+    """Writes mu, sigma, the image count, the features kept for KID (if given) and string
+    metadata (what was measured, how)."""
     buffer = io.BytesIO()
-    np.savez(buffer, mu=stats.mean(), sigma=stats.covariance(), num_images=stats.count,
+    arrays = {} if kid_features is None else {"kid_features": np.asarray(kid_features, np.float32)}
+    np.savez(buffer, mu=stats.mean(), sigma=stats.covariance(), num_images=stats.count, **arrays,
              **{key: np.array(str(value)) for key, value in metadata.items()})
     image_utils.write_atomically(path, buffer.getvalue())
 
 
-def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """(mu, sigma, metadata) of a statistics .npz (ours, pytorch-fid's or the original FID's)."""
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A statistics file: what FID and KID compare samples with."""
+
+    path: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    kid_features: np.ndarray | None  # None in files of other tools (and ours before KID)
+    metadata: dict[str, str]
+
+
+def load_reference(path: str) -> Reference:
+    """The statistics .npz at `path` (ours, pytorch-fid's or the original FID code's)."""
     file = epath.Path(path)
     if not file.exists():
         raise FIDError(f"no FID statistics at {path}; compute them with "
@@ -101,42 +267,60 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         if "mu" not in data.files or "sigma" not in data.files:
             raise FIDError(f"{path} holds {data.files}, not FID statistics (mu, sigma)")
         mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        metadata = {key: str(data[key]) for key in data.files if key not in ("mu", "sigma")}
+        kid = data["kid_features"].astype(np.float32) if "kid_features" in data.files else None
+        arrays = ("mu", "sigma", "kid_features")
+        metadata = {key: str(data[key]) for key in data.files if key not in arrays}
     dim = inception.FEATURE_DIM
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise FIDError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not the "
                        f"{dim}-d Inception pool statistics")
-    return mu, sigma, metadata
+    if kid is not None and (kid.ndim != 2 or kid.shape[1] != dim):
+        raise FIDError(f"{path}: kid_features {kid.shape} are not {dim}-d Inception features")
+    return Reference(path, mu, sigma, kid, metadata)
+
+
+def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """(mu, sigma, metadata) of a statistics .npz (ours, pytorch-fid's or the original FID's)."""
+    reference = load_reference(path)
+    return reference.mu, reference.sigma, reference.metadata
 
 
 # ------------------------------------------------------------------------------ features
 
 
 class InceptionFeatures:
-    """The FID Inception on a mesh: global image batches in, every host's features out."""
+    """The FID Inception on a mesh: global image batches in, every host's features and
+    class logits out."""
 
     def __init__(self, weights_path: str, mesh: jax.sharding.Mesh):
         graphdef, state = inception.load(weights_path)
         self.mesh = mesh
         self._state = jax.device_put(state, sharding.replicated(mesh))
 
-        def features(state, images):
+        def outputs(state, images):
             if images.dtype != np.uint8:  # model-space samples: the PNG they would be written as
                 images = image_utils.to_uint8(images)
-            return nnx.merge(graphdef, state)(images)
+            network = nnx.merge(graphdef, state)
+            features = network(images)
+            return features, network.logits(features)
 
-        self._features = jax.jit(
-            features, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        self._outputs = jax.jit(
+            outputs, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
             out_shardings=sharding.batch_sharding(mesh), compiler_options=ops.compiler_options())
+
+    def outputs_of_global(self, images: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(features [B, 2048], IS logits [B, 1008]) of a global batch (uint8, or floats in
+        [-1, 1]), on every host."""
+        outputs = multihost_utils.process_allgather(self._outputs(self._state, images), tiled=True)
+        return np.asarray(outputs[0]), np.asarray(outputs[1])
 
     def of_global(self, images: jax.Array) -> np.ndarray:
         """Features [B, 2048] of a global batch (uint8, or floats in [-1, 1]), on every host."""
-        features = self._features(self._state, images)
-        return np.asarray(multihost_utils.process_allgather(features, tiled=True))
+        return self.outputs_of_global(images)[0]
 
     def statistics(self, read: Callable[[Sequence[int]], np.ndarray], count: int,
-                   batch_size: int, progress: bool = False) -> FeatureStatistics:
-        """Statistics of images 0..count-1, where `read(indices)` returns those uint8 images.
+                   batch_size: int, progress: bool = False) -> ImageSetScores:
+        """Scores of images 0..count-1, where `read(indices)` returns those uint8 images.
 
         Each global batch of `batch_size` (rounded up to the devices) is split over the
         processes; each reads only its own rows. Rows past `count` are padding and dropped.
@@ -144,41 +328,38 @@ class InceptionFeatures:
         processes, process = jax.process_count(), jax.process_index()
         local = sharding.padded_to_devices(batch_size, self.mesh) // processes
         global_size = local * processes
-        stats = FeatureStatistics()
-        starts: Iterable[int] = range(0, count, global_size)
-        if progress and process == 0:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="inception", unit="batch")
-        for start in starts:
-            first = start + process * local
-            indices = [min(i, count - 1) for i in range(first, first + local)]
-            batch = jax.make_array_from_process_local_data(
-                sharding.batch_sharding(self.mesh), np.asarray(read(indices), np.uint8))
-            stats.update(self.of_global(batch)[: count - start])
-        return stats
+        scores = ImageSetScores(count)
+        with progress_bars.bar(count, "inception", "image", progress) as bar:
+            for start in range(0, count, global_size):
+                first = start + process * local
+                indices = [min(i, count - 1) for i in range(first, first + local)]
+                batch = jax.make_array_from_process_local_data(
+                    sharding.batch_sharding(self.mesh), np.asarray(read(indices), np.uint8))
+                features, logits = self.outputs_of_global(batch)
+                scores.update(features[: count - start], logits[: count - start])
+                bar.update(min(global_size, count - start))
+        return scores
 
     def sample_statistics(self, sample_fn, params: Any, rng: jax.Array, count: int,
                           progress: bool = False, should_stop: Callable[[], bool] | None = None
-                          ) -> FeatureStatistics | None:
-        """Statistics of `count` samples from `sample_fn(params, rng, should_stop) -> [-1, 1]
+                          ) -> ImageSetScores | None:
+        """Scores of `count` samples from `sample_fn(params, rng, should_stop) -> [-1, 1]
         images` (`sampling.SampleFn`); None when `should_stop()` asked to stop.
 
         Batch i uses fold_in(rng, i); samples stay on device between sampler and Inception.
         """
-        stats = FeatureStatistics()
+        scores = ImageSetScores(count)
         batch_size = sample_fn.num_images
-        batches: Iterable[int] = range(-(-count // batch_size))
-        if progress and jax.process_index() == 0:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc="sampling + inception", unit="batch")
-        for index in batches:
-            images = sample_fn(params, jax.random.fold_in(rng, index), should_stop)
-            if images is None:
-                return None
-            stats.update(self.of_global(images)[: count - index * batch_size])
-        return stats
+        with progress_bars.bar(count, "sampling + inception", "image", progress) as bar:
+            for index in range(-(-count // batch_size)):
+                images = sample_fn(params, jax.random.fold_in(rng, index), should_stop)
+                if images is None:
+                    return None
+                features, logits = self.outputs_of_global(images)
+                kept = min(batch_size, count - index * batch_size)
+                scores.update(features[:kept], logits[:kept])
+                bar.update(kept)
+        return scores
 
 
 # Published FIDs are over 50,000 samples; FID is biased upward with fewer.
@@ -197,3 +378,29 @@ def distance_to(stats: FeatureStatistics, mu: np.ndarray, sigma: np.ndarray) -> 
                         "is not comparable with published numbers (it is with other FIDs "
                         "over %d)", stats.count, PUBLISHED_SAMPLE_COUNT, stats.count)
     return frechet_distance(stats.mean(), stats.covariance(), mu, sigma)
+
+
+def compare(scores: ImageSetScores, reference: Reference) -> dict[str, Any]:
+    """FID and KID of scored samples against `reference`, and their Inception Score.
+
+    KID is None (with `kid_note` saying why) when the reference file holds no features:
+    statistics files of other tools, or ours from before KID.
+    """
+    result: dict[str, Any] = {"fid": distance_to(scores.features, reference.mu, reference.sigma)}
+    result["inception_score"], result["inception_score_std"] = scores.inception_score()
+    if reference.kid_features is None:
+        result.update(kid=None, kid_std=None, kid_note=(
+            f"{reference.path} holds no kid_features; rerun `ddpm_jax.evaluate fid-stats` for KID"))
+    else:
+        result["kid"], result["kid_std"], result["kid_subset_size"] = kernel_inception_distance(
+            scores.kid_subset.features(), reference.kid_features)
+    return result
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line of the scores in `result` (`compare`'s keys)."""
+    parts = [f"FID {result['fid']:.4f}",
+             f"IS {result['inception_score']:.3f} +- {result['inception_score_std']:.3f}"]
+    if result.get("kid") is not None:
+        parts.append(f"KID {result['kid']:.5f} +- {result['kid_std']:.5f}")
+    return ", ".join(parts)

@@ -21,6 +21,7 @@ the classifier has 1008 classes. Inputs are uint8 images of any size; they are r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -217,8 +218,10 @@ class FIDInception(nnx.Module):
         return jnp.mean(x, axis=(1, 2))
 
     def logits(self, features: jax.Array) -> jax.Array:
-        """The 1008-way ImageNet classifier on pool features (for Inception Score)."""
-        return self.fc(features)
+        """The 1008 class logits that the Inception Score is computed from: pool features
+        times the classifier's weight, without its bias, as the original IS code takes them
+        (it multiplies by the weight of the graph's ``softmax/logits/MatMul``)."""
+        return jnp.dot(features, self.fc.kernel[...], precision=HIGHEST)
 
 
 def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
@@ -236,9 +239,12 @@ def resize_bilinear(images: jax.Array, size: int) -> jax.Array:
 # ------------------------------------------------------------------------------ weights
 
 
-def abstract_model() -> FIDInception:
-    """The network's structure with shape-only parameters (allocates nothing)."""
-    return nnx.eval_shape(lambda: FIDInception(rngs=nnx.Rngs(0)))
+@functools.cache
+def abstract_model() -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """(graphdef, parameter shapes as a pure dict) of the network, allocating nothing; traced
+    once per process (tracing its 94 layers' initialisers takes seconds)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: FIDInception(rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
 
 
 _BATCH_NORM_KEYS = {"scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -265,7 +271,7 @@ def _file_shape(shape: tuple[int, ...], axes: tuple[int, ...] | None) -> tuple[i
 
 def file_layout() -> dict[str, tuple[int, ...]]:
     """Every key the standard weight file holds (batch-norm step counters aside) and its shape."""
-    state = nnx.to_pure_dict(nnx.state(abstract_model()))
+    _, state = abstract_model()
     layout = {}
     for path, leaf in _flatten(state):
         key, axes = _file_key_and_layout(path)
@@ -275,7 +281,7 @@ def file_layout() -> dict[str, tuple[int, ...]]:
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The network's pure-dict state from a PyTorch-layout state dict; checks every key and shape."""
-    state = nnx.to_pure_dict(nnx.state(abstract_model()))
+    _, state = abstract_model()
     arrays = {k: v for k, v in state_dict.items()
               if not k.endswith("num_batches_tracked") and not k.startswith("_")}
     used, problems = set(), []
@@ -344,7 +350,7 @@ def load(path: str) -> tuple[nnx.GraphDef, dict[str, Any]]:
     sha256 prefix, and for a converted .npz the digest of its arrays as converted) load
     with a warning that the FID is not comparable with published numbers.
     """
-    graphdef, _ = nnx.split(abstract_model())
+    graphdef, _ = abstract_model()
     state_dict = read_state_dict(path)
     bad = [key for key, value in state_dict.items()
            if not key.startswith("_") and np.issubdtype(np.asarray(value).dtype, np.floating)

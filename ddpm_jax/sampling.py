@@ -150,30 +150,32 @@ def make_sample_fid_fn(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, settings: SamplerSettings, *,
     weights: str, reference: str, num_samples: int, batch_size: int, progress: bool = False,
 ):
-    """`fn(params, rng, should_stop=None) -> (FID, images scored)` of `num_samples` samples
-    against `reference`, or None when `should_stop()` asked to stop.
+    """`fn(params, rng, should_stop=None) -> scores` of `num_samples` samples against
+    `reference` (`fid.compare`'s FID, IS and KID, and `num_images`), or None when
+    `should_stop()` asked to stop.
 
     Loads the Inception weights and reference statistics at once (a wrong path fails before
     any sampling); samples go from the sampler to the Inception network on device.
     """
-    reference_mu, reference_sigma, _ = fid.load_statistics(reference)
+    reference_stats = fid.load_reference(reference)
     features = fid.InceptionFeatures(weights, mesh)
     sample_fn = make_sample_fn(config, mesh, settings, num_images=min(batch_size, num_samples))
 
     def evaluate(params: Any, rng: jax.Array, should_stop: Callable[[], bool] | None = None
-                 ) -> tuple[float, int] | None:
-        stats = features.sample_statistics(sample_fn, params, rng, num_samples, progress,
-                                           should_stop)
-        if stats is None:
+                 ) -> dict[str, Any] | None:
+        scores = features.sample_statistics(sample_fn, params, rng, num_samples, progress,
+                                            should_stop)
+        if scores is None:
             return None
-        return fid.distance_to(stats, reference_mu, reference_sigma), stats.count
+        return {**fid.compare(scores, reference_stats), "num_images": scores.count}
 
     return evaluate
 
 
 def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """`fn(params, should_stop=None) -> FID` of `config.eval.num_samples` samples (None when
-    `should_stop()` asked to stop), or None when FID is off.
+    """`fn(params, should_stop=None) -> scores` (FID, IS, KID: `make_sample_fid_fn`) of
+    `config.eval.num_samples` samples (None when `should_stop()` asked to stop), or None when
+    FID is off.
 
     Built before training, so a wrong path stops the run first. Every evaluation draws from
     the same noise (`seed + 3`), so changes in the curve come from the weights, not the draw.
@@ -191,8 +193,8 @@ def make_fid_evaluator(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
         reference=e.reference_stats, num_samples=e.num_samples, batch_size=e.batch_size)
     rng = jax.random.PRNGKey(config.seed + 3)
 
-    def evaluate(params: Any, should_stop: Callable[[], bool] | None = None) -> float | None:
-        result = sample_fid(params, rng, should_stop)
-        return None if result is None else result[0]
+    def evaluate(params: Any, should_stop: Callable[[], bool] | None = None
+                 ) -> dict[str, Any] | None:
+        return sample_fid(params, rng, should_stop)
 
     return evaluate

@@ -14,7 +14,7 @@ import scipy.linalg
 from PIL import Image
 
 from ddpm_jax import config_checks, evaluate, fid, inception, train
-from tests.helpers import ROOT, micro_config
+from tests.helpers import ROOT, command_env, micro_config
 
 # ------------------------------------------------------------------ the Frechet distance
 
@@ -84,6 +84,87 @@ def test_statistics_files_round_trip_and_foreign_files_load(tmp_path):
         fid.load_statistics(str(tmp_path / "small.npz"))
     with pytest.raises(fid.FIDError, match="fid-stats"):
         fid.load_statistics(str(tmp_path / "missing.npz"))
+
+
+# ---------------------------------------------------------------- Inception Score and KID
+
+
+def original_inception_score(probabilities, splits=10):
+    """The original IS code's loop, written out: consecutive splits, KL to the split's mean."""
+    scores = []
+    n = len(probabilities)
+    for k in range(splits):
+        part = probabilities[k * n // splits:(k + 1) * n // splits]
+        kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return np.mean(scores), np.std(scores)
+
+
+def test_inception_score_closed_forms():
+    classes = 1008
+    # Each image certain of one class, 20 classes equally often in every split: IS = 20.
+    one_hot = np.eye(classes)[np.arange(1000) % 20]
+    assert fid.inception_score(one_hot) == pytest.approx((20.0, 0.0), abs=1e-9)
+    # Uncertain images (uniform), or all certain of the same class: IS = 1, its minimum.
+    assert fid.inception_score(np.full((1000, classes), 1 / classes)) == pytest.approx((1.0, 0.0))
+    assert fid.inception_score(np.eye(classes)[np.zeros(1000, int)]) == pytest.approx((1.0, 0.0))
+    # Splits that differ: split k holds classes 0..k equally often (2520 images each, a
+    # multiple of 1..10), so IS_k = k + 1.
+    per_split = [np.eye(10)[np.arange(2520) % (k + 1)] for k in range(10)]
+    mean, std = fid.inception_score(np.concatenate(per_split))
+    assert mean == pytest.approx(5.5) and std == pytest.approx(np.std(np.arange(1, 11)))
+
+
+def test_streamed_inception_score_equals_the_original_code():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(0, 4, size=(1003, 1008)) * rng.uniform(0, 1, size=(1003, 1))
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(fid.class_probabilities(logits + 3.0), probabilities, rtol=1e-9)
+    sums = fid.InceptionScoreSums(1003)  # splits of 100 and 101 images
+    for start, stop in ((0, 7), (7, 450), (450, 1003)):  # batches across split boundaries
+        sums.update(probabilities[start:stop])
+    mean, std = sums.score()
+    np.testing.assert_allclose((mean, std), original_inception_score(probabilities), rtol=1e-9)
+    assert 1.5 < mean and std > 0  # confident and diverse enough to test something
+
+
+def test_kid_is_the_unbiased_polynomial_mmd_over_subsets():
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(12, 6)), rng.normal(0.5, 1.0, size=(12, 6))
+
+    def k(a, b):
+        return (a @ b / 6 + 1) ** 3
+
+    pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
+    unbiased = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / len(pairs)
+                - 2 * np.mean([k(a, b) for a in x for b in y]))
+    assert fid.polynomial_mmd_squared(x, y) == pytest.approx(unbiased, rel=1e-5)
+    # Every feature of X equal to a and of Y to b: each subset's MMD is k(a,a)+k(b,b)-2k(a,b).
+    a, b = rng.normal(size=2048), rng.normal(size=2048)
+    mean, std, size = fid.kernel_inception_distance(np.tile(a, (50, 1)), np.tile(b, (60, 1)),
+                                                    num_subsets=5, subset_size=40)
+    closed = ((a @ a / 2048 + 1) ** 3 + (b @ b / 2048 + 1) ** 3 - 2 * (a @ b / 2048 + 1) ** 3)
+    assert size == 40 and mean == pytest.approx(closed, rel=1e-4) and std < 1e-4 * abs(closed)
+    # Two draws of one distribution score ~0, of two distributions clearly above.
+    same = fid.kernel_inception_distance(rng.normal(size=(400, 64)), rng.normal(size=(400, 64)),
+                                         num_subsets=20, subset_size=200)[0]
+    apart = fid.kernel_inception_distance(rng.normal(size=(400, 64)),
+                                          rng.normal(0.3, 1.0, size=(400, 64)),
+                                          num_subsets=20, subset_size=200)[0]
+    assert abs(same) < 0.1 * apart
+
+
+def test_the_kid_subset_keeps_the_chosen_features_of_a_stream():
+    features = np.random.default_rng(10).normal(size=(503, 4)).astype(np.float32)
+    subset = fid.FeatureSubset(503, keep=50, seed=3)
+    for start, stop in ((0, 100), (100, 101), (101, 503)):
+        subset.update(features[start:stop])
+    kept = subset.features()
+    chosen = np.sort(np.random.default_rng(3).choice(503, 50, replace=False))
+    np.testing.assert_array_equal(kept, features[chosen])
+    everything = fid.FeatureSubset(20, keep=50)
+    everything.update(features[:20])
+    np.testing.assert_array_equal(everything.features(), features[:20])
 
 
 # ---------------------------------------------------------- the network and its weight file
@@ -301,6 +382,7 @@ def image_sets(tmp_path_factory):
     return root, smooth, noisy
 
 
+@pytest.mark.slow
 def test_fid_stats_and_fid_commands_end_to_end(weights_file, image_sets, tmp_path):
     root, smooth, noisy = image_sets
     stats_path = tmp_path / "stats.npz"
@@ -309,7 +391,7 @@ def test_fid_stats_and_fid_commands_end_to_end(weights_file, image_sets, tmp_pat
                f"--config.data.path={root / 'smooth'}", "--config.data.image_size=16",
                f"--weights={weights_file}", f"--output={stats_path}", "--batch_size=4"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            env=command_env())
     assert result.returncode == 0, result.stderr[-3000:]
     mu, sigma, metadata = fid.load_statistics(str(stats_path))
     assert metadata["num_images"] == "10" and metadata["image_size"] == "16"
@@ -318,18 +400,26 @@ def test_fid_stats_and_fid_commands_end_to_end(weights_file, image_sets, tmp_pat
     # The same pictures from a folder score ~0; the noisy ones from an .npz score far above.
     result = subprocess.run(
         [sys.executable, "-m", "ddpm_jax.evaluate", "fid", f"--samples={root / 'smooth'}",
-         f"--reference={stats_path}", f"--weights={weights_file}", "--batch_size=8",
+         f"--reference={stats_path}", f"--weights={weights_file}", "--batch_size=4",
          f"--json={tmp_path / 'fid.json'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=command_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FID" in result.stdout
-    same = evaluate.json.loads((tmp_path / "fid.json").read_text())["fid"]
+    assert "FID" in result.stdout and "IS" in result.stdout and "KID" in result.stdout
+    scores = evaluate.json.loads((tmp_path / "fid.json").read_text())
+    same = scores["fid"]
     np.savez(tmp_path / "noisy.npz", images=noisy)
     different = evaluate.sample_fid(str(tmp_path / "noisy.npz"), str(stats_path), weights_file,
                                     batch_size=3)  # 4 batches over 4 devices, the last padded
     scale = np.trace(sigma)
     assert abs(same) < 1e-3 * scale
     assert different["fid"] > 0.5 * scale and different["num_images"] == 10
+    # IS and KID beside FID: fid-stats kept all 10 features; the same pictures score as the
+    # reference's own IS, and their KID is far below the noisy ones'.
+    reference = fid.load_reference(str(stats_path))
+    assert reference.kid_features.shape == (10, inception.FEATURE_DIM)
+    assert scores["inception_score"] == pytest.approx(float(metadata["inception_score"]), rel=1e-6)
+    assert 1.0 <= scores["inception_score"] and scores["kid_subset_size"] == 10
+    assert different["kid"] > 10 * abs(scores["kid"])
     # the sample command's key, arr_0 (the ADM evaluator's), wins over a legacy `images`
     np.savez(tmp_path / "both.npz", images=noisy[:4], arr_0=noisy)
     both = evaluate.sample_fid(str(tmp_path / "both.npz"), str(stats_path), weights_file,
@@ -343,9 +433,9 @@ def test_fid_under_50000_samples_warns_that_it_is_not_comparable(monkeypatch):
     warnings = []
     monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
     rng = np.random.default_rng(0)
-    mu, sigma = np.zeros(inception.FEATURE_DIM), np.eye(inception.FEATURE_DIM)
-    stats = fid.FeatureStatistics()
-    stats.update(rng.normal(size=(3000, inception.FEATURE_DIM)))
+    mu, sigma = np.zeros(16), np.eye(16)  # the warning depends on the count alone
+    stats = fid.FeatureStatistics(16)
+    stats.update(rng.normal(size=(3000, 16)))
     fid.distance_to(stats, mu, sigma)
     assert len(warnings) == 1 and "FID over 3000 samples" in warnings[0]
     assert "not comparable with published numbers" in warnings[0]
@@ -377,6 +467,7 @@ def read_scalars(workdir, tag):
     return sorted(found)
 
 
+@pytest.mark.slow
 def test_fid_during_training_is_logged_and_checked_up_front(weights_file, tmp_path):
     stats = fid.FeatureStatistics()
     stats.update(np.random.default_rng(6).uniform(size=(8, inception.FEATURE_DIM)))
@@ -394,10 +485,14 @@ def test_fid_during_training_is_logged_and_checked_up_front(weights_file, tmp_pa
     fid_events = read_scalars(str(workdir), "fid")
     assert [step for step, _ in fid_events] == [2]
     assert np.isfinite(fid_events[0][1]) and fid_events[0][1] > 0
+    # the reference has no kid_features (written without them): IS, but no KID
+    assert [step for step, _ in read_scalars(str(workdir), "inception_score")] == [2]
+    assert read_scalars(str(workdir), "kid") == []
     # `evaluate fid` on the workdir: the run's own eval settings, weights and reference.
     result = evaluate.sample_fid(str(workdir), None, None, num_images=5, batch_size=4)
     assert result["step"] == 2 and result["num_images"] == 5 and result["sampler"] == "ddim"
     assert np.isfinite(result["fid"]) and result["fid"] > 0
+    assert result["kid"] is None and "fid-stats" in result["kid_note"]
 
     config.eval.reference_stats = str(tmp_path / "missing.npz")
     with pytest.raises(config_checks.ConfigError, match="eval.reference_stats"):
