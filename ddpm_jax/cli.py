@@ -1,19 +1,81 @@
-"""What every command does with its command line: flag errors as one line, not a traceback.
+"""What every command does with its command line and its console.
 
 `app.run(main, flags_parser=cli.flags_parser(name))` parses the flags; a wrong `--config`
 path, an unknown `--config.*` field (with the closest valid names), a value of the wrong
-type or an unknown flag ends the command with one message that says what to change.
+type or an unknown flag ends the command with one message that says what to change. Then
+the console is quieted (`quiet_library_logs`): the command's own INFO lines show, the
+libraries' (JAX, Orbax, TFDS, TensorFlow, clu) only from WARNING up unless `--verbosity=1`.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging as pylogging
 import os
 import runpy
 import sys
 from collections.abc import Callable
 
 from absl import flags
+from absl import logging as absl_logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _LibraryInfoFilter(pylogging.Filter):
+    """Passes every record of ddpm_jax, and other code's only from WARNING up."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def quiet_library_logs(verbosity: int = 0) -> None:
+    """Shows libraries' INFO lines only at `verbosity` >= 1 (absl's --verbosity): JAX's
+    backend probing, Orbax's per-file lines, TFDS's, clu's metric echo and parameter table,
+    TensorFlow's C++ start-up lines. Orbax's error tracebacks are always dropped: a failed
+    save is reported once, with its cause."""
+    from ddpm_jax import checkpointing
+
+    checkpointing.hide_orbax_info()
+    if verbosity >= 1:
+        return
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(_LibraryInfoFilter())
+    global _quiet
+    _quiet = True
+
+
+_quiet = False  # set by quiet_library_logs
+
+
+def import_tensorflow() -> None:
+    """Imports TensorFlow where a part needs it (clu's TensorBoard writer, TFDS). In a quieted
+    command, the C++ start-up lines it prints straight to stderr (oneDNN, CPU features),
+    which TF_CPP_MIN_LOG_LEVEL no longer reaches, are hidden; if the import fails, what it
+    printed is shown with the error."""
+    if "tensorflow" in sys.modules:
+        return
+    if not _quiet:
+        import tensorflow  # noqa: F401
+
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -77,9 +139,10 @@ def flags_parser(command: str) -> Callable[[list[str]], list[str]]:
             remaining = flags.FLAGS(argv)
             if "config" in flags.FLAGS and flags.FLAGS["config"].present:
                 flags.FLAGS.config.keys()  # a config that failed to load raises on first use
-            return remaining
         except Exception as error:  # absl and ml_collections raise several kinds
             sys.exit(f"{command}: {_explain(argv, error)}")
+        quiet_library_logs(flags.FLAGS.verbosity)
+        return remaining
 
     return parse
 

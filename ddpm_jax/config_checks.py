@@ -23,7 +23,6 @@ from ddpm_jax import (
     optimizer,
     samplers,
     sharding,
-    wandb_writer,
 )
 from ddpm_jax.registry import check_choice
 
@@ -178,6 +177,8 @@ def validate(
     _checked(input_pipeline.check_config, config.data)
 
     _checked(models.check_config, config)
+    from ddpm_jax import wandb_writer  # loads clu's writers, hence TensorFlow: only here
+
     _checked(wandb_writer.check_config, config)
 
     if workdir is not None:

@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from ddpm_jax import checkpointing, diffusers_format
+from ddpm_jax import diffusers_format
 from ddpm_jax.diffusers_format import UnsupportedError
 
 FLAGS = flags.FLAGS
@@ -213,7 +213,6 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m ddpm_jax.convert {{{'|'.join(COMMANDS)}}} --flags")
     command = argv[1]
-    checkpointing.hide_orbax_info()
     required = {"from-diffusers": ("input", "workdir"), "to-diffusers": ("workdir", "output")}
     missing = [f"--{name}" for name in required[command] if not FLAGS[name].value]
     if missing:

@@ -17,9 +17,11 @@ Batches leave the pipeline as uint8 NHWC; scaling to [-1, 1] happens on device.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import logging as pylogging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -257,12 +259,34 @@ def _manual_download_message(builder: Any, data_config: ml_collections.ConfigDic
     return "\n".join(lines)
 
 
+class _DropTfdsWarnings(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return "tensorflow_datasets" not in record.pathname or record.levelno >= pylogging.ERROR
+
+
+@contextlib.contextmanager
+def _without_tfds_warnings() -> Iterator[None]:
+    """Hides TFDS's warnings for the body: its probing of folders that do not exist, which
+    a missing dataset's own message explains."""
+    handler, dropped = logging.get_absl_handler(), _DropTfdsWarnings()
+    handler.addFilter(dropped)
+    try:
+        yield
+    finally:
+        handler.removeFilter(dropped)
+
+
 def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
     """Opens a TFDS dataset for random access, preparing it (download or manual_dir) if needed."""
+    from ddpm_jax import cli
+
+    cli.import_tensorflow()  # TFDS decodes with it
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+        with _without_tfds_warnings():  # it probes version folders that may not exist
+            builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+            prepared = builder.is_prepared()
     except tfds.core.registered.DatasetNotFoundError as error:
         raise DataError(
             f"unknown TFDS dataset data.name={data_config.name!r}; use a name from "
@@ -274,7 +298,7 @@ def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
             download=False, builder_kwargs={"file_format": "array_record"},
         )
 
-    if builder.is_prepared():
+    if prepared:
         try:
             return TfdsImageSource(open_source(), data_config.image_key)
         except Exception as error:
@@ -283,7 +307,8 @@ def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
                 f"for random access ({error}); prepare it with file_format=array_record"
             ) from error
     try:  # a source TFDS can serve without a local build (e.g. under tfds.testing.mock_data)
-        return TfdsImageSource(open_source(), data_config.image_key)
+        with _without_tfds_warnings():
+            return TfdsImageSource(open_source(), data_config.image_key)
     except Exception:
         pass
     manual_dir = data_config.manual_dir or None

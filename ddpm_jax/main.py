@@ -103,7 +103,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ddpm_jax import checkpointing  # touches no device
 
-    checkpointing.hide_orbax_info()
     use_compilation_cache(FLAGS.config)
     initialize_distributed()
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)",

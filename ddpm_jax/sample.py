@@ -132,6 +132,7 @@ def generate(
     `sampler`, `num_steps`, `spacing` and `eta` default to the run's `config.sample`.
     """
     from ddpm_jax import image_utils, sampling
+    from ddpm_jax import progress as progress_bars
     from ddpm_jax.samplers import SamplerSettings
 
     config, params, step, mesh = load_run(workdir, step)
@@ -140,20 +141,24 @@ def generate(
     batch_size = min(batch_size, num_samples)
     sample_fn = sampling.make_sample_fn(config, mesh, settings, num_images=batch_size,
                                         num_snapshots=snapshots)
-    logging.info("sampling %d images from step %d with %s", num_samples, step, settings.describe())
+    logging.info("sampling %d images from step %d with %s", num_samples, step, settings.summary())
     images, strips = [], []
-    batches = range(-(-num_samples // batch_size))
-    if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="sampling", unit="batch")
-    for index in batches:
-        outputs = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(seed), index))
-        final = outputs[0] if snapshots else outputs
-        images.append(image_utils.to_uint8(multihost_utils.process_allgather(final, tiled=True)))
-        if snapshots:
-            strip = multihost_utils.process_allgather(outputs[1], tiled=True)  # [K, B, ...]
-            strips.append(image_utils.to_uint8(np.swapaxes(strip, 0, 1)))
+    num_batches = -(-num_samples // batch_size)
+    # One batch: the bar counts the sampler's steps; several: the images done.
+    total, unit = ((sample_fn.num_steps, "step") if num_batches == 1 else (num_samples, "image"))
+    with progress_bars.bar(total, "sampling", unit, progress) as bar:
+        on_steps = bar.update if num_batches == 1 else None
+        for index in range(num_batches):
+            outputs = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(seed), index),
+                                on_steps=on_steps)
+            final = outputs[0] if snapshots else outputs
+            images.append(image_utils.to_uint8(multihost_utils.process_allgather(final,
+                                                                                 tiled=True)))
+            if snapshots:
+                strip = multihost_utils.process_allgather(outputs[1], tiled=True)  # [K, B, ...]
+                strips.append(image_utils.to_uint8(np.swapaxes(strip, 0, 1)))
+            if num_batches > 1:
+                bar.update(min(batch_size, num_samples - index * batch_size))
     samples = np.concatenate(images)[:num_samples]
     return samples, (np.concatenate(strips)[:num_samples] if snapshots else None)
 
@@ -182,7 +187,6 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ddpm_jax import checkpointing, cli
 
-    checkpointing.hide_orbax_info()
     if not FLAGS.output.endswith((".png", ".npz")):
         sys.exit(f"ddpm_jax.sample: --output must end in .png or .npz, got {FLAGS.output!r}")
     cli.check_output("ddpm_jax.sample", "output", FLAGS.output)

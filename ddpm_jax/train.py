@@ -31,6 +31,7 @@ from ddpm_jax import (
     checkpointing,
     config_checks,
     diffusion,
+    fid,
     input_pipeline,
     memory,
     network,
@@ -40,10 +41,13 @@ from ddpm_jax import (
     preemption,
     sampling,
     sharding,
-    wandb_writer,
     workdir_lock,
 )
+from ddpm_jax.progress import TrainingProgress, format_seconds
 from ddpm_jax.samplers import SamplerSettings
+
+# What an in-loop evaluation logs to TensorBoard (kid only with reference features).
+FID_SCALARS = ("fid", "inception_score", "kid")
 
 create_mesh = sharding.create_mesh
 replicated = sharding.replicated
@@ -293,15 +297,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     deliberate fine-tune) instead of refusing.
     """
     workdir_path = absolute_path(workdir)
-    config_checks.validate(config, str(workdir_path), device_count=jax.device_count(),
-                           process_count=jax.process_count())
-    with workdir_lock.hold(workdir_path, steal=steal_lock):
-        return _train(config, workdir_path, allow_diffusion_change)
+    existed = workdir_path.exists()
+    try:
+        config_checks.validate(config, str(workdir_path), device_count=jax.device_count(),
+                               process_count=jax.process_count())
+        source = input_pipeline.make_source(config.data)  # fails fast on missing data
+        with workdir_lock.hold(workdir_path, steal=steal_lock):
+            return _train(config, workdir_path, workdir, source, allow_diffusion_change)
+    except BaseException:
+        if not existed:
+            _remove_if_unused(workdir_path)
+        raise
 
 
-def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
-           allow_diffusion_change: bool) -> TrainState:
-    source = input_pipeline.make_source(config.data)  # fails fast on missing data
+def _remove_if_unused(workdir_path: epath.Path) -> None:
+    """Removes a workdir this run created and left empty (it failed before writing
+    anything), so a failed start leaves nothing behind."""
+    if jax.process_index() == 0 and workdir_path.exists() and not any(workdir_path.iterdir()):
+        workdir_path.rmdir()
+
+
+def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir: str,
+           source: Any, allow_diffusion_change: bool) -> TrainState:
+    started = time.perf_counter()
     manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
     mesh = create_mesh(config)
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
@@ -318,6 +336,14 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
     restored = checkpointing.newest_readable(manager, read, repair=True,
                                              passthrough=(config_checks.ConfigError,))
     state, examples = restored[1] if restored else (None, 0)
+    if state is not None and int(state.step) >= config.num_train_steps:
+        manager.close()
+        _log_lines(
+            [f"{workdir} has already finished: its newest checkpoint is step {int(state.step)} "
+             f"of num_train_steps={config.num_train_steps}; nothing to train (pass "
+             f"--config.num_train_steps=N, N > {int(state.step)}, to train longer)"]
+            + _where_things_are(workdir, workdir_path))
+        return state
     evaluate_fid = sampling.make_fid_evaluator(config, mesh)  # fails fast on missing files
     data_iter = iter(input_pipeline.create_dataset(
         config, source, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -331,9 +357,14 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
     logging.info("starting at step %d of %d (example %d of the data stream)", initial_step,
                  config.num_train_steps, examples)
 
-    # Imported here: clu's writers and progress reports load TensorFlow (slow to import), which the
-    # train step, the sampler and the benchmarks do not need (and GPU hosts may lack).
-    from clu import metric_writers, periodic_actions
+    # Imported here: clu's writers load TensorFlow (slow to import), which the train step, the
+    # sampler, the other commands and the benchmarks do not need (and GPU hosts may lack).
+    from ddpm_jax import cli
+
+    cli.import_tensorflow()
+    from clu import metric_writers
+
+    from ddpm_jax import wandb_writer
 
     writer = metric_writers.create_default_writer(
         str(workdir_path), just_logging=jax.process_index() > 0
@@ -344,17 +375,19 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
         writer = metric_writers.MultiWriter([writer, wandb_run])
     if initial_step == 0:
         writer.write_hparams(_flat_hparams(config))
+        # the per-module table shows with --verbosity=1 (and in --dry_run)
         parameter_overview.log_parameter_overview(state.params, msg="model parameters",
                                                   jax_logging_process=0)
+    logging.info("model: %s parameters", f"{parameter_overview.count_parameters(state.params):,}")
 
     sample_fn = sampling.make_sample_fn(
         config, mesh, SamplerSettings.from_config(config.sample),
         num_images=config.sample.num_images, num_snapshots=config.sample.num_snapshots,
     )
 
+    progress = TrainingProgress(initial_step, config.num_train_steps, config.batch_size)
     loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid,
-                 periodic_actions.ReportProgress(num_train_steps=config.num_train_steps),
-                 examples)
+                 progress, examples)
     failed = True
     with preemption.PreemptionWatcher() as watcher:
         try:
@@ -368,7 +401,48 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path,
                 _flush_logs(writer, workdir_path, failed)
                 if wandb_run is not None:
                     wandb_run.close()
+    if int(state.step) >= config.num_train_steps:
+        _log_lines(_summary(loop, started, initial_step, int(state.step)) + _where_things_are(
+            workdir, workdir_path))
     return state
+
+
+def _log_lines(lines: list[str]) -> None:
+    """Logs each line, on process 0 only (the others would repeat it)."""
+    if jax.process_index() == 0:
+        for line in lines:
+            logging.info("%s", line)
+
+
+def _summary(loop: _Loop, started: float, first_step: int, last_step: int) -> list[str]:
+    """The end of a finished run: what it did, how long each part took, its last loss."""
+    progress = loop.progress
+    parts = [f"start-up {format_seconds(progress.started - started)}",
+             f"training {format_seconds(progress.training_seconds())}"]
+    parts += [f"{count} {kind}{'s' if count > 1 else ''} "
+              f"{format_seconds(progress.evaluation_seconds[kind])}"
+              for kind, count in progress.evaluation_counts.items()]
+    lines = [f"finished: steps {first_step} to {last_step} in "
+             f"{format_seconds(time.perf_counter() - started)} ({', '.join(parts)})"]
+    if loop.last_loss is not None:
+        lines.append(f"final loss {loop.last_loss:.4f} (mean of the last {loop.last_loss_steps} "
+                     f"step{'s' if loop.last_loss_steps > 1 else ''})")
+    return lines
+
+
+def _where_things_are(workdir: str, workdir_path: epath.Path) -> list[str]:
+    """Where a run's checkpoints, samples and logs are, and how to sample from it."""
+    steps = sorted(int(p.name) for p in (workdir_path / "checkpoints").iterdir()
+                   if p.name.isdigit()) if (workdir_path / "checkpoints").exists() else []
+    grids = sorted(p.name for p in (workdir_path / "samples").glob("step_*.png"))
+    lines = [f"checkpoints: {workdir_path / 'checkpoints'} (steps {', '.join(map(str, steps))})"]
+    if grids:
+        lines.append(f"samples: {workdir_path / 'samples'} ({', '.join(grids[-3:])}"
+                     f"{f' and {len(grids) - 3} more' if len(grids) > 3 else ''})")
+    lines += [f"TensorBoard: tensorboard --logdir {workdir}",
+              f"sample from it: python -m ddpm_jax.sample --workdir={workdir} --num_samples=64 "
+              f"--output={workdir.rstrip('/')}/samples.png"]
+    return lines
 
 
 class LogWriteError(RuntimeError):
@@ -471,7 +545,7 @@ class _Loop:
     """The host side of training: logging, samples, checkpoints, non-finite and stop checks."""
 
     def __init__(self, config, workdir_path, writer, manager, data_iter, sample_fn,
-                 evaluate_fid, report, examples_seen):
+                 evaluate_fid, progress, examples_seen):
         self.config = config
         self.evaluate_fid = evaluate_fid
         self.workdir = str(workdir_path)
@@ -480,7 +554,9 @@ class _Loop:
         self.data_iter = data_iter
         self.sample_fn = sample_fn
         self.sample_rng = jax.random.PRNGKey(config.seed + 2)
-        self.report = report
+        self.progress = progress
+        self.last_loss: float | None = None  # mean loss of the last logging interval
+        self.last_loss_steps = 0
         self.pending: list[dict[str, jax.Array]] = []
         self.examples_seen = examples_seen  # position in the data stream
         self.last_saved: int | None = None
@@ -503,11 +579,11 @@ class _Loop:
                 self.check_finite(*previous)
             previous = (step, metrics)
             self.pending.append(metrics)
-            self.report(step)
             last = step == config.num_train_steps
             stop = watcher.should_stop()
             if step % config.log_every_steps == 0 or last or stop:
                 self.log_scalars(step)
+                self.log_progress(step, last)
             if not stop and (step % config.sample_every_steps == 0 or last):
                 stop = not self.log_samples(step, state, watcher)
             if not stop and self.evaluate_fid and (step % config.eval_every_steps == 0 or last):
@@ -528,16 +604,40 @@ class _Loop:
         """Logs a sample grid; False when a stop request abandoned it."""
         start = time.perf_counter()
         logging.info("step %d: sampling %d images (%s)...", step, self.config.sample.num_images,
-                     SamplerSettings.from_config(self.config.sample).describe())
+                     SamplerSettings.from_config(self.config.sample).summary())
         done = sampling.log_sample_grid(
             self.sample_fn, sampling.sampling_params(self.config, state),
             jax.random.fold_in(self.sample_rng, step), step, self.config.sample.num_images,
             self.writer, self.workdir, should_stop=watcher.should_stop)
+        elapsed = time.perf_counter() - start
+        self.interval_start += elapsed  # keep sampling out of steps_per_sec and the ETA
         if not done:
             logging.warning("step %d: stop requested: sample grid abandoned after %.0f s", step,
-                            time.perf_counter() - start)
-        self.interval_start += time.perf_counter() - start  # keep sampling out of steps_per_sec
-        return done
+                            elapsed)
+            return False
+        self.progress.evaluation("sample grid", elapsed)
+        logging.info("step %d: sampled %d images in %s", step, self.config.sample.num_images,
+                     format_seconds(elapsed))
+        return True
+
+    def log_progress(self, step: int, last: bool) -> None:
+        """A progress line (at most every `TrainingProgress.every_seconds`, not at the end,
+        which the summary covers)."""
+        if last or self.last_loss is None:
+            return
+        line = self.progress.line(step, self.last_loss, {
+            "sample grid": self.events_left(step, self.config.sample_every_steps),
+            "FID": (self.events_left(step, self.config.eval_every_steps)
+                    if self.evaluate_fid else 0)})
+        if line is not None:
+            logging.info("%s", line)
+
+    def events_left(self, step: int, interval: int) -> int:
+        """How many steps after `step` an event every `interval` steps (and at the end) takes."""
+        end = self.config.num_train_steps
+        if interval <= 0 or step >= end:
+            return 0
+        return end // interval - step // interval + (end % interval != 0)
 
     def next_event(self, step: int) -> int:
         """The first step after `step` that logs, samples, evaluates, saves or ends the run."""
@@ -546,20 +646,23 @@ class _Loop:
                    + [(step // interval + 1) * interval for interval in intervals])
 
     def log_fid(self, step: int, state: TrainState, watcher) -> bool:
-        """Logs FID; False when a stop request abandoned it."""
+        """Logs FID, Inception Score and (with reference features) KID; False when a stop
+        request abandoned them."""
         start = time.perf_counter()
         logging.info("step %d: FID over %d samples (%s)...", step, self.config.eval.num_samples,
-                     SamplerSettings.from_config(self.config.eval).describe())
-        value = self.evaluate_fid(sampling.sampling_params(self.config, state),
-                                  watcher.should_stop)
+                     SamplerSettings.from_config(self.config.eval).summary())
+        scores = self.evaluate_fid(sampling.sampling_params(self.config, state),
+                                   watcher.should_stop)
         elapsed = time.perf_counter() - start
-        self.interval_start += elapsed  # keep evaluation out of steps_per_sec
-        if value is None:
+        self.interval_start += elapsed  # keep evaluation out of steps_per_sec and the ETA
+        if scores is None:
             logging.warning("step %d: stop requested: FID abandoned after %.0f s", step, elapsed)
             return False
-        logging.info("step %d: FID %.3f over %d samples (%.0f s)", step, value,
-                     self.config.eval.num_samples, elapsed)
-        self.writer.write_scalars(step, {"fid": value})
+        self.progress.evaluation("FID", elapsed)
+        logging.info("step %d: %s over %d samples (%.0f s)", step, fid.describe(scores),
+                     scores["num_images"], elapsed)
+        self.writer.write_scalars(step, {key: scores[key] for key in FID_SCALARS
+                                         if scores.get(key) is not None})
         return True
 
     def check_finite(self, step: int, metrics: dict[str, jax.Array]) -> None:
@@ -588,6 +691,7 @@ class _Loop:
         scalars["nonfinite"] = float(np.sum(per_step["nonfinite"]))  # skipped steps
         scalars["steps_per_sec"] = steps / elapsed
         scalars["images_per_sec"] = steps * self.config.batch_size / elapsed
+        self.last_loss, self.last_loss_steps = scalars["loss"], steps
         self.writer.write_scalars(step, scalars)
         self.pending.clear()
         self.interval_start = time.perf_counter()

@@ -13,8 +13,12 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from clu import metric_writers
 from etils import epath
+
+from ddpm_jax import cli
+
+cli.import_tensorflow()  # clu's writers load it: quietly, in a command
+from clu import metric_writers  # noqa: E402
 
 RUN_ID_FILE = "wandb_run_id"
 

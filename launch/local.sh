@@ -4,8 +4,8 @@
 #
 #   launch/local.sh [--dry-run] NUM_PROCESSES DEVICES_PER_PROCESS -- --config=... --workdir=...
 #
-# Each process gets DEVICES_PER_PROCESS virtual CPU devices; logs go to WORKDIR/process_I.log
-# for I > 0 and to this terminal for process 0.
+# Each process gets DEVICES_PER_PROCESS virtual CPU devices (other XLA_FLAGS are kept); logs
+# go to WORKDIR/process_I.log for I > 0 and to this terminal for process 0.
 set -euo pipefail
 
 dry_run=0
@@ -24,9 +24,14 @@ for arg in "$@"; do
 done
 [[ -n "$workdir" ]] || { echo "pass --workdir=..." >&2; exit 2; }
 
+# XLA_FLAGS as given, with this script's device count in place of any other
+xla_flags=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
+xla_flags="$(echo $xla_flags) --xla_force_host_platform_device_count=$devices"
+xla_flags=${xla_flags# }
+
 pids=()
 for ((i = num_processes - 1; i >= 0; i--)); do
-  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
+  cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=$xla_flags"
        python -m ddpm_jax.main "--coordinator_address=localhost:$port"
        "--num_processes=$num_processes" "--process_id=$i" "$@")
   if ((dry_run)); then

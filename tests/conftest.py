@@ -1,9 +1,12 @@
-"""Test setup: 4 virtual CPU devices (set before JAX starts) and tiny configs."""
+"""Test setup: 4 virtual CPU devices and the tests' compile flags (set before JAX starts), one
+compilation cache for the whole run, tiny configs."""
 
 import os
 
+from tests.helpers import COMPILE_FLAGS  # noqa: E402
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4 {COMPILE_FLAGS}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -9,6 +9,19 @@ from configs import quickstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The suite compiles a few hundred tiny programs and runs each for a few steps, so LLVM's
+# optimisations of the generated code cost more (compile time) than they save. XLA's own
+# (HLO) passes still run: the same programs, the same behaviour. Commands the tests start get
+# the same flag (`command_env`); benchmarks and users compile with the defaults.
+COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def command_env(**variables: str) -> dict[str, str]:
+    """The environment of a command a test starts as a user would: the CPU, one device (no
+    virtual devices), the tests' compile flags and compilation cache, plus `variables`."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+                XLA_FLAGS=COMPILE_FLAGS, **variables)
+
 
 def tiny_config():
     """The quickstart config shrunk to a 16x16 net that compiles and steps in seconds."""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ddpm_jax import train
 from tests.helpers import micro_config
@@ -32,6 +33,7 @@ def lowered_flops(config, algorithm: str) -> float:
     return float(train.make_train_step(config, mesh).lower(state, batch).cost_analysis()["flops"])
 
 
+@pytest.mark.slow
 def test_train_throughput_counts_flops_in_a_cpu_child_as_in_process(tmp_path):
     """Where a backend analyses only the compiled step (the GPU's leaves out cuDNN's
     convolutions), `train_throughput.py` counts FLOPs in a CPU-only child process with as

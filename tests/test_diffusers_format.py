@@ -179,6 +179,7 @@ def test_import_refuses_what_the_unet_cannot_represent(change, match):
     assert network.abstract_params(config)  # the unchanged config builds
 
 
+@pytest.mark.slow
 def test_from_diffusers_then_sample_then_fine_tune_on_an_image_folder(tmp_path):
     """A random-weight pipeline folder in diffusers' layout through the whole path."""
     config = micro_config()

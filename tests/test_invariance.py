@@ -3,6 +3,7 @@ micro-batches. Every example draws its own timestep, noise and dropout masks."""
 
 import jax
 import numpy as np
+import pytest
 
 from ddpm_jax import network, train
 from tests.helpers import micro_config
@@ -33,6 +34,7 @@ def assert_params_close(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_parameters_whatever_the_chunks_steps_per_call_and_micro_batches():
     config = micro_config()
     config.model.dropout = 0.3  # dropout on: its masks must not depend on the cut either

@@ -52,11 +52,14 @@ def test_slurm_dry_run_prints_the_batch_script():
     assert lines[-1] == "sbatch <the script above>"
 
 
-def test_local_dry_run_starts_one_process_per_index():
+def test_local_dry_run_starts_one_process_per_index(monkeypatch):
+    # other XLA flags are kept, the device count is the script's
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_dump_to=/d")
     lines = dry_run("local.sh", "--dry-run", "2", "3", "--", "--config=configs/quickstart.py",
                     "--workdir=/tmp/x")
     assert len(lines) == 2
     for line, index in zip(lines, (1, 0), strict=True):
-        assert "XLA_FLAGS=--xla_force_host_platform_device_count=3" in line
+        assert ("XLA_FLAGS=--xla_dump_to=/d\\ --xla_force_host_platform_device_count=3" in line
+                and "count=4" not in line), line
         assert "--num_processes=2" in line and f"--process_id={index}" in line
         assert line.rstrip().endswith("--config=configs/quickstart.py --workdir=/tmp/x")

@@ -170,6 +170,7 @@ def test_min_snr_weighting_scales_each_examples_loss():
     assert float(weight[0]) < 0.01 and float(weight[-1]) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_learned_variances_with_min_snr_train_sample_and_give_a_bound(tmp_path):
     """A tiny net with learned variances and min-SNR weighting: the L_vlb term falls, the
     loss falls, and the saved run samples (all T and respaced) and has a bound."""

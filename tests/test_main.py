@@ -2,16 +2,18 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
 
-from tests.helpers import MICRO_FLAGS, ROOT
+import pytest
+
+from tests.helpers import MICRO_FLAGS, ROOT, command_env
 
 
 def run_main(*args, timeout=300, env_cache=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)
+    env = command_env()
     if not env_cache:  # the config's compilation_cache_dir, not the tests' shared cache
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return subprocess.run(
@@ -20,7 +22,24 @@ def run_main(*args, timeout=300, env_cache=True):
     )
 
 
-def test_quickstart_entry_point_trains_profiles_caches_and_resumes(tmp_path):
+# absl's line prefix: level, date, time, thread, file:line
+ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
+OWN_FILES = {os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "ddpm_jax", "**", "*.py"),
+                                                         recursive=True)}
+
+
+def library_info_lines(stderr):
+    """The INFO lines of code outside ddpm_jax, and the C++ start-up lines (I0000 ...)."""
+    found = []
+    for line in stderr.splitlines():
+        match = ABSL_LINE.match(line)
+        if line.startswith("I0000") or (match and match[1] == "I" and match[2] not in OWN_FILES):
+            found.append(line)
+    return found
+
+
+@pytest.mark.slow
+def test_quickstart_entry_point_trains_profiles_caches_resumes_and_ends_with_a_summary(tmp_path):
     workdir = os.path.relpath(tmp_path / "run", ROOT)  # relative, as users type it
     assert not os.path.isabs(workdir)
     cache = tmp_path / "xla_cache"
@@ -32,10 +51,32 @@ def test_quickstart_entry_point_trains_profiles_caches_and_resumes(tmp_path):
     traces = glob.glob(os.path.join(ROOT, workdir, "plugins", "profile", "*", "*.xplane.pb"))
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
     assert len(os.listdir(cache)) > 0  # the compiled programs, for the next start
+    # Quiet: no library INFO (Orbax, JAX, clu, TensorFlow's C++ start-up), and the end says
+    # what was done and where everything is.
+    assert library_info_lines(result.stderr) == []
+    absolute = os.path.normpath(os.path.join(ROOT, workdir))
+    for expected in ("compiled the train step in", "step 3: sampling 4 images (dpm_solver++, 3 steps",
+                     "finished: steps 0 to 3 in", "final loss",
+                     f"checkpoints: {absolute}/checkpoints (steps 3)",
+                     f"samples: {absolute}/samples (step_00000003.png)",
+                     f"TensorBoard: tensorboard --logdir {workdir}",
+                     f"sample from it: python -m ddpm_jax.sample --workdir={workdir} "):
+        assert expected in result.stderr, expected
     result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS,
                       "--config.num_train_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "starting at step 3 of 4" in result.stderr
+    assert "starting at step 3 of 4" in result.stderr and "finished: steps 3 to 4" in result.stderr
+    # A finished run, run again: says so at once, compiles nothing, writes no new log file;
+    # --verbosity=1 brings the libraries' INFO lines back.
+    events = glob.glob(os.path.join(ROOT, workdir, "events.out.tfevents.*"))
+    result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS,
+                      "--config.num_train_steps=4", "--verbosity=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"{workdir} has already finished: its newest checkpoint is step 4 of "
+            "num_train_steps=4") in result.stderr
+    assert "compiling" not in result.stderr and f"checkpoints: {absolute}/checkpoints" in result.stderr
+    assert glob.glob(os.path.join(ROOT, workdir, "events.out.tfevents.*")) == events
+    assert library_info_lines(result.stderr) != []
 
 
 def test_celeba_without_data_stops_at_once_with_instructions(tmp_path):
@@ -46,7 +87,11 @@ def test_celeba_without_data_stops_at_once_with_instructions(tmp_path):
     assert "Traceback" not in result.stderr
     assert "--config.data.manual_dir" in result.stderr
     assert "img_align_celeba.zip" in result.stderr
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    # the message alone: no TFDS warnings before it, no empty workdir left behind
+    warnings = [line for line in result.stderr.splitlines()
+                if ABSL_LINE.match(line) and ABSL_LINE.match(line)[1] != "I"]
+    assert warnings == [] and library_info_lines(result.stderr) == []
+    assert not os.path.exists(tmp_path / "run")
     assert time.monotonic() - start < 120  # no compile, no model built
 
 
@@ -60,6 +105,7 @@ def test_dry_run_prints_overview_and_total_without_training(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_step_memory_and_refuses_a_step_that_cannot_fit(tmp_path):
     result = run_main("--config=configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
                       "--dry_run", *MICRO_FLAGS)

@@ -12,7 +12,7 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, config_checks, train
-from tests.helpers import MICRO_FLAGS, ROOT, micro_config, read_events
+from tests.helpers import MICRO_FLAGS, ROOT, command_env, micro_config, read_events
 
 STEPS = 8
 FLAGS = [*MICRO_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",
@@ -20,10 +20,8 @@ FLAGS = [*MICRO_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every
 
 
 def start_main(workdir, cache_dir, *extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-               JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.pop("XLA_FLAGS", None)
+    env = command_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return subprocess.Popen(
         [sys.executable, "-m", "ddpm_jax.main", "--config=configs/quickstart.py",
          f"--workdir={workdir}", *FLAGS, *extra],
@@ -53,6 +51,7 @@ def wait_for(condition, process, timeout=240):
     raise TimeoutError
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_then_rerun_gives_bitwise_identical_params(tmp_path):
     cache = tmp_path / "xla_cache"
     straight = tmp_path / "straight"
@@ -91,6 +90,7 @@ def exploding_config():
     return config
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path):
     config = exploding_config()
     with pytest.raises(train.NonFiniteError, match="at step 2"):
@@ -103,6 +103,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_when_configured(tmp_path):
     config = exploding_config()
     config.on_nonfinite = "skip"
@@ -113,6 +114,7 @@ def test_nonfinite_steps_are_skipped_when_configured(tmp_path):
     assert read_events(str(tmp_path))["nonfinite"] == [4]
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_network_is_refused_before_any_work(tmp_path):
     config = micro_config()
     config.num_train_steps = config.save_every_steps = 2
@@ -138,6 +140,7 @@ def test_resuming_with_a_different_network_is_refused_before_any_work(tmp_path):
     assert checkpointing.examples_seen(manager, 4, stored) == 2 * 8 + 2 * 4
 
 
+@pytest.mark.slow
 def test_keep_every_steps_keeps_permanent_checkpoints(tmp_path):
     config = micro_config()
     config.num_train_steps, config.save_every_steps = 8, 1

@@ -1,6 +1,5 @@
 """The sample command: grids, .npz files, snapshots, reproducibility, clamping."""
 
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import image_utils, sample, train
-from tests.helpers import ROOT, micro_config
+from tests.helpers import ROOT, command_env, micro_config
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +42,7 @@ def test_the_run_config_is_used(run_dir):
 
 
 def test_cli_writes_png_grid_npz_and_strip(run_dir, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)
+    env = command_env()
     common = [sys.executable, "-m", "ddpm_jax.sample", f"--workdir={run_dir}", "--num_steps=3"]
     npz = tmp_path / "s.npz"
     png = tmp_path / "grid.png"

@@ -9,6 +9,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from ddpm_jax import checkpointing, sample, train
 from tests.helpers import ROOT, micro_config
@@ -30,6 +31,7 @@ def saved_run(tmp_path, drop=()):
     return str(workdir)
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_registries_resumes(tmp_path):
     workdir = saved_run(tmp_path)
     config = micro_config()

@@ -1,6 +1,5 @@
 """Scaling features give the same training as the plain data-parallel step."""
 
-import os
 import re
 import subprocess
 
@@ -10,7 +9,7 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, ops, train
-from tests.helpers import MICRO_FLAGS, ROOT, micro_config, run_train_steps
+from tests.helpers import MICRO_FLAGS, ROOT, command_env, micro_config, run_train_steps
 
 
 def batches(config, count=2):
@@ -31,6 +30,7 @@ def assert_states_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 @pytest.mark.parametrize("fsdp", [4])  # 2 against one device: tests/test_invariance.py
+@pytest.mark.slow
 def test_fsdp_matches_data_parallel(fsdp):
     config = micro_config()
     config.model.dropout = 0.1
@@ -46,6 +46,7 @@ def test_fsdp_matches_data_parallel(fsdp):
     assert_states_close(reference, sharded)
 
 
+@pytest.mark.slow
 def test_cpu_speed_settings_keep_the_loss():
     """The CPU compile options change speed, not results (fixed seed; chunks, steps per call
     and micro-batches: tests/test_invariance.py)."""
@@ -67,6 +68,7 @@ def test_cpu_speed_settings_keep_the_loss():
 
 
 @pytest.mark.tied_to_jaxlib  # reads XLA:CPU's compiled HLO text, whose format jaxlib may change
+@pytest.mark.slow
 def test_cpu_conv_library_setting_reaches_the_compiler():
     config = micro_config()
     config.model.base_channels, config.model.norm_groups = 32, 8  # big enough for YNNPACK
@@ -95,6 +97,7 @@ def test_cpu_conv_library_setting_reaches_the_compiler():
     assert library_fusions_with("eigen", "reduce") > 0  # reductions stay in the library
 
 
+@pytest.mark.slow
 def test_remat_changes_nothing():
     config = micro_config()
     config.model.dropout = 0.1
@@ -105,6 +108,7 @@ def test_remat_changes_nothing():
     assert_states_close(reference, rematerialised, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_reaches_the_float32_loss():
     config = micro_config()
     config.learning_rate = 2e-3
@@ -118,8 +122,7 @@ def test_bfloat16_training_reaches_the_float32_loss():
 
 def run_processes(workdir, num_processes, devices_per_process, *flags):
     # The processes compile through the test run's cache (conftest.py), which they inherit.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)
+    env = command_env()  # launch/local.sh adds its virtual devices to XLA_FLAGS
     result = subprocess.run(
         ["bash", "launch/local.sh", str(num_processes), str(devices_per_process), "--",
          "--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS, *flags],
@@ -139,7 +142,8 @@ def restore(workdir, step):
     return jax.tree.map(np.asarray, state)
 
 
-def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
+@pytest.mark.slow
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, caplog):
     # All three steps in one call: each process stacks its slices of three batches.
     in_one_call = ("--config.log_every_steps=3", "--config.steps_per_dispatch=3")
     for result in (run_processes(tmp_path / "two", 2, 2, *in_one_call),
@@ -148,7 +152,11 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path):
     # Same global batches (each process reads its slice; the union is the 1-process batch)
     # and the same rng stream; gloo's all-reduce may add in another order than XLA's.
     assert_states_close(restore(tmp_path / "one", 3), restore(tmp_path / "two", 3))
-    # The 2-process checkpoint restores in a 1-process run on another mesh, and goes on.
-    result = run_processes(tmp_path / "two", 1, 1, "--config.num_train_steps=4")
-    assert "starting at step 3 of 4" in result.stderr
-    assert restore(tmp_path / "two", 4).step == 4
+    # The 2-process checkpoint restores in a 1-process run on another mesh (this process's
+    # 4 devices), and goes on.
+    config = micro_config()
+    config.num_train_steps, config.sample_every_steps, config.save_every_steps = 4, 4, 4
+    with caplog.at_level("INFO"):
+        state = train.train_and_evaluate(config, str(tmp_path / "two"))
+    assert "starting at step 3 of 4" in caplog.text
+    assert int(state.step) == 4 and restore(tmp_path / "two", 4).step == 4

@@ -17,6 +17,7 @@ def fixed_batch(config, seed=0):
     return rng.integers(0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_train_step_overfits_one_batch():
     config = tiny_config()
     config.learning_rate = 2e-3
@@ -112,6 +113,7 @@ def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
         train.replicated(mesh), 4)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_logs_samples_checkpoints_and_resumes(tmp_path):
     config = micro_config()
     workdir = str(tmp_path / "run")
@@ -148,6 +150,7 @@ def test_steps_per_dispatch_divides_every_interval_on_cpu(monkeypatch):
     assert train.steps_per_dispatch(config) == 1
 
 
+@pytest.mark.slow
 def test_loop_keeps_every_event_step_with_several_steps_per_call(tmp_path, monkeypatch):
     """Events off the multiples of steps_per_dispatch still happen at their steps, and the
     run ends where one step per call ends."""
@@ -182,6 +185,7 @@ def test_nonfinite_check_names_the_step_inside_a_call():
         loop.check_finite(8, metrics)
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     config = micro_config()
     config.num_train_steps = 4
@@ -225,6 +229,7 @@ def test_unwritable_workdir_is_reported(tmp_path):
         config_checks.validate(tiny_config(), str(blocker / "run"), device_count=4)
 
 
+@pytest.mark.slow
 def test_loss_and_in_loop_sampler_honour_the_prediction_target():
     """The freshly built net outputs exactly 0 (zero-initialised last conv), which pins down
     what each target means: loss = mean(x0^2) for x0 prediction, and DDIM eta=0 sampling
@@ -246,3 +251,35 @@ def test_loss_and_in_loop_sampler_honour_the_prediction_target():
     np.testing.assert_array_equal(finals["x0"], 0.0)
     assert np.abs(finals["eps"]).mean() > 0.1 and np.abs(finals["v"]).mean() > 0.1
     assert not np.allclose(finals["eps"], finals["v"])
+
+
+def test_the_eta_counts_training_time_only_and_adds_the_evaluations_to_come(monkeypatch):
+    from ddpm_jax import progress
+
+    now = [100.0]
+    monkeypatch.setattr("time.perf_counter", lambda: now[0])
+    report = progress.TrainingProgress(first_step=0, num_train_steps=100, batch_size=8,
+                                       every_seconds=30)
+    now[0] += 10.0  # 10 steps in 10 s
+    assert report.line(10, 0.5, {"sample grid": 2}) == (
+        "step 10/100 (10%): loss 0.5000, 1.00 steps/s (8.0 images/s), ETA 1m30s of training")
+    report.evaluation("sample grid", 40.0)  # a grid that took 40 s (its first: it compiled)
+    report.evaluation("sample grid", 20.0)
+    now[0] += 60.0 + 10.0  # the grids, then 10 more steps
+    line = report.line(20, 0.25, {"sample grid": 2, "FID": 1})
+    # 20 steps in 20 s of training: the grids do not slow the rate; the latest grid's time
+    # counts for those to come; no FID has been timed yet
+    assert line.endswith("1.00 steps/s (8.0 images/s), ETA 1m20s of training + 40 s for 2 "
+                         "sample grids")
+    assert report.line(21, 0.25, {}) is None  # at most every 30 s
+    assert report.training_seconds() == pytest.approx(20.0)
+    assert [progress.format_seconds(s) for s in (4.4, 65, 3725)] == ["4 s", "1m05s", "1h02m"]
+
+
+def test_the_loop_counts_the_events_still_to_come():
+    config = micro_config()
+    config.num_train_steps = 10
+    loop = train._Loop(config, "", None, None, None, None, None, None, 0)
+    # every 4 steps and at the end: 4, 8, 10
+    assert [loop.events_left(step, 4) for step in (0, 3, 4, 8, 9, 10)] == [3, 3, 2, 1, 1, 0]
+    assert loop.events_left(0, 5) == 2 and loop.events_left(0, 0) == 0

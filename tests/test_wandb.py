@@ -37,6 +37,7 @@ def fake_wandb(record):
     return module
 
 
+@pytest.mark.slow
 def test_every_tensorboard_scalar_and_image_reaches_wandb_and_a_restart_resumes_its_run(
         tmp_path, monkeypatch):
     record = {"inits": [], "logged": {}, "config": {}, "finished": 0}
@@ -66,6 +67,7 @@ def test_wandb_asked_for_without_wandb_installed_is_refused_before_training(monk
         config_checks.validate(config)
 
 
+@pytest.mark.slow
 def test_a_real_offline_wandb_run_holds_the_scalars(tmp_path):
     pytest.importorskip("wandb")  # the `wandb` extra
     config = micro_config()

@@ -193,6 +193,7 @@ def test_auto_picks_winograd_on_cpu_only(monkeypatch):
         ops.check_config(config)
 
 
+@pytest.mark.slow
 def test_train_steps_with_winograd_match_direct_convolutions():
     """Fixed seed, dropout off, random initial weights: the same losses and weights.
 

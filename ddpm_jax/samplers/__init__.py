@@ -55,6 +55,14 @@ class SamplerSettings:
                 "spacing": sampler.resolve_spacing(self.spacing),
                 **sampler.resolve_options(self.options)}
 
+    def summary(self) -> str:
+        """These settings as a person reads them: `ddim, 100 steps, logsnr spacing, eta=0.0`."""
+        described = self.describe()
+        steps = described.pop("num_steps")
+        text = (f"{described.pop('sampler')}, {f'{steps} steps' if steps else 'every timestep'}, "
+                f"{described.pop('spacing')} spacing")
+        return ", ".join([text] + [f"{key}={value}" for key, value in described.items()])
+
     def sample_kwargs(self) -> dict[str, Any]:
         """These settings as keyword arguments of `diffusion.sample`."""
         return {"sampler": self.name, "num_steps": self.num_steps, "spacing": self.spacing,
