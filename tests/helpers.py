@@ -68,6 +68,25 @@ MICRO_FLAGS = [
 ]
 
 
+def quickstart_config(flags):
+    """configs/quickstart.py with `--config.FIELD=VALUE` flags applied, as the command line
+    would: the in-process twin of a command run with those flags."""
+    import ast
+
+    config = quickstart.get_config()
+    for flag in flags:
+        name, value = flag[len("--config."):].split("=", 1)
+        *parents, leaf = name.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        try:
+            section[leaf] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a bare string
+            section[leaf] = value
+    return config
+
+
 def run_train_steps(config, mesh, batches, weight_noise=0.0, metric="loss"):
     """Fresh state, then one jitted train step per uint8 batch; returns (state, the `metric`
     of each step).
