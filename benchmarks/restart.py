@@ -23,7 +23,7 @@ import time
 from benchmarks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIRST_STEP = "[1] "  # the logging writer's line of step 1's scalars
+FIRST_STEP = "[1] "  # clu's logging writer's line of step 1's scalars (shown at --verbosity=1)
 
 
 def time_to_first_step(config: str, workdir: str, cache_dir: str, extra: list[str]) -> float:
@@ -36,7 +36,7 @@ def time_to_first_step(config: str, workdir: str, cache_dir: str, extra: list[st
             "--config.num_train_steps=1", "--config.data.source=bundled",
             "--config.sample_every_steps=1000000", "--config.save_every_steps=1000000",
             "--config.sample.num_images=1", "--config.sample.num_steps=1",
-            "--config.check_memory=False", *extra]
+            "--config.check_memory=False", "--verbosity=1", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

@@ -31,9 +31,14 @@ from jax.experimental import multihost_utils
 T = TypeVar("T")
 
 
+# Orbax's warnings that a read-only manager (the readers' own choice) is read-only
+_READ_ONLY_NOTICES = ("read_only=True", "directory is read only")
+
+
 class _DropOrbaxInfo(pylogging.Filter):
-    """Drops Orbax's INFO lines, and the tracebacks of its errors (a failed save is reported
-    once, by `save_failed`, with its cause); its warnings and error lines stay."""
+    """Drops Orbax's INFO lines, its notices that a read-only manager is read-only, and the
+    tracebacks of its errors (a failed save is reported once, by `save_failed`, with its
+    cause); its other warnings and error lines stay."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         if record.name == "asyncio" and "orbax" in record.getMessage():
@@ -41,6 +46,8 @@ class _DropOrbaxInfo(pylogging.Filter):
         if "/orbax/" not in record.pathname:
             return True
         record.exc_info, record.exc_text = None, None
+        if any(notice in record.getMessage() for notice in _READ_ONLY_NOTICES):
+            return False
         return record.levelno >= pylogging.WARNING
 
 

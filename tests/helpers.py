@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 from configs import quickstart
 
@@ -14,6 +15,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (HLO) passes still run: the same programs, the same behaviour. Commands the tests start get
 # the same flag (`command_env`); benchmarks and users compile with the defaults.
 COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
+# absl's line prefix: level, date, time, thread, file:line
+ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
+OWN_FILES = {os.path.basename(path)
+             for path in glob.glob(os.path.join(ROOT, "ddpm_jax", "**", "*.py"), recursive=True)}
+
+
+def library_info_lines(stderr):
+    """A command's INFO lines from code outside ddpm_jax, and C++ start-up lines (I0000 ...):
+    what a quiet command must not print."""
+    found = []
+    for line in stderr.splitlines():
+        match = ABSL_LINE.match(line)
+        if line.startswith("I0000") or (match and match[1] == "I" and match[2] not in OWN_FILES):
+            found.append(line)
+    return found
+
+
+def warning_lines(stderr):
+    """absl WARNING and ERROR lines of a command's stderr."""
+    return [line for line in stderr.splitlines()
+            if ABSL_LINE.match(line) and ABSL_LINE.match(line)[1] != "I"]
 
 
 def command_env(**variables: str) -> dict[str, str]:

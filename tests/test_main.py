@@ -2,14 +2,13 @@
 
 import glob
 import os
-import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.helpers import MICRO_FLAGS, ROOT, command_env
+from tests.helpers import MICRO_FLAGS, ROOT, command_env, library_info_lines, warning_lines
 
 
 def run_main(*args, timeout=300, env_cache=True):
@@ -20,22 +19,6 @@ def run_main(*args, timeout=300, env_cache=True):
         [sys.executable, "-m", "ddpm_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
         text=True, timeout=timeout,
     )
-
-
-# absl's line prefix: level, date, time, thread, file:line
-ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
-OWN_FILES = {os.path.basename(path) for path in glob.glob(os.path.join(ROOT, "ddpm_jax", "**", "*.py"),
-                                                         recursive=True)}
-
-
-def library_info_lines(stderr):
-    """The INFO lines of code outside ddpm_jax, and the C++ start-up lines (I0000 ...)."""
-    found = []
-    for line in stderr.splitlines():
-        match = ABSL_LINE.match(line)
-        if line.startswith("I0000") or (match and match[1] == "I" and match[2] not in OWN_FILES):
-            found.append(line)
-    return found
 
 
 @pytest.mark.slow
@@ -88,9 +71,7 @@ def test_celeba_without_data_stops_at_once_with_instructions(tmp_path):
     assert "--config.data.manual_dir" in result.stderr
     assert "img_align_celeba.zip" in result.stderr
     # the message alone: no TFDS warnings before it, no empty workdir left behind
-    warnings = [line for line in result.stderr.splitlines()
-                if ABSL_LINE.match(line) and ABSL_LINE.match(line)[1] != "I"]
-    assert warnings == [] and library_info_lines(result.stderr) == []
+    assert warning_lines(result.stderr) == [] and library_info_lines(result.stderr) == []
     assert not os.path.exists(tmp_path / "run")
     assert time.monotonic() - start < 120  # no compile, no model built
 

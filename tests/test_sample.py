@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ddpm_jax import image_utils, sample, train
-from tests.helpers import ROOT, command_env, micro_config
+from tests.helpers import ROOT, command_env, library_info_lines, micro_config, warning_lines
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def test_cli_writes_png_grid_npz_and_strip(run_dir, tmp_path):
         result = subprocess.run([*common, "--num_samples=5", f"--output={out}", *extra], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
+        # quiet: neither library INFO nor Orbax's notices about its read-only manager
+        assert library_info_lines(result.stderr) == [] and warning_lines(result.stderr) == []
     assert np.load(npz)["arr_0"].shape == (5, 8, 8, 3)  # the ADM evaluator's key
     assert np.load(npz)["arr_0"].dtype == np.uint8
     grid = np.asarray(Image.open(png))
