@@ -4,6 +4,7 @@
 #
 #   launch/local.sh [--dry-run] NUM_PROCESSES DEVICES_PER_PROCESS -- --config=... --workdir=...
 #
+# PYTHON picks the interpreter (default: python on PATH).
 # Each process gets DEVICES_PER_PROCESS virtual CPU devices (other XLA_FLAGS are kept); logs
 # go to WORKDIR/process_I.log for I > 0 and to this terminal for process 0.
 set -euo pipefail
@@ -32,7 +33,7 @@ xla_flags=${xla_flags# }
 pids=()
 for ((i = num_processes - 1; i >= 0; i--)); do
   cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=$xla_flags"
-       python -m ddpm_jax.main "--coordinator_address=localhost:$port"
+       "${PYTHON:-python}" -m ddpm_jax.main "--coordinator_address=localhost:$port"
        "--num_processes=$num_processes" "--process_id=$i" "$@")
   if ((dry_run)); then
     printf '%q ' "${cmd[@]}"; echo

@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -129,7 +130,8 @@ def test_bfloat16_training_reaches_the_float32_loss():
 
 def run_processes(workdir, num_processes, devices_per_process, *flags):
     # The processes compile through the test run's cache (conftest.py), which they inherit.
-    env = command_env()  # launch/local.sh adds its virtual devices to XLA_FLAGS
+    # launch/local.sh adds its virtual devices to XLA_FLAGS; this interpreter, venv or not
+    env = command_env(PYTHON=sys.executable)
     result = subprocess.run(
         ["bash", "launch/local.sh", str(num_processes), str(devices_per_process), "--",
          "--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS, *flags],
