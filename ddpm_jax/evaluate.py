@@ -43,7 +43,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Command-line flags; defined only when run as a command, so importing defines none."""
-    config_flags.DEFINE_config_file("config", None, "Training config naming the dataset (fid-stats).",
+    config_flags.DEFINE_config_file("config", None, "Training config naming the dataset (fid-stats, "
+                                    "nll); --config.FIELD=VALUE overrides a field, every field "
+                                    "is documented in configs/default.py.",
                                     lock_config=True)
     flags.DEFINE_string("output", None, "fid-stats / convert-weights: file to write (.npz).")
     flags.DEFINE_string("input", None, "convert-weights: the PyTorch weight file (.pth).")

@@ -14,7 +14,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file (configs/*.py). Any field can be overridden with "
+    "--config.FIELD=VALUE; every field is documented in configs/default.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder (local or gs://) for checkpoints, logs and samples.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0, for multi-process runs started by hand.")

@@ -359,6 +359,10 @@ def test_a_typo_in_a_config_field_is_one_line_with_the_closest_names(tmp_path):
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("ddpm_jax.main: Unknown command line flag 'workdri'. Did "
                                     "you mean: workdir ?")
+    # --helpfull says where the config fields are documented
+    result = run("ddpm_jax.main", "--helpfull")
+    assert "--config.FIELD=VALUE; every field is documented in\n    configs/default.py" in (
+        result.stdout + result.stderr)
 
 
 def test_logs_that_cannot_be_flushed_never_hide_the_error_that_stopped_the_run(tmp_path):

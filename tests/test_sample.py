@@ -47,12 +47,16 @@ def test_cli_writes_png_grid_npz_and_strip(run_dir, tmp_path):
     npz = tmp_path / "s.npz"
     png = tmp_path / "grid.png"
     fast = ["--sampler=dpm_solver++", "--spacing=trailing"]
-    for out, extra in ((npz, []), (png, ["--snapshots=2", *fast])):
+    # The progress bar counts images over two batches (4 + 1), the sampler's steps in one.
+    for out, extra, done in ((npz, ["--batch_size=4"], ("5/5 [", "image")),
+                             (png, ["--snapshots=2", *fast], ("3/3 [", "step"))):
         result = subprocess.run([*common, "--num_samples=5", f"--output={out}", *extra], cwd=ROOT,
                                 env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         # quiet: neither library INFO nor Orbax's notices about its read-only manager
         assert library_info_lines(result.stderr) == [] and warning_lines(result.stderr) == []
+        final = result.stderr.replace("\r", "\n").split("sampling: 100%")[-1].splitlines()[0]
+        assert done[0] in final and done[1] in final, final
     assert np.load(npz)["arr_0"].shape == (5, 8, 8, 3)  # the ADM evaluator's key
     assert np.load(npz)["arr_0"].dtype == np.uint8
     grid = np.asarray(Image.open(png))
