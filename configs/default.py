@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- logging, samples, checkpoints ---------------------------------------------
     config.log_every_steps = 100  # loss, learning rate, grad norm, steps/s, images/s
-    config.sample_every_steps = 5000  # grid of EMA samples to TensorBoard and workdir/samples
+    # grid of EMA samples to TensorBoard and workdir/samples (and at the last step); 0: none
+    config.sample_every_steps = 5000
     config.save_every_steps = 5000  # Orbax checkpoint under workdir/checkpoints
     config.keep_checkpoints = 3  # newest checkpoints kept
     config.keep_every_steps = 0  # also keep every checkpoint at a multiple of this (0: none)

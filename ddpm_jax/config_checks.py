@@ -151,13 +151,16 @@ def validate(
     process_count: int = 1,
 ) -> None:
     """Raises `ConfigError` naming the field to change if `config` cannot train."""
-    _positive(config, "num_train_steps", "batch_size", "log_every_steps", "sample_every_steps",
-              "save_every_steps", "keep_checkpoints", "data.image_size", "sample.num_images",
+    _positive(config, "num_train_steps", "batch_size", "log_every_steps", "save_every_steps",
+              "keep_checkpoints", "data.image_size", "sample.num_images",
               "diffusion.num_timesteps")
     _positive(config, "grad_accum_steps", "mesh.fsdp")
     _checked(sharding.check_config, config, device_count, process_count)
     _checked(optimizer.check_config, config)
     _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
+    if not isinstance(config.sample_every_steps, int) or config.sample_every_steps < 0:
+        raise ConfigError("sample_every_steps must be an integer >= 0 (0: no sample grids), got "
+                          f"{config.sample_every_steps!r}")
     if config.profile_steps < 0:
         raise ConfigError(f"profile_steps must be >= 0 (0: no trace), got {config.profile_steps}")
     if config.keep_every_steps < 0:

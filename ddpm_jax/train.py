@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -338,11 +339,11 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
     state, examples = restored[1] if restored else (None, 0)
     if state is not None and int(state.step) >= config.num_train_steps:
         manager.close()
-        _log_lines(
-            [f"{workdir} has already finished: its newest checkpoint is step {int(state.step)} "
-             f"of num_train_steps={config.num_train_steps}; nothing to train (pass "
-             f"--config.num_train_steps=N, N > {int(state.step)}, to train longer)"]
-            + _where_things_are(workdir, workdir_path))
+        _log_lines(lambda: [
+            f"{workdir} has already finished: its newest checkpoint is step {int(state.step)} "
+            f"of num_train_steps={config.num_train_steps}; nothing to train (pass "
+            f"--config.num_train_steps=N, N > {int(state.step)}, to train longer)",
+            *_where_things_are(workdir, workdir_path)])
         return state
     evaluate_fid = sampling.make_fid_evaluator(config, mesh)  # fails fast on missing files
     data_iter = iter(input_pipeline.create_dataset(
@@ -383,7 +384,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
     sample_fn = sampling.make_sample_fn(
         config, mesh, SamplerSettings.from_config(config.sample),
         num_images=config.sample.num_images, num_snapshots=config.sample.num_snapshots,
-    )
+    ) if config.sample_every_steps > 0 else None
 
     progress = TrainingProgress(initial_step, config.num_train_steps, config.batch_size)
     loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid,
@@ -402,15 +403,16 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
                 if wandb_run is not None:
                     wandb_run.close()
     if int(state.step) >= config.num_train_steps:
-        _log_lines(_summary(loop, started, initial_step, int(state.step)) + _where_things_are(
-            workdir, workdir_path))
+        _log_lines(lambda: _summary(loop, started, initial_step, int(state.step))
+                   + _where_things_are(workdir, workdir_path))
     return state
 
 
-def _log_lines(lines: list[str]) -> None:
-    """Logs each line, on process 0 only (the others would repeat it)."""
+def _log_lines(lines: Callable[[], list[str]]) -> None:
+    """Logs the lines `lines()` gives, on process 0 only (the others would repeat them, and
+    listing a gs:// workdir from every host is wasted work)."""
     if jax.process_index() == 0:
-        for line in lines:
+        for line in lines():
             logging.info("%s", line)
 
 
@@ -584,7 +586,7 @@ class _Loop:
             if step % config.log_every_steps == 0 or last or stop:
                 self.log_scalars(step)
                 self.log_progress(step, last)
-            if not stop and (step % config.sample_every_steps == 0 or last):
+            if not stop and self.sample_fn and (step % config.sample_every_steps == 0 or last):
                 stop = not self.log_samples(step, state, watcher)
             if not stop and self.evaluate_fid and (step % config.eval_every_steps == 0 or last):
                 stop = not self.log_fid(step, state, watcher)

@@ -78,7 +78,7 @@ def test_a_busy_workdir_is_refused_sigterm_saves_and_a_dead_holder_is_taken_over
     workdir = tmp_path / "run"
     first = Watched(*train_args(workdir, "--config.num_train_steps=100000",
                                 "--config.save_every_steps=100000",
-                                "--config.sample_every_steps=100000"))
+                                "--config.sample_every_steps=0"))
     try:
         assert first.wait_for("): loss ")  # training (its first progress line), stop handler set
         started = time.monotonic()
@@ -102,7 +102,8 @@ def test_a_busy_workdir_is_refused_sigterm_saves_and_a_dead_holder_is_taken_over
     holder = workdir_lock.WorkdirLock(epath.Path(workdir))
     holder.record["pid"] = first.proc.pid  # exited above
     (workdir / "run.lock").write_text(json.dumps(holder.record))
-    resumed = run("ddpm_jax.main", *train_args(workdir, f"--config.num_train_steps={steps[0] + 1}"))
+    resumed = run("ddpm_jax.main", *train_args(workdir, f"--config.num_train_steps={steps[0] + 1}",
+                                               "--config.sample_every_steps=0"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "taking over the workdir lock" in resumed.stderr and "is gone" in resumed.stderr
     assert f"starting at step {steps[0]} of {steps[0] + 1}" in resumed.stderr
@@ -140,7 +141,7 @@ def saved_run(tmp_path_factory):
     """A micro run with checkpoints at steps 2 and 4."""
     workdir = tmp_path_factory.mktemp("saved") / "run"
     config = micro_config()
-    config.num_train_steps, config.save_every_steps, config.sample_every_steps = 4, 2, 100
+    config.num_train_steps, config.save_every_steps, config.sample_every_steps = 4, 2, 0
     train.train_and_evaluate(config, str(workdir))
     return workdir
 
@@ -260,7 +261,8 @@ def test_a_full_disk_stops_the_run_with_one_message_and_leaves_no_partial_files(
     workdir = tmp_path / "mount" / "run"
     (tmp_path / "mount").mkdir()
     argv, env = command("ddpm_jax.main", *train_args(workdir, "--config.num_train_steps=6",
-                                                     "--config.save_every_steps=2"))
+                                                     "--config.save_every_steps=2",
+                                                     "--config.sample_every_steps=0"))
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000))  # noqa: E731
     check(subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                          preexec_fn=limit), "a file is too large")

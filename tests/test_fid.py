@@ -474,6 +474,7 @@ def test_fid_during_training_is_logged_and_checked_up_front(weights_file, tmp_pa
     fid.save_statistics(str(tmp_path / "stats.npz"), stats)
     config = micro_config()
     config.num_train_steps = 2
+    config.sample_every_steps = 0  # FID alone: no sample grid
     config.eval_every_steps = 2
     config.eval.inception_weights = weights_file
     config.eval.reference_stats = str(tmp_path / "stats.npz")

@@ -189,6 +189,7 @@ def test_nonfinite_check_names_the_step_inside_a_call():
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     config = micro_config()
     config.num_train_steps = 4
+    config.sample_every_steps = 0  # no sample grids: only the state is compared
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
     config.num_train_steps = 2
     train.train_and_evaluate(config, str(tmp_path / "split"))
@@ -196,6 +197,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not (tmp_path / "straight" / "samples").exists()  # sample_every_steps=0: no grids
+    assert "samples" not in read_events(str(tmp_path / "straight"))
 
 
 @pytest.mark.parametrize(
