@@ -25,6 +25,27 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     return models.create_model(config, rngs, ops.layer_ops(config))
 
 
+class _InitStream(nnx.RngStream):
+    """flax's RngStream, drawing the same keys (fold_in(key, draw count)), but advancing its
+    count without `Variable.set_value`: under a trace that update asks the new count for a
+    `sharding` it does not have, and the error it raises (and discards) first renders the
+    trace so far, once per draw, which made tracing a net's initialisation quadratic in its
+    size."""
+
+    def __call__(self) -> jax.Array:
+        self.count._check_can_update()
+        key = jax.random.fold_in(self.key[...], self.count[...])
+        self.count.set_raw_value(self.count.get_raw_value() + 1)
+        return key
+
+
+def init_rngs(key: jax.Array | int) -> nnx.Rngs:
+    """Rngs with one `params` stream (an `_InitStream`) for building a net."""
+    rngs = nnx.Rngs()
+    rngs.params = _InitStream(jax.random.key(key) if isinstance(key, int) else key, tag="params")
+    return rngs
+
+
 def config_key(config: ml_collections.ConfigDict) -> str:
     """A key of everything `config` and this backend decide, for caching what is derived
     from them (tracing a net's construction is slow, and a run asks for it many times)."""
@@ -48,7 +69,7 @@ def cached_per_config(fn: Callable[[ml_collections.ConfigDict], Any]):
 @cached_per_config
 def _abstract(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
     """(graphdef, abstract parameter state) of `config`'s net."""
-    return nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(0))), nnx.Param)
+    return nnx.split(nnx.eval_shape(lambda: build(config, init_rngs(0))), nnx.Param)
 
 
 def graphdef(config: ml_collections.ConfigDict) -> nnx.GraphDef:
@@ -63,7 +84,7 @@ def abstract_params(config: ml_collections.ConfigDict) -> Any:
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
     """Fresh parameters as a pure dict (call under jit to place them directly)."""
-    return nnx.to_pure_dict(nnx.state(build(config, nnx.Rngs(params=rng)), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(build(config, init_rngs(rng)), nnx.Param))
 
 
 def params_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:

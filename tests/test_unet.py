@@ -185,3 +185,21 @@ def test_ddpm_attention_block_matches_float64_reference(heads):
 
     got = nnx.jit(lambda block, x: block(x))(block, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_parameters_are_those_of_flax_own_rng_stream():
+    """`network.init_params` advances its key stream its own way (fast to trace): it must draw
+    exactly the keys flax's RngStream draws, so the same seed gives the same weights."""
+    from ddpm_jax import network
+    from tests.helpers import micro_config
+
+    config = micro_config()
+    key = jax.random.PRNGKey(3)
+    ours = jax.jit(lambda k: network.init_params(config, k))(key)
+    flax_own = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(
+        network.build(config, nnx.Rngs(params=k)), nnx.Param)))(key)
+    leaves = jax.tree.leaves(ours)
+    assert len(leaves) == len(jax.tree.leaves(flax_own)) > 10
+    for a, b in zip(leaves, jax.tree.leaves(flax_own), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len({float(np.asarray(leaf).ravel()[0]) for leaf in leaves if np.std(leaf) > 0}) > 5
