@@ -270,13 +270,24 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     return target
 
 
+class _DropAbandonedTensorStoreFutures(pylogging.Filter):
+    """Drops asyncio's report of a future nobody awaited when its error is TensorStore's
+    (the other arrays of a read that already failed); other asyncio errors still show."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in str(record.msg)
+                    and "tensorstore_spec" in str(error if error is not None else record.msg))
+
+
 def quiet_abandoned_io() -> None:
     """Silences the echo of a failed restore or save: when one array of a checkpoint fails,
     the reads or writes still in flight are abandoned and each prints an 'Event loop is
-    closed' traceback (or 'Exception ignored in' a coroutine). The failure itself is
-    reported once."""
+    closed' traceback, 'Exception ignored in' a coroutine, or asyncio's 'Future exception
+    was never retrieved' with TensorStore's error. The failure itself is reported once."""
     if getattr(sys.unraisablehook, "_ddpm_jax_quiet", False):
         return
+    pylogging.getLogger("asyncio").addFilter(_DropAbandonedTensorStoreFutures())
 
     def echo_of_failed_read(error: BaseException | None, obj: object = None) -> bool:
         return (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)) or (

@@ -223,6 +223,26 @@ def test_readers_skip_a_damaged_checkpoint_and_name_one_they_were_asked_for(save
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
 
+def test_abandoned_tensorstore_futures_are_not_echoed_after_the_failure_message(caplog):
+    """A read that failed leaves the other arrays' futures unawaited; asyncio reports each
+    when it is collected (after the run's one-line message). Those are dropped, others kept."""
+    import asyncio
+    import gc
+
+    checkpointing.quiet_abandoned_io()
+    loop = asyncio.new_event_loop()
+    for text in ("OUT_OF_RANGE: Error reading \"opt_state/.zarray\" [tensorstore_spec='{}']",
+                 "an error of somebody else's"):
+        future = loop.create_future()
+        future.set_exception(ValueError(text))
+        del future
+        gc.collect()
+    loop.close()
+    reported = [str(record.exc_info[1]) for record in caplog.records
+                if record.name == "asyncio" and "never retrieved" in record.getMessage()]
+    assert reported == ["an error of somebody else's"]
+
+
 def test_weights_with_nan_are_refused_by_the_readers(saved_run, tmp_path):
     config = micro_config()
     mesh = train.create_mesh(config)
