@@ -62,6 +62,29 @@ def hide_orbax_info() -> None:
                             category=RuntimeWarning)
 
 
+# Orbax splits each replicated array among its replicas so they share the writing; a slice
+# under this size is not worth its own device-to-host copy (one dispatched op each), so
+# smaller arrays are written whole by one replica. Only who writes changes, not what.
+MIN_SLICE_BYTES_PER_REPLICA = 64 * 1024
+
+
+def _write_small_arrays_whole() -> None:
+    """Registers Orbax's array handler with `MIN_SLICE_BYTES_PER_REPLICA` (once)."""
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) == MIN_SLICE_BYTES_PER_REPLICA:
+        return
+    absl_logger = logging.get_absl_logger()  # Orbax warns of any override, even this one
+    level = absl_logger.level
+    absl_logger.setLevel(pylogging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_PER_REPLICA),
+            override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
 def make_manager(
     directory: epath.Path, config: ml_collections.ConfigDict | None = None
 ) -> ocp.CheckpointManager:
@@ -70,6 +93,7 @@ def make_manager(
     Without `config` it only reads: it deletes nothing, not even the temporary folder of a
     save that a running training job is writing.
     """
+    _write_small_arrays_whole()
     if config is None:
         return ocp.CheckpointManager(
             directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)

@@ -35,3 +35,4 @@ from tests.helpers import tiny_config  # noqa: E402
 @pytest.fixture
 def config():
     return tiny_config()
+

@@ -84,10 +84,15 @@ def test_cpu_conv_library_setting_reaches_the_compiler():
     state = jax.eval_shape(lambda: train.create_train_state(config, mesh))
     batch = jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)
 
+    compiled_text = {}  # library -> the compiled step's HLO: one compile each
+
     def library_fusions_with(library, op, without=None):
         """How many YNNPACK fusions contain `op` (and not `without`)."""
-        config.cpu_conv_library = library
-        hlo = train.make_train_step(config, mesh).lower(state, batch).compile().as_text()
+        if library not in compiled_text:
+            config.cpu_conv_library = library
+            compiled_text[library] = train.make_train_step(config, mesh).lower(
+                state, batch).compile().as_text()
+        hlo = compiled_text[library]
         called = set(re.findall(r"calls=%?([\w.\-]+), [^\n]*__ynn_fusion", hlo))
         bodies = [body for name, body in re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}",
                                                     hlo, re.S) if name in called]
