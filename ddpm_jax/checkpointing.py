@@ -11,6 +11,7 @@ A failed save stops the run (`check_saves`) and its temporary folder is removed.
 from __future__ import annotations
 
 import errno
+import functools
 import logging as pylogging
 import os
 import re
@@ -68,11 +69,9 @@ def hide_orbax_info() -> None:
 MIN_SLICE_BYTES_PER_REPLICA = 64 * 1024
 
 
+@functools.cache
 def _write_small_arrays_whole() -> None:
-    """Registers Orbax's array handler with `MIN_SLICE_BYTES_PER_REPLICA` (once)."""
-    handler = ocp.type_handlers.get_type_handler(jax.Array)
-    if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) == MIN_SLICE_BYTES_PER_REPLICA:
-        return
+    """Registers Orbax's array handler with `MIN_SLICE_BYTES_PER_REPLICA`, once a process."""
     absl_logger = logging.get_absl_logger()  # Orbax warns of any override, even this one
     level = absl_logger.level
     absl_logger.setLevel(pylogging.ERROR)
