@@ -35,4 +35,3 @@ from tests.helpers import tiny_config  # noqa: E402
 @pytest.fixture
 def config():
     return tiny_config()
-
