@@ -42,8 +42,6 @@ class _DropOrbaxInfo(pylogging.Filter):
     cause); its other warnings and error lines stay."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        if record.name == "asyncio" and "orbax" in record.getMessage():
-            return False  # the tasks of a failed save, collected after it was reported
         if "/orbax/" not in record.pathname:
             return True
         record.exc_info, record.exc_text = None, None
@@ -293,14 +291,16 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     return target
 
 
-class _DropAbandonedTensorStoreFutures(pylogging.Filter):
-    """Drops asyncio's report of a future nobody awaited when its error is TensorStore's
-    (the other arrays of a read that already failed); other asyncio errors still show."""
+class _DropAbandonedCheckpointIo(pylogging.Filter):
+    """Drops asyncio's reports of the tasks of a failed save (they name Orbax) and of the
+    futures of a failed read nobody awaited (their error is TensorStore's); other asyncio
+    errors still show."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not ("never retrieved" in str(record.msg)
-                    and "tensorstore_spec" in str(error if error is not None else record.msg))
+        message = record.getMessage()
+        error = str(record.exc_info[1]) if record.exc_info else ""
+        return not ("orbax" in message
+                    or ("never retrieved" in message and "tensorstore_spec" in message + error))
 
 
 def quiet_abandoned_io() -> None:
@@ -310,7 +310,7 @@ def quiet_abandoned_io() -> None:
     was never retrieved' with TensorStore's error. The failure itself is reported once."""
     if getattr(sys.unraisablehook, "_ddpm_jax_quiet", False):
         return
-    pylogging.getLogger("asyncio").addFilter(_DropAbandonedTensorStoreFutures())
+    pylogging.getLogger("asyncio").addFilter(_DropAbandonedCheckpointIo())
 
     def echo_of_failed_read(error: BaseException | None, obj: object = None) -> bool:
         return (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)) or (
