@@ -3,10 +3,10 @@ compilation cache for the whole run, tiny configs."""
 
 import os
 
-from tests.helpers import COMPILE_FLAGS  # noqa: E402
+from tests.helpers import compile_flags  # noqa: E402
 
 os.environ["XLA_FLAGS"] = (
-    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4 {COMPILE_FLAGS}"
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4 {compile_flags()}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -10,11 +10,41 @@ from configs import quickstart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The suite compiles a few hundred tiny programs and runs each for a few steps, so LLVM's
-# optimisations of the generated code cost more (compile time) than they save. XLA's own
-# (HLO) passes still run: the same programs, the same behaviour. Commands the tests start get
-# the same flag (`command_env`); benchmarks and users compile with the defaults.
-COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+# The suite compiles a few hundred tiny programs and runs each for a few steps, so compile
+# time is most of its cost: LLVM's optimisations of the generated code cost more than they
+# save, and so do XLA:CPU's per-fusion MLIR emitters (the older elemental emitter generates
+# the same operations) and splitting each program for parallel codegen (the tests already
+# keep every core busy). XLA's own (HLO) passes still run: the same programs, the same
+# behaviour. Commands the tests start get the same flags (`command_env`); benchmarks and users
+# compile with the defaults.
+BASE_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+# Flags that only some jaxlib releases know; XLA aborts the process on an unknown one.
+OPTIONAL_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
+                          "--xla_cpu_parallel_codegen_split_count=1")
+_COMPILE_FLAGS_VARIABLE = "DDPM_JAX_TEST_COMPILE_FLAGS"  # probed once, shared with xdist workers
+
+
+def _xla_accepts(flags: str) -> bool:
+    """Whether a CPU backend starts with `flags` in XLA_FLAGS (probed in a child process)."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                           env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+                           capture_output=True, timeout=120)
+    return probe.returncode == 0
+
+
+def compile_flags() -> str:
+    """The tests' XLA compile flags: the base ones plus each optional one this jaxlib knows."""
+    if _COMPILE_FLAGS_VARIABLE not in os.environ:
+        flags = [BASE_COMPILE_FLAGS]
+        if _xla_accepts(" ".join(OPTIONAL_COMPILE_FLAGS)):
+            flags += OPTIONAL_COMPILE_FLAGS
+        else:
+            flags += [flag for flag in OPTIONAL_COMPILE_FLAGS if _xla_accepts(flag)]
+        os.environ[_COMPILE_FLAGS_VARIABLE] = " ".join(flags)
+    return os.environ[_COMPILE_FLAGS_VARIABLE]
 
 
 # absl's line prefix: level, date, time, thread, file:line
@@ -44,7 +74,7 @@ def command_env(**variables: str) -> dict[str, str]:
     """The environment of a command a test starts as a user would: the CPU, one device (no
     virtual devices), the tests' compile flags and compilation cache, plus `variables`."""
     return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-                XLA_FLAGS=COMPILE_FLAGS, **variables)
+                XLA_FLAGS=compile_flags(), **variables)
 
 
 def tiny_config():
