@@ -180,9 +180,12 @@ def validate(
     _checked(input_pipeline.check_config, config.data)
 
     _checked(models.check_config, config)
-    from ddpm_jax import wandb_writer  # loads clu's writers, hence TensorFlow: only here
+    if config.wandb.project:
+        # Loads clu's writers, hence TensorFlow (seconds to import): only when W&B is on, so
+        # that a run refused below (busy workdir, missing data) stops at once.
+        from ddpm_jax import wandb_writer
 
-    _checked(wandb_writer.check_config, config)
+        _checked(wandb_writer.check_config, config)
 
     if workdir is not None:
         check_workdir_writable(workdir)

@@ -74,7 +74,9 @@ class Watched:
 
 
 @pytest.mark.slow
-def test_a_busy_workdir_is_refused_sigterm_saves_and_a_dead_holder_is_taken_over(tmp_path):
+def test_a_busy_workdir_is_refused_and_sigterm_saves(tmp_path):
+    # A holder that died without releasing the lock is taken over: the reruns after SIGKILL
+    # in test_reliability.py check that.
     workdir = tmp_path / "run"
     first = Watched(*train_args(workdir, "--config.num_train_steps=100000",
                                 "--config.save_every_steps=100000",
@@ -95,19 +97,15 @@ def test_a_busy_workdir_is_refused_sigterm_saves_and_a_dead_holder_is_taken_over
         if first.proc.poll() is None:
             first.proc.kill()
     assert not (workdir / "run.lock").exists()
-    # SIGTERM: the reached step was saved, and the run exited 0
-    steps = checkpointing.make_manager(epath.Path(workdir) / "checkpoints").all_steps()
+    # SIGTERM: the reached step was saved, readable, and the run exited 0
+    config = micro_config()
+    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
+    steps = manager.all_steps()
     assert len(steps) == 1 and steps[0] >= 1
-    # A run killed without releasing the lock (same host, its pid gone) is taken over.
-    holder = workdir_lock.WorkdirLock(epath.Path(workdir))
-    holder.record["pid"] = first.proc.pid  # exited above
-    (workdir / "run.lock").write_text(json.dumps(holder.record))
-    resumed = run("ddpm_jax.main", *train_args(workdir, f"--config.num_train_steps={steps[0] + 1}",
-                                               "--config.sample_every_steps=0"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "taking over the workdir lock" in resumed.stderr and "is gone" in resumed.stderr
-    assert f"starting at step {steps[0]} of {steps[0] + 1}" in resumed.stderr
-    assert not (workdir / "run.lock").exists()
+    mesh = train.create_mesh(config, jax.devices()[:1])
+    state = checkpointing.restore_step(manager, steps[0], train.abstract_train_state(config, mesh))
+    manager.close()
+    assert int(state.step) == steps[0]
 
 
 def test_lock_held_by_another_host_is_refused_until_its_heartbeat_stops(tmp_path):

@@ -52,7 +52,7 @@ def wait_for(condition, process, timeout=240):
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_point_then_rerun_gives_bitwise_identical_params(tmp_path):
+def test_sigkill_at_any_point_then_rerun_takes_over_and_gives_bitwise_identical_params(tmp_path):
     cache = tmp_path / "xla_cache"
     straight = tmp_path / "straight"
     proc = start_main(straight, cache)
@@ -72,8 +72,14 @@ def test_sigkill_at_any_point_then_rerun_gives_bitwise_identical_params(tmp_path
             killed_during.append(name)
         proc.wait(timeout=300)
     assert "during a checkpoint save" in killed_during and len(killed_during) >= 2, killed_during
-    proc = start_main(workdir, cache)  # the rerun that finishes the job
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    # The rerun that finishes the job takes over the lock the killed run left (same host,
+    # its pid gone).
+    assert (workdir / "run.lock").exists()
+    proc = start_main(workdir, cache)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "taking over the workdir lock" in stderr and "is gone" in stderr
+    assert not (workdir / "run.lock").exists()
 
     for a, b in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(workdir)),
                     strict=True):
