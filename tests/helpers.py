@@ -141,6 +141,24 @@ def quickstart_config(flags):
     return config
 
 
+def restore_micro_run(workdir, step):
+    """The state (NumPy) that a run of `micro_config()` saved at `step` in `workdir`, which must
+    be its newest checkpoint; restored on one device."""
+    import jax
+    import numpy as np
+    from etils import epath
+
+    from ddpm_jax import checkpointing, train
+
+    config = micro_config()
+    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
+    assert manager.latest_step() == step
+    mesh = train.create_mesh(config, jax.devices()[:1])
+    state = checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
+    manager.close()
+    return jax.tree.map(np.asarray, state)
+
+
 def run_train_steps(config, mesh, batches, weight_noise=0.0, metric="loss"):
     """Fresh state, then one jitted train step per uint8 batch; returns (state, the `metric`
     of each step).

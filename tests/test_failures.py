@@ -19,7 +19,7 @@ from etils import epath
 
 from ddpm_jax import checkpointing, sample, sampling, train, workdir_lock
 from ddpm_jax.samplers import SamplerSettings
-from tests.helpers import MICRO_FLAGS, ROOT, command_env, micro_config
+from tests.helpers import MICRO_FLAGS, ROOT, command_env, micro_config, restore_micro_run
 
 
 def command(module, *args):
@@ -98,14 +98,9 @@ def test_a_busy_workdir_is_refused_and_sigterm_saves(tmp_path):
             first.proc.kill()
     assert not (workdir / "run.lock").exists()
     # SIGTERM: the reached step was saved, readable, and the run exited 0
-    config = micro_config()
-    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
-    steps = manager.all_steps()
+    steps = checkpointing.make_manager(epath.Path(workdir) / "checkpoints").all_steps()
     assert len(steps) == 1 and steps[0] >= 1
-    mesh = train.create_mesh(config, jax.devices()[:1])
-    state = checkpointing.restore_step(manager, steps[0], train.abstract_train_state(config, mesh))
-    manager.close()
-    assert int(state.step) == steps[0]
+    assert int(restore_micro_run(workdir, steps[0]).step) == steps[0]
 
 
 def test_lock_held_by_another_host_is_refused_until_its_heartbeat_stops(tmp_path):

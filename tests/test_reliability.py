@@ -12,7 +12,14 @@ import pytest
 from etils import epath
 
 from ddpm_jax import checkpointing, config_checks, train
-from tests.helpers import MICRO_FLAGS, ROOT, command_env, micro_config, read_events
+from tests.helpers import (
+    MICRO_FLAGS,
+    ROOT,
+    command_env,
+    micro_config,
+    read_events,
+    restore_micro_run,
+)
 
 STEPS = 8
 FLAGS = [*MICRO_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",
@@ -27,17 +34,6 @@ def start_main(workdir, cache_dir, *extra):
          f"--workdir={workdir}", *FLAGS, *extra],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-
-
-def final_params(workdir):
-    config = micro_config()
-    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
-    assert manager.latest_step() == STEPS
-    mesh = train.create_mesh(devices=jax.devices()[:1])
-    state = checkpointing.restore_step(manager, manager.latest_step(),
-                                       train.abstract_train_state(config, mesh))
-    manager.close()
-    return jax.tree.map(np.asarray, state)
 
 
 def wait_for(condition, process, timeout=240):
@@ -81,7 +77,8 @@ def test_sigkill_at_any_point_then_rerun_takes_over_and_gives_bitwise_identical_
     assert "taking over the workdir lock" in stderr and "is gone" in stderr
     assert not (workdir / "run.lock").exists()
 
-    for a, b in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(workdir)),
+    for a, b in zip(jax.tree.leaves(restore_micro_run(straight, STEPS)),
+                    jax.tree.leaves(restore_micro_run(workdir, STEPS)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -7,15 +7,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-from etils import epath
 
-from ddpm_jax import checkpointing, ops, train
+from ddpm_jax import ops, train
 from tests.helpers import (
     MICRO_FLAGS,
     ROOT,
     command_env,
     micro_config,
     quickstart_config,
+    restore_micro_run,
     run_train_steps,
 )
 
@@ -146,16 +146,6 @@ def run_processes(workdir, num_processes, devices_per_process, *flags):
     return result
 
 
-def restore(workdir, step):
-    config = micro_config()
-    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
-    assert manager.latest_step() == step
-    state = checkpointing.restore_step(
-        manager, step,
-        train.abstract_train_state(config, train.create_mesh(config, jax.devices()[:1])))
-    return jax.tree.map(np.asarray, state)
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, caplog):
     # All three steps in one call: each process stacks its slices of three batches.
@@ -170,7 +160,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, c
     assert "3 train steps per call" in caplog.text
     # Same global batches (each process reads its slice; the union is the 1-process batch)
     # and the same rng stream; gloo's all-reduce may add in another order than XLA's.
-    assert_states_close(restore(tmp_path / "one", 3), restore(tmp_path / "two", 3))
+    assert_states_close(restore_micro_run(tmp_path / "one", 3),
+                        restore_micro_run(tmp_path / "two", 3))
     # The 2-process checkpoint restores in a 1-process run on another mesh (this process's
     # 4 devices), and goes on.
     config = micro_config()
@@ -179,4 +170,4 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, c
     with caplog.at_level("INFO"):
         state = train.train_and_evaluate(config, str(tmp_path / "two"))
     assert "starting at step 3 of 4" in caplog.text
-    assert int(state.step) == 4 and restore(tmp_path / "two", 4).step == 4
+    assert int(state.step) == 4 and restore_micro_run(tmp_path / "two", 4).step == 4
