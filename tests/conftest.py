@@ -29,8 +29,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Tracing and lowering create millions of short-lived objects, and at CPython's default
-# thresholds (700, 10, 10) the cycle collector runs thousands of times a test, walking the
-# whole heap of JAX, Flax and TensorFlow objects again and again. Collecting the young
+# thresholds (700, 10, 10) the cycle collector runs over a thousand times in a test that
+# compiles a few train steps, walking the whole heap of JAX, Flax and TensorFlow objects. Collecting the young
 # generation every 50,000 allocations frees the same cycles, far less often.
 gc.set_threshold(50_000, 20, 100)
 
