@@ -159,6 +159,15 @@ def os_error_cause(error: BaseException) -> str:
     return "error"
 
 
+def finished_steps(directory: epath.Path) -> list[int]:
+    """The steps saved under `directory` (their folders; unfinished saves are named
+    otherwise), without opening a manager."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+
+
 def remove_temporary_saves(directory: epath.Path) -> list[str]:
     """Removes the temporary folders of unfinished saves under `directory` (only the run
     holding the workdir lock may); returns their names."""
@@ -350,6 +359,11 @@ def newest_readable(
         except Exception as caught:  # TensorStore, JSON, missing files: all mean damage
             result, error = None, caught
             quiet_abandoned_io()
+            if os_error_cause(caught) != "error":  # a permission, not damage: move nothing
+                raise CheckpointReadError(
+                    f"cannot read the checkpoint of step {step} in {manager.directory}: "
+                    f"{os_error_cause(caught)} [{error_summary(caught)}]; nothing was moved or "
+                    "changed: fix it and rerun") from caught
         if jax.process_count() > 1:  # one process that cannot read makes it unreadable
             flags = multihost_utils.process_allgather(np.int32(error is None))
             if error is None and not np.all(flags):

@@ -22,6 +22,15 @@ from absl import logging as absl_logging
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+class _EchoOfLogWriteFilter(pylogging.Filter):
+    """Drops clu's traceback of a failed asynchronous TensorBoard write: the write's error
+    reaches the run, which stops with one line naming the cause."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not (record.pathname.endswith(os.path.join("clu", "asynclib.py"))
+                    and record.getMessage().startswith("Error in producer thread"))
+
+
 class _LibraryInfoFilter(pylogging.Filter):
     """Passes every record of ddpm_jax, and other code's only from WARNING up."""
 
@@ -37,9 +46,11 @@ def quiet_library_logs(verbosity: int = 0) -> None:
     from ddpm_jax import checkpointing
 
     checkpointing.hide_orbax_info()
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _EchoOfLogWriteFilter) for f in handler.filters):
+        handler.addFilter(_EchoOfLogWriteFilter())
     if verbosity >= 1:
         return
-    handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
         handler.addFilter(_LibraryInfoFilter())
     global _quiet
@@ -56,6 +67,8 @@ def import_tensorflow() -> None:
     printed is shown with the error."""
     if "tensorflow" in sys.modules:
         return
+    if _quiet:  # TensorFlow's C++ warnings (a failed events write) repeat what the run reports
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not _quiet:
         import tensorflow  # noqa: F401
 
@@ -131,10 +144,44 @@ def check_output(command: str, flag: str, path: str | None) -> None:
                  f"({checkpointing.os_error_cause(error)}: {error}); choose another path")
 
 
+def last_override_wins(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv with only the last of each repeated `--config.FIELD=VALUE`, a note per field
+    given more than once).
+
+    ml_collections joins repeated overrides of a tuple field into one tuple (`=(16,)` then
+    `=()` trains `(16,)`), so a command built from shared flags plus one's own would train
+    another net without a word; every other flag already takes its last value."""
+    last: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config.") and "=" in arg:
+            name = arg.split("=", 1)[0]
+            last[name] = index
+            counts[name] = counts.get(name, 0) + 1
+    kept = [arg for index, arg in enumerate(argv)
+            if not (arg.startswith("--config.") and "=" in arg)
+            or last[arg.split("=", 1)[0]] == index]
+    notes = [f"{name} was given {count} times: the last one, "
+             f"{argv[last[name]].split('=', 1)[1]!r}, applies"
+             for name, count in counts.items() if count > 1]
+    return kept, notes
+
+
+def overrides_summary(config_flag: flags.Flag) -> str:
+    """The `--config` file and every overridden field with the value that trains, parsed."""
+    from ml_collections import config_flags
+
+    values = config_flags.get_override_values(config_flag)
+    fields = ", ".join(f"{name}={value!r}" for name, value in sorted(values.items()))
+    return f"config {config_flags.get_config_filename(config_flag)}" + (
+        f" with {fields}" if fields else " (no overrides)")
+
+
 def flags_parser(command: str) -> Callable[[list[str]], list[str]]:
     """A flags parser for `app.run` that ends `command` with one line on a bad flag."""
 
     def parse(argv: list[str]) -> list[str]:
+        argv, notes = last_override_wins(argv)
         try:
             remaining = flags.FLAGS(argv)
             if "config" in flags.FLAGS and flags.FLAGS["config"].present:
@@ -142,6 +189,8 @@ def flags_parser(command: str) -> Callable[[list[str]], list[str]]:
         except Exception as error:  # absl and ml_collections raise several kinds
             sys.exit(f"{command}: {_explain(argv, error)}")
         quiet_library_logs(flags.FLAGS.verbosity)
+        for note in notes:
+            absl_logging.warning("%s", note)
         return remaining
 
     return parse

@@ -80,6 +80,11 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
     old, new = saved.get("diffusion", {}).get("variance"), current["diffusion"]["variance"]
     if (old == "learned_range") != (new == "learned_range"):  # 6 output channels or 3
         differences.append(f"diffusion.variance: checkpoint {old!r}, config {new!r}")
+    old_clip, new_clip = saved.get("grad_clip_norm", 0), current.get("grad_clip_norm", 0)
+    if (old_clip > 0) != (new_clip > 0):  # optax.chain with clipping or plain AdamW
+        differences.append(f"grad_clip_norm: checkpoint {old_clip!r}, config {new_clip!r} (clipping "
+                           "on or off is another optimizer state; any value > 0 resumes a "
+                           "clipped run)")
     changed = _changed_fields(saved, current, DIFFUSION_FIELDS)
     if changed and allow_diffusion_change and not differences:
         logging.warning("fine-tuning with another diffusion (--allow_diffusion_change): %s",
@@ -112,6 +117,11 @@ def _normalise(value):
 
 def check_workdir_writable(workdir: str) -> None:
     """Creates `workdir` if needed and proves a file can be written there."""
+    for name in ("checkpoints", "samples"):
+        path = epath.Path(workdir) / name
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} is a file, where the run keeps its {name} folder; move "
+                              "it away or choose another --workdir")
     try:
         image_utils.check_writable(epath.Path(workdir) / ".write_probe")
     except Exception as error:

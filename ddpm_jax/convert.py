@@ -56,10 +56,15 @@ def define_flags() -> None:
 
 
 def _read_json(path: epath.Path) -> dict:
+    """A JSON file holding an object (diffusers' configs and indexes all do)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read {path}: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of fields "
+                         "as diffusers writes it")
+    return value
 
 
 def find_folders(folder: str) -> tuple[epath.Path, epath.Path | None]:
@@ -89,10 +94,16 @@ def _load_torch_file(path: epath.Path) -> dict[str, np.ndarray]:
 
 
 def _load_weight_file(path: epath.Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (named by the weights' index)")
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        return load_file(os.fspath(path))
+        try:
+            return load_file(os.fspath(path))
+        except Exception as error:  # safetensors' own error type for a damaged header
+            raise ValueError(f"cannot read {path}: {error} (the file is damaged or truncated; "
+                             "download it again)") from error
     return _load_torch_file(path)
 
 
@@ -102,7 +113,11 @@ def read_weights(unet_folder: epath.Path) -> dict[str, np.ndarray]:
     for name in diffusers_format.UNET_FILES:
         index = unet_folder / f"{name}.index.json"
         if index.exists():
-            files = sorted(set(_read_json(index)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(
+                    isinstance(file, str) for file in weight_map.values()):
+                raise ValueError(f"{index} has no weight_map of weight names to file names")
+            files = sorted(set(weight_map.values()))
             state: dict[str, np.ndarray] = {}
             for file in files:
                 state.update(_load_weight_file(unet_folder / file))
@@ -145,26 +160,60 @@ def config_file_text(config: ml_collections.ConfigDict, source: str) -> str:
 def from_diffusers(folder: str, workdir: str) -> str:
     """Writes a step-0 run of the diffusers model in `folder` into `workdir`; returns the
     commands that sample from it and fine-tune it."""
-    from ddpm_jax import checkpointing, train
+    from ddpm_jax import checkpointing, train, workdir_lock
 
     path = train.absolute_path(workdir)
-    if (path / "checkpoints").exists() and any((path / "checkpoints").iterdir()):
-        raise ValueError(f"--workdir={workdir} already holds checkpoints; choose a new folder")
-    config, params = read_diffusers(folder)
-    mesh = train.create_mesh(config)
-    state = jax.jit(lambda p: train.train_state_from_params(config, p),
-                    out_shardings=train.train_state_shardings(config, mesh))(params)
-    manager = checkpointing.make_manager(path / "checkpoints", config)
-    checkpointing.save(manager, 0, state, config)
-    manager.wait_until_finished()
-    manager.close()
-    config_file = path / "config.py"
-    config_file.write_text(config_file_text(config, folder))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--workdir={workdir} is a file; choose a new folder")
+    config, params = read_diffusers(folder)  # everything is checked before anything is written
+    with workdir_lock.hold(path):  # no training run writes there meanwhile
+        # A killed conversion left an unfinished save: it is not a checkpoint.
+        checkpointing.remove_temporary_saves(path / "checkpoints")
+        if checkpointing.finished_steps(path / "checkpoints"):
+            raise ValueError(f"--workdir={workdir} already holds checkpoints; choose a new folder")
+        mesh = train.create_mesh(config)
+        state = jax.jit(lambda p: train.train_state_from_params(config, p),
+                        out_shardings=train.train_state_shardings(config, mesh))(params)
+        manager = checkpointing.make_manager(path / "checkpoints", config)
+        checkpointing.save(manager, 0, state, config)
+        manager.wait_until_finished()
+        manager.close()
+        config_file = path / "config.py"
+        config_file.write_text(config_file_text(config, folder))
     logging.info("wrote step 0 of %s and %s", path / "checkpoints", config_file)
     return (f"sample:    python -m ddpm_jax.sample --workdir={workdir} --num_samples=16 "
             f"--output=samples.png\n"
             f"fine-tune: python -m ddpm_jax.main --config={config_file} --workdir={workdir} "
             "--config.data.path=YOUR_IMAGE_FOLDER --config.num_train_steps=STEPS")
+
+
+def _staging_prefix(target: epath.Path) -> str:
+    """The name prefix of the hidden folder an export of `target` is written into."""
+    return f".{target.name}.staging-"
+
+
+def _remove_abandoned_staging(target: epath.Path) -> None:
+    """Removes staging folders of `target` whose exporting process is gone (killed)."""
+    from ddpm_jax import workdir_lock
+
+    for folder in target.parent.glob(f"{_staging_prefix(target)}*"):
+        pid = folder.name[len(_staging_prefix(target)):].split(".", 1)[0]
+        if pid.isdigit() and not workdir_lock.alive(int(pid)):
+            logging.info("removing %s, left by an export that was stopped", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _follow_umask(folder: epath.Path) -> None:
+    """Gives `folder` and what it holds the modes the user's umask gives new files (mkdtemp
+    and safetensors make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, folders, files in os.walk(os.fspath(folder)):
+        os.chmod(root, 0o777 & ~umask)
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def write_diffusers(config: ml_collections.ConfigDict, params: Any, output: str) -> None:
@@ -174,10 +223,14 @@ def write_diffusers(config: ml_collections.ConfigDict, params: Any, output: str)
     unet, scheduler = diffusers_format.unet_config(config), diffusers_format.scheduler_config(config)
     state_dict = diffusers_format.to_state_dict(params, config)
     target = epath.Path(output)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--output={output} is a file; choose a new folder")
     if target.exists() and any(target.iterdir()):
         raise ValueError(f"--output={output} exists and is not empty; choose a new folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = epath.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=os.fspath(target.parent)))
+    _remove_abandoned_staging(target)
+    staging = epath.Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.",
+                                          dir=os.fspath(target.parent)))
     try:
         (staging / "unet").mkdir()
         (staging / "scheduler").mkdir()
@@ -188,6 +241,7 @@ def write_diffusers(config: ml_collections.ConfigDict, params: Any, output: str)
             json.dumps(scheduler, indent=2))
         save_file(state_dict, os.fspath(staging / "unet" / diffusers_format.UNET_FILES[0]),
                   metadata={"format": "pt"})
+        _follow_umask(staging)
         if target.exists():
             target.rmdir()
         staging.rename(target)
@@ -201,9 +255,11 @@ def to_diffusers(workdir: str, output: str, step: int | None = None,
     """Exports checkpoint `step` of the run in `workdir` as a `DDPMPipeline` folder."""
     from ddpm_jax import sample
 
-    config, step = sample.run_config(workdir, step)
+    config, _ = sample.run_config(workdir, step)
     diffusers_format.check_exportable(config)  # before restoring anything
+    # `step` None: the newest checkpoint whose weights read, as `sample` takes
     config, params, step, _ = sample.load_run(workdir, step, weights)
+    diffusers_format.check_exportable(config)
     if jax.process_index() == 0:
         write_diffusers(config, params, output)
     return {"workdir": workdir, "step": step, "weights": weights, "output": output}

@@ -184,14 +184,34 @@ def _expect(unet: dict, field: str, allowed: tuple, default: Any) -> Any:
     return value
 
 
+# The largest image side a converted config may have: far above any published DDPM net,
+# far below a side whose activations could never be allocated.
+MAX_IMAGE_SIZE = 8192
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _count(unet: dict, field: str, default: Any) -> int:
+    """A positive integer field of config.json."""
+    value = unet.get(field, default)
+    if not _is_count(value):
+        raise UnsupportedError(f"unet config {field}={value!r}: must be a positive integer")
+    return value
+
+
 def _image_size(unet: dict) -> int:
     size = unet.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
             raise UnsupportedError(f"unet config sample_size={size}: only square images")
         size = size[0]
-    if not isinstance(size, int) or size <= 0:
+    if not _is_count(size):
         raise UnsupportedError(f"unet config sample_size={size!r}: the image side is needed")
+    if size > MAX_IMAGE_SIZE:
+        raise UnsupportedError(f"unet config sample_size={size}: more than {MAX_IMAGE_SIZE} "
+                               "pixels a side; no net of that size can run")
     return size
 
 
@@ -215,7 +235,14 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
             ("num_class_embeds", (None,), None), ("downsample_padding", (0, 1), 1)):
         _expect(unet, field, allowed, default)
     size = _image_size(unet)
-    widths = list(unet.get("block_out_channels", (224, 448, 672, 896)))
+    widths = unet.get("block_out_channels", (224, 448, 672, 896))
+    if not isinstance(widths, (list, tuple)) or not widths or not all(map(_is_count, widths)):
+        raise UnsupportedError(f"unet config block_out_channels={widths!r}: must be a list of "
+                               "positive integers, one per level")
+    widths = list(widths)
+    if size % 2 ** (len(widths) - 1):
+        raise UnsupportedError(f"unet config sample_size={size} with {len(widths)} levels: the "
+                               f"side must be divisible by {2 ** (len(widths) - 1)}")
     base = widths[0]
     if any(width % base for width in widths):
         raise UnsupportedError(f"unet config block_out_channels={widths}: every width must be "
@@ -238,13 +265,17 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
     if [t.startswith("Attn") for t in reversed(up)] != attended:
         raise UnsupportedError(f"unet config up_block_types={up} must attend at the levels "
                                f"down_block_types={down} attend at (in reverse order)")
-    groups = unet.get("norm_num_groups", 32)
+    groups = _count(unet, "norm_num_groups", 32)
+    _count(unet, "layers_per_block", 2)
     if unet.get("attn_norm_num_groups") not in (None, groups):
         raise UnsupportedError(f"unet config attn_norm_num_groups="
                                f"{unet['attn_norm_num_groups']}: ddpm-jax's attention uses "
                                f"norm_num_groups ({groups})")
     attention_widths = [w for w, a in zip(widths, attended, strict=True) if a] + [widths[-1]]
     head_width = unet.get("attention_head_dim", 8)
+    if head_width is not None and not _is_count(head_width):
+        raise UnsupportedError(f"unet config attention_head_dim={head_width!r}: must be a "
+                               "positive integer or null")
     heads = {1} if head_width is None else {w // head_width for w in attention_widths}
     if head_width is not None and (len(heads) > 1 or any(w % head_width
                                                           for w in attention_widths)):
@@ -449,6 +480,10 @@ def from_state_dict(state_dict: dict[str, np.ndarray],
         if value.shape != abstract.shape:
             raise UnsupportedError(f"{name}: shape {state_dict[name].shape} does not fit the "
                                    f"net of config.json (expected {abstract.shape} in ddpm-jax)")
+        if not np.isfinite(value).all():
+            raise UnsupportedError(f"{name}: {int((~np.isfinite(value)).sum())} of its "
+                                   f"{value.size} values are NaN or infinite; the weights are "
+                                   "damaged or diverged and would only sample noise")
         return value
 
     return jax.tree_util.tree_map_with_path(convert, network.abstract_params(config))

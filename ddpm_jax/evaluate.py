@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -53,8 +54,9 @@ def define_flags() -> None:
     flags.DEFINE_string("samples", None, "fid: a folder of images, an .npz of uint8 images, or a workdir.")
     flags.DEFINE_string("reference", None, "fid: reference statistics (.npz); default eval.reference_stats.")
     flags.DEFINE_integer("num_images", None, "fid-stats: images to use (default all); fid on a "
-                         "workdir: samples to draw (default eval.num_samples).")
-    flags.DEFINE_integer("batch_size", 100, "Images per Inception (and sampling) batch.")
+                         "workdir: samples to draw (default eval.num_samples).", lower_bound=0)
+    flags.DEFINE_integer("batch_size", 100, "Images per Inception (and sampling) batch.",
+                         lower_bound=1)
     flags.DEFINE_integer("step", None, "fid on a workdir: checkpoint step (default the newest).")
     flags.DEFINE_string("sampler", None, "fid on a workdir: sampler (default eval.sampler).")
     flags.DEFINE_integer("num_steps", None, "fid on a workdir: sampler steps (default eval.num_steps).")
@@ -226,10 +228,19 @@ def convert_weights(input_path: str, output: str) -> dict:
     return {"input": input_path, "output": output, "arrays": len(state_dict)}
 
 
+def strict_json(result: dict, indent: int | None = None) -> str:
+    """`result` as JSON that every parser reads: a NaN or infinite number is refused (ValueError
+    naming it) instead of written as the non-standard NaN/Infinity."""
+    bad = [key for key, value in result.items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise ValueError(f"the result holds non-finite {', '.join(bad)}: {result}")
+    return json.dumps(result, indent=indent, default=str, allow_nan=False)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m ddpm_jax.evaluate {{{'|'.join(COMMANDS)}}} --flags")
-    from ddpm_jax import checkpointing, cli, fid, inception, input_pipeline
+    from ddpm_jax import checkpointing, cli, fid, image_utils, inception, input_pipeline
 
     command = argv[1]
     for flag in ("output", "json"):
@@ -257,7 +268,8 @@ def main(argv: list[str]) -> None:
                                 step=FLAGS.step, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
                                 eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed)
     except (FileNotFoundError, ValueError, fid.FIDError, inception.InceptionWeightsError,
-            input_pipeline.DataError, checkpointing.CheckpointReadError) as error:
+            input_pipeline.DataError, checkpointing.CheckpointReadError,
+            image_utils.OutputWriteError) as error:
         sys.exit(f"ddpm_jax.evaluate {command}: {error}")
     if jax.process_index() == 0:
         if "fid" in result:
@@ -266,10 +278,14 @@ def main(argv: list[str]) -> None:
             print(f"{result['bits_per_dim']:.4f} bits/dim over {result['num_images']} images "
                   f"(prior {result['prior_bpd']:.4f}, KL terms {result['kl_terms_bpd']:.4f}, "
                   f"decoder {result['decoder_bpd']:.4f})")
-        # the per-t terms (T numbers) only in the --json file
-        print(json.dumps({k: v for k, v in result.items() if k != "terms_bpd"}, default=str))
-        if FLAGS.json:
-            epath.Path(FLAGS.json).write_text(json.dumps(result, indent=2, default=str))
+        # strict JSON (no NaN, which strict parsers refuse); the per-t terms (T numbers) only
+        # in the --json file
+        try:
+            print(strict_json({k: v for k, v in result.items() if k != "terms_bpd"}))
+            if FLAGS.json:
+                image_utils.write_atomically(FLAGS.json, strict_json(result, indent=2).encode())
+        except (ValueError, image_utils.OutputWriteError) as error:
+            sys.exit(f"ddpm_jax.evaluate {command}: {error}")
 
 
 if __name__ == "__main__":

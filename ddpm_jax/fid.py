@@ -84,6 +84,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise FIDError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    for side, arrays in (("the samples'", (mu1, sigma1)), ("the reference", (mu2, sigma2))):
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise FIDError(f"{side} statistics hold NaN or infinite values: no FID can be "
+                           "computed (samples from diverged weights, or a damaged file)")
     eigenvalues, eigenvectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
     sqrt_sigma1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
     product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
@@ -276,6 +280,15 @@ def load_reference(path: str) -> Reference:
                        f"{dim}-d Inception pool statistics")
     if kid is not None and (kid.ndim != 2 or kid.shape[1] != dim):
         raise FIDError(f"{path}: kid_features {kid.shape} are not {dim}-d Inception features")
+    count = metadata.get("num_images")
+    if count is not None and count.lstrip("-").isdigit() and int(count) < 2:
+        raise FIDError(f"{path} holds statistics of {count} images; a covariance needs at least "
+                       "2: compute them again over more images (fid-stats --num_images)")
+    for name, values in (("mu", mu), ("sigma", sigma), ("kid_features", kid)):
+        if values is not None and not np.isfinite(values).all():
+            raise FIDError(f"{path}: {name} holds {int((~np.isfinite(values)).sum())} NaN or "
+                           "infinite values, so every score against it would be NaN; the file "
+                           "is damaged: compute it again with `ddpm_jax.evaluate fid-stats`")
     return Reference(path, mu, sigma, kid, metadata)
 
 
@@ -353,7 +366,8 @@ class InceptionFeatures:
         with progress_bars.bar(count, "sampling + inception", "image", progress) as bar:
             for index in range(-(-count // batch_size)):
                 images = sample_fn(params, jax.random.fold_in(rng, index), should_stop)
-                if images is None:
+                # a stop that came during the batch's last chunk skips its Inception pass
+                if images is None or (should_stop is not None and should_stop()):
                     return None
                 features, logits = self.outputs_of_global(images)
                 kept = min(batch_size, count - index * batch_size)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
+import tempfile
 import uuid
 
 import jax
@@ -41,19 +44,57 @@ def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int =
     return grid
 
 
+class OutputWriteError(OSError):
+    """An output could not be written where asked; the message says where it was saved."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def rescue_folder() -> str:
+    """Where outputs that could not be written where asked are saved instead."""
+    return os.path.join(tempfile.gettempdir(), "ddpm_jax-rescued")
+
+
 def write_atomically(path: str | epath.Path, data: bytes) -> None:
     """Writes `data` to a temporary name beside `path` and renames it: `path` is complete or
-    untouched, never a truncated file (a full disk, a kill). Creates the folder first."""
+    untouched, never a truncated file (a full disk, a kill). Creates the folder first.
+
+    When the write fails (a full disk, a permission), the work is not lost: `data` is saved
+    under `rescue_folder()` and OutputWriteError says where."""
     target = epath.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staged = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         staged.write_bytes(data)
         staged.replace(target)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            if staged.exists():
+                staged.unlink()
+        raise _rescued(target, data, error) from error
     except BaseException:
-        if staged.exists():
-            staged.unlink()
+        with contextlib.suppress(OSError):
+            if staged.exists():
+                staged.unlink()
         raise
+
+
+def _rescued(target: epath.Path, data: bytes, error: OSError) -> OutputWriteError:
+    """Saves `data`, which could not be written at `target`, under `rescue_folder()`; the
+    error to raise says where (or that it could not be saved anywhere)."""
+    reason = error.strerror or str(error)
+    try:
+        os.makedirs(rescue_folder(), exist_ok=True)
+        fd, rescued = tempfile.mkstemp(prefix=f"{target.stem}.", suffix=target.suffix,
+                                       dir=rescue_folder())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as second:
+        return OutputWriteError(error.errno, f"could not write {target} ({reason}), nor save it "
+                                f"under {rescue_folder()} ({second.strerror or second})")
+    return OutputWriteError(error.errno, f"could not write {target} ({reason}); the result is "
+                            f"saved at {rescued} instead: move it where you want it")
 
 
 def check_writable(path: str | epath.Path) -> None:

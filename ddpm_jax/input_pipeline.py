@@ -46,12 +46,20 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     """An opened image as uint8 RGB [H, W, 3], as a person sees it.
 
     The EXIF orientation is applied (phone photos are stored sideways); 16-bit images keep
-    their top 8 bits (x / 257); float images are read as [0, 1] (clipped); transparency is
-    composited on `BACKGROUND`.
+    their top 8 bits (x / 257); single-channel float images are read as [0, 1] (clipped);
+    transparency is composited on `BACKGROUND`. Raises ValueError for what has no such
+    reading: 32-bit integer pixels (no standard range) and NaN or infinite float pixels.
     """
+    # TIFF's BitsPerSample, read before exif_transpose (its copy has no tags)
+    bits = getattr(image, "tag_v2", {}).get(258, (16,))[0] if image.mode == "I" else 16
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # one deep channel
+        if image.mode == "I" and bits > 16:
+            raise ValueError(f"{bits}-bit integer pixels have no standard range; save the image "
+                             "with 8 or 16 bits per channel")
         values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and not np.isfinite(values).all():
+            raise ValueError(f"{int((~np.isfinite(values)).sum())} pixels are NaN or infinite")
         scale = 255.0 if image.mode == "F" else 1.0 / 257.0
         gray = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
@@ -475,6 +483,19 @@ def evaluation_images(
 # ----------------------------------------------------------------------------- dataset
 
 
+# Batches read ahead of the train step (the loop asks for one call's worth at a time), and
+# the threads that read them; grain's defaults (500 batches, 16 threads) hold 500 batches.
+DEFAULT_PREFETCH_BATCHES = 2
+MAX_READ_THREADS = 16
+
+
+def prefetch_bytes(config: ml_collections.ConfigDict, process_count: int, prefetch_batches: int) -> int:
+    """Host bytes the pipeline holds at most: the batches read ahead, plus one being read by
+    each worker process (`data.num_workers`)."""
+    batch = config.batch_size // process_count * config.data.image_size ** 2 * 3
+    return batch * (prefetch_batches + config.data.num_workers)
+
+
 def create_dataset(
     config: ml_collections.ConfigDict,
     source: Any,
@@ -482,13 +503,15 @@ def create_dataset(
     process_index: int,
     process_count: int,
     start_example: int = 0,
+    prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
 ) -> grain.IterDataset:
     """Infinite iterator dataset of this process's uint8 batches [B / processes, S, S, 3].
 
     The data is one stream of examples (shuffled per epoch); global batch k holds examples
     `start_example + k*B` to `start_example + (k+1)*B - 1`. `start_example` skips into the
     stream at no cost, so a resumed run continues at the next unseen example for any batch
-    size and any number of processes.
+    size and any number of processes. At most `prefetch_batches` batches are read ahead
+    (each by one of as many threads): grain's default of 500 would hold 500 batches in memory.
     """
     if config.batch_size % process_count:
         raise DataError(
@@ -503,7 +526,8 @@ def create_dataset(
     dataset = dataset.random_map(preprocess_from_config(config.data), seed=config.seed + 1)
     dataset = dataset[start_example:]
     dataset = dataset.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
-    iter_dataset = dataset.to_iter_dataset()
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=min(prefetch_batches, MAX_READ_THREADS), prefetch_buffer_size=prefetch_batches))
     if config.data.num_workers > 0:
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.data.num_workers)

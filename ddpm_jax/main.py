@@ -97,14 +97,16 @@ def dry_run(config) -> None:
     needed, (available, where) = memory.step_bytes(compiled), memory.available_bytes()
     if needed is not None:
         print(f"train step memory: {memory.describe(needed, available, where)}")
-    memory.check_step_fits(compiled)
+    memory.check_step_fits(compiled, host=train.host_memory_parts(
+        config, 2 * step_fns.per_call, step_fns.per_call))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddpm_jax import checkpointing  # touches no device
+    from ddpm_jax import checkpointing, cli  # touch no device
 
+    logging.info("%s", cli.overrides_summary(FLAGS["config"]))
     use_compilation_cache(FLAGS.config)
     initialize_distributed()
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)",
@@ -114,6 +116,7 @@ def main(argv: list[str]) -> None:
     from ddpm_jax import (
         config_checks,
         fid,
+        image_utils,
         inception,
         input_pipeline,
         memory,
@@ -129,9 +132,14 @@ def main(argv: list[str]) -> None:
                                  allow_diffusion_change=FLAGS.allow_diffusion_change)
     except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError,
             fid.FIDError, inception.InceptionWeightsError, memory.MemoryCheckError,
-            workdir_lock.WorkdirLockedError, checkpointing.CheckpointSaveError,
-            checkpointing.CheckpointReadError, train.LogWriteError) as error:
+            workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
+            checkpointing.CheckpointSaveError,
+            checkpointing.CheckpointReadError, train.LogWriteError,
+            image_utils.OutputWriteError) as error:
         sys.exit(f"ddpm_jax: {error}")
+    except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a graceful stop
+        sys.exit("ddpm_jax: interrupted (Ctrl-C twice); checkpoints saved so far are intact: "
+                 "rerun the same command to resume")
     except Exception as error:  # a full disk or a permission, outside a checkpoint save
         cause = checkpointing.os_error_cause(error)
         if cause == "error":

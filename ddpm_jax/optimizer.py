@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import ml_collections
 import optax
@@ -39,6 +41,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when the optimizer settings cannot train."""
     if config.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
-    if not config.learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {config.learning_rate}")
+    # inf or nan would train to all-NaN weights and end "successfully"
+    if not 0 < config.learning_rate < math.inf:
+        raise ValueError(f"learning_rate must be a positive finite number, got {config.learning_rate}")
+    for field, low, high in (("adam_b1", 0, 1), ("adam_b2", 0, 1)):
+        if not low <= config[field] < high:
+            raise ValueError(f"{field} must be in [{low}, {high}), got {config[field]}")
+    for field in ("adam_eps", "weight_decay", "grad_clip_norm"):
+        if not 0 <= config[field] < math.inf:
+            raise ValueError(f"{field} must be a finite number >= 0, got {config[field]}")
     check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)

@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Command-line flags; defined only when run as a command, so importing defines none."""
     flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-    flags.DEFINE_integer("num_samples", 16, "Number of images.")
+    flags.DEFINE_integer("num_samples", 16, "Number of images.", lower_bound=1)
     flags.DEFINE_string("output", None, "Where to write: a .png grid or a .npz of uint8 images.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_string("sampler", None, "ddpm, ddim or dpm_solver++ (default: the run's "
@@ -38,8 +38,10 @@ def define_flags() -> None:
                         "or auto (default: the run's config.sample.spacing).")
     flags.DEFINE_float("eta", None, "DDIM noise scale (default: the run's).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_integer("batch_size", 64, "Images per sampling run (rounded up to the devices).")
-    flags.DEFINE_integer("snapshots", 0, "Also write the denoising strip with this many points.")
+    flags.DEFINE_integer("batch_size", 64, "Images per sampling run (rounded up to the devices).",
+                         lower_bound=1)
+    flags.DEFINE_integer("snapshots", 0, "Also write the denoising strip with this many points.",
+                         lower_bound=0)
     flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -185,7 +187,7 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddpm_jax import checkpointing, cli
+    from ddpm_jax import checkpointing, cli, image_utils
 
     if not FLAGS.output.endswith((".png", ".npz")):
         sys.exit(f"ddpm_jax.sample: --output must end in .png or .npz, got {FLAGS.output!r}")
@@ -199,7 +201,10 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError, checkpointing.CheckpointReadError) as error:
         sys.exit(f"ddpm_jax.sample: {error}")
     if jax.process_index() == 0:
-        write(samples, strips, FLAGS.output)
+        try:
+            write(samples, strips, FLAGS.output)
+        except image_utils.OutputWriteError as error:
+            sys.exit(f"ddpm_jax.sample: {error}")
         logging.info("wrote %s", FLAGS.output)
 
 

@@ -303,8 +303,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         config_checks.validate(config, str(workdir_path), device_count=jax.device_count(),
                                process_count=jax.process_count())
         source = input_pipeline.make_source(config.data)  # fails fast on missing data
-        with workdir_lock.hold(workdir_path, steal=steal_lock):
-            return _train(config, workdir_path, workdir, source, allow_diffusion_change)
+        # SIGTERM and Ctrl-C are caught from here on: one during start-up (a compile takes
+        # minutes) stops the run before its first step, releasing the lock.
+        with workdir_lock.hold(workdir_path, steal=steal_lock) as holding, \
+                preemption.PreemptionWatcher() as watcher:
+            return _train(config, workdir_path, workdir, source, allow_diffusion_change,
+                          holding, watcher)
     except BaseException:
         if not existed:
             _remove_if_unused(workdir_path)
@@ -319,7 +323,8 @@ def _remove_if_unused(workdir_path: epath.Path) -> None:
 
 
 def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir: str,
-           source: Any, allow_diffusion_change: bool) -> TrainState:
+           source: Any, allow_diffusion_change: bool, holding: workdir_lock.Holding,
+           watcher: preemption.PreemptionWatcher) -> TrainState:
     started = time.perf_counter()
     manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
     mesh = create_mesh(config)
@@ -346,23 +351,31 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
             *_where_things_are(workdir, workdir_path)])
         return state
     evaluate_fid = sampling.make_fid_evaluator(config, mesh)  # fails fast on missing files
+    step_fns = StepFunctions(config, mesh)
+    prefetch = 2 * step_fns.per_call  # the next call's batches are read while one runs
     data_iter = iter(input_pipeline.create_dataset(
         config, source, process_index=jax.process_index(), process_count=jax.process_count(),
-        start_example=examples))
-    step_fns = StepFunctions(config, mesh)
-    if config.check_memory:  # compiles the step training uses: no extra work
-        memory.check_step_fits(step_fns.compiled(step_fns.per_call))
-    if state is None:
-        state = create_train_state(config, mesh)
-    initial_step = int(state.step)
-    logging.info("starting at step %d of %d (example %d of the data stream)", initial_step,
-                 config.num_train_steps, examples)
-
+        start_example=examples, prefetch_batches=prefetch))
     # Imported here: clu's writers load TensorFlow (slow to import), which the train step, the
     # sampler, the other commands and the benchmarks do not need (and GPU hosts may lack).
+    # Before the memory check, which counts what the process holds.
     from ddpm_jax import cli
 
     cli.import_tensorflow()
+    if config.check_memory:  # compiles the step training uses: no extra work
+        memory.check_step_fits(step_fns.compiled(step_fns.per_call),
+                               host=host_memory_parts(config, prefetch, step_fns.per_call))
+    if state is None:
+        state = create_train_state(config, mesh)
+    initial_step = int(state.step)
+    if watcher.should_stop():  # during start-up: nothing trained, so nothing to save
+        manager.close()
+        logging.warning("stopped before step %d, during start-up: nothing was trained or "
+                        "written; rerun the same command to start", initial_step)
+        return state
+    logging.info("starting at step %d of %d (example %d of the data stream)", initial_step,
+                 config.num_train_steps, examples)
+
     from clu import metric_writers
 
     from ddpm_jax import wandb_writer
@@ -374,6 +387,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
     if config.wandb.project and jax.process_index() == 0:
         wandb_run = wandb_writer.WandbWriter(config, str(workdir_path))
         writer = metric_writers.MultiWriter([writer, wandb_run])
+    writer = _CheckedWriter(writer, workdir_path)
     if initial_step == 0:
         writer.write_hparams(_flat_hparams(config))
         # the per-module table shows with --verbosity=1 (and in --dry_run)
@@ -388,24 +402,35 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
 
     progress = TrainingProgress(initial_step, config.num_train_steps, config.batch_size)
     loop = _Loop(config, workdir_path, writer, manager, data_iter, sample_fn, evaluate_fid,
-                 progress, examples)
+                 progress, examples, holding)
     failed = True
-    with preemption.PreemptionWatcher() as watcher:
-        try:
-            state = loop.run(state, step_fns, watcher)
-            failed = False
+    try:
+        state = loop.run(state, step_fns, watcher)
+        failed = False
+    finally:
+        try:  # never leave a half-written checkpoint behind
+            checkpointing.check_saves(manager, loop.last_saved, wait=True)
         finally:
-            try:  # never leave a half-written checkpoint behind
-                checkpointing.check_saves(manager, loop.last_saved, wait=True)
-            finally:
-                manager.close()
-                _flush_logs(writer, workdir_path, failed)
-                if wandb_run is not None:
-                    wandb_run.close()
+            manager.close()
+            _flush_logs(writer, workdir_path, failed)
+            if wandb_run is not None:
+                wandb_run.close()
     if int(state.step) >= config.num_train_steps:
         _log_lines(lambda: _summary(loop, started, initial_step, int(state.step))
                    + _where_things_are(workdir, workdir_path))
     return state
+
+
+def host_memory_parts(config: ml_collections.ConfigDict, prefetch: int, per_call: int
+                      ) -> dict[str, int]:
+    """What the host holds besides the compiled step, in bytes: the batches read ahead, one
+    call's batches taken from the pipeline and stacked (two copies), and the host copy of the
+    state a checkpoint save makes."""
+    batch = config.batch_size // jax.process_count() * config.data.image_size ** 2 * 3
+    state = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(train_state_shapes(config)))
+    return {"data read ahead": input_pipeline.prefetch_bytes(config, jax.process_count(), prefetch),
+            "a call's batches": 2 * per_call * batch,
+            "checkpoint copy": state // jax.process_count()}
 
 
 def _log_lines(lines: Callable[[], list[str]]) -> None:
@@ -434,8 +459,7 @@ def _summary(loop: _Loop, started: float, first_step: int, last_step: int) -> li
 
 def _where_things_are(workdir: str, workdir_path: epath.Path) -> list[str]:
     """Where a run's checkpoints, samples and logs are, and how to sample from it."""
-    steps = sorted(int(p.name) for p in (workdir_path / "checkpoints").iterdir()
-                   if p.name.isdigit()) if (workdir_path / "checkpoints").exists() else []
+    steps = checkpointing.finished_steps(workdir_path / "checkpoints")
     grids = sorted(p.name for p in (workdir_path / "samples").glob("step_*.png"))
     lines = [f"checkpoints: {workdir_path / 'checkpoints'} (steps {', '.join(map(str, steps))})"]
     if grids:
@@ -451,6 +475,36 @@ class LogWriteError(RuntimeError):
     """The TensorBoard logs could not be written (disk full, permissions)."""
 
 
+def _log_write_error(workdir_path: epath.Path, error: BaseException) -> LogWriteError:
+    """The one-line error of a failed TensorBoard write (clu's asynchronous writer reports
+    the cause of an earlier write at the next call, chained)."""
+    cause = error.__cause__ or error.__context__ or error
+    return LogWriteError(
+        f"could not write the TensorBoard logs in {workdir_path}: "
+        f"{checkpointing.os_error_cause(error)} ({checkpointing.error_summary(cause)}); "
+        "checkpoints are intact: fix it and rerun the same command")
+
+
+class _CheckedWriter:
+    """A metric writer whose failures (a full disk, a permission) raise LogWriteError."""
+
+    def __init__(self, writer, workdir_path: epath.Path):
+        self._writer, self._workdir_path = writer, workdir_path
+
+    def __getattr__(self, name: str):
+        method = getattr(self._writer, name)
+
+        def checked(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except LogWriteError:
+                raise
+            except Exception as error:
+                raise _log_write_error(self._workdir_path, error) from error
+
+        return checked
+
+
 def _flush_logs(writer, workdir_path: epath.Path, failed: bool) -> None:
     """Flushes the metric writers; a failure is a warning when the run already failed (its
     own error is the one to report), else LogWriteError."""
@@ -460,10 +514,9 @@ def _flush_logs(writer, workdir_path: epath.Path, failed: bool) -> None:
         if failed:
             logging.warning("could not flush the TensorBoard logs: %s", error)
             return
-        raise LogWriteError(
-            f"could not write the TensorBoard logs in {workdir_path}: "
-            f"{checkpointing.os_error_cause(error)} ({checkpointing.error_summary(error)}); "
-            "checkpoints are intact: fix it and rerun the same command") from error
+        if isinstance(error, LogWriteError):
+            raise
+        raise _log_write_error(workdir_path, error) from error
 
 
 class StepFunctions:
@@ -547,8 +600,10 @@ class _Loop:
     """The host side of training: logging, samples, checkpoints, non-finite and stop checks."""
 
     def __init__(self, config, workdir_path, writer, manager, data_iter, sample_fn,
-                 evaluate_fid, progress, examples_seen):
+                 evaluate_fid, progress, examples_seen, holding=None):
         self.config = config
+        # the workdir lock: checked before every log and save
+        self.holding = holding or workdir_lock.Holding(None)
         self.evaluate_fid = evaluate_fid
         self.workdir = str(workdir_path)
         self.writer = writer
@@ -584,6 +639,7 @@ class _Loop:
             last = step == config.num_train_steps
             stop = watcher.should_stop()
             if step % config.log_every_steps == 0 or last or stop:
+                self.holding.check(step)  # a run whose lock was taken writes nothing more
                 self.log_scalars(step)
                 self.log_progress(step, last)
             if not stop and self.sample_fn and (step % config.sample_every_steps == 0 or last):
@@ -592,6 +648,7 @@ class _Loop:
                 stop = not self.log_fid(step, state, watcher)
             if step % config.save_every_steps == 0 or last or stop:
                 self.check_finite(*previous)  # never checkpoint past an unchecked step
+                self.holding.check(step)
                 checkpointing.save(self.manager, step, state, config, self.examples_seen)
                 self.last_saved = step
             if stop:

@@ -92,3 +92,74 @@ def test_a_beta_schedule_outside_0_start_end_1_is_refused_naming_both_fields(sta
         config_checks.validate(config)
     config.diffusion.beta_start, config.diffusion.beta_end = 1e-4, 0.02
     config_checks.validate(config)
+
+
+def parse_overrides(*overrides):
+    """The quickstart config after `overrides`, parsed as the commands parse them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from ddpm_jax import cli
+
+    values = flags.FlagValues()
+    command_line = ["prog", "--config=configs/quickstart.py", *overrides]
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=command_line)
+    argv, notes = cli.last_override_wins(command_line)
+    values(argv)
+    return values.config, notes, cli.overrides_summary(values["config"])
+
+
+@pytest.mark.parametrize("overrides, field, expected", [
+    (("(16,)", "()"), "model.attention_resolutions", ()),
+    (("(16,)", "[]"), "model.attention_resolutions", ()),
+    (("(8,)", "(16,)"), "model.attention_resolutions", (16,)),
+    (("()", "(4, 8)"), "model.attention_resolutions", (4, 8)),
+    (("(1,2)", "(1,)"), "model.channel_mults", (1,)),
+    (("8", "16"), "batch_size", 16),
+    (("1e-3", "2e-4"), "learning_rate", 2e-4),
+    (("False", "True"), "ema_warmup", True),
+    (("bundled", "folder"), "data.source", "folder"),
+])
+def test_repeated_overrides_apply_in_order_and_the_last_wins(overrides, field, expected):
+    config, notes, summary = parse_overrides(*(f"--config.{field}={value}" for value in overrides))
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    assert value == expected and type(value) is type(expected)
+    assert notes == [f"--config.{field} was given 2 times: the last one, "
+                     f"{overrides[-1]!r}, applies"]
+    assert f"{field}={expected!r}" in summary  # the log line says what trains
+
+
+def test_without_the_last_wins_rule_ml_collections_joins_repeated_tuples():
+    # Why the rule exists: the library's own parsing of repeated tuple flags.
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    command_line = ["prog", "--config=configs/quickstart.py",
+                    "--config.model.attention_resolutions=(16,)",
+                    "--config.model.attention_resolutions=()"]
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=command_line)
+    values(command_line)
+    assert values.config.model.attention_resolutions == (16,)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.channel_mults", ("abc",), "model.channel_mults must be a tuple of positive integers"),
+    ("model.channel_mults", (1, 0), "model.channel_mults must be a tuple of positive integers"),
+    ("model.channel_mults", (), "model.channel_mults must have at least one level"),
+    ("model.attention_resolutions", (-8,), "model.attention_resolutions must be a tuple"),
+    ("learning_rate", float("inf"), "learning_rate must be a positive finite number"),
+    ("learning_rate", float("nan"), "learning_rate must be a positive finite number"),
+    ("grad_clip_norm", float("inf"), "grad_clip_norm must be a finite number >= 0"),
+    ("adam_b2", 1.0, r"adam_b2 must be in \[0, 1\)"),
+])
+def test_impossible_values_are_refused_naming_the_field(field, value, message):
+    config = load("quickstart")
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(config_checks.ConfigError, match=message):
+        config_checks.validate(config)

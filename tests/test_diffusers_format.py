@@ -170,6 +170,14 @@ CIFAR10_UNET = {
      "attention_head_dim"),
     ({"block_out_channels": [128, 192, 256, 256]}, "multiple of the first"),
     ({"out_channels": 6}, "out_channels"),
+    ({"sample_size": 1_000_000_000}, "more than 8192 pixels a side"),
+    ({"sample_size": 36}, "divisible by 8"),
+    ({"block_out_channels": []}, "block_out_channels=\\[\\]: must be a list of positive"),
+    ({"block_out_channels": [0]}, "block_out_channels=\\[0\\]: must be a list of positive"),
+    ({"block_out_channels": "128"}, "must be a list of positive integers"),
+    ({"attention_head_dim": 0}, "attention_head_dim=0: must be a positive integer or null"),
+    ({"layers_per_block": 0}, "layers_per_block=0: must be a positive integer"),
+    ({"norm_num_groups": "32"}, "norm_num_groups='32': must be a positive integer"),
 ])
 def test_import_refuses_what_the_unet_cannot_represent(change, match):
     with pytest.raises(UnsupportedError, match=match):
@@ -194,7 +202,10 @@ def test_from_diffusers_then_sample_then_fine_tune_on_an_image_folder(tmp_path):
         convert.write_diffusers(config, params, str(pipeline))
 
     workdir = tmp_path / "run"
+    # what a killed conversion leaves: an unfinished save, which is not a checkpoint
+    (workdir / "checkpoints" / "0.orbax-checkpoint-tmp-1").mkdir(parents=True)
     commands = convert.from_diffusers(str(pipeline), str(workdir))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0"]
     assert f"--config={workdir}/config.py" in commands
     with pytest.raises(ValueError, match="already holds checkpoints"):
         convert.from_diffusers(str(pipeline), str(workdir))
@@ -224,6 +235,95 @@ def test_from_diffusers_then_sample_then_fine_tune_on_an_image_folder(tmp_path):
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
                          state.params, params)
     assert max(jax.tree.leaves(moved)) > 0  # it trained from the imported weights
+
+
+@pytest.fixture(scope="module")
+def micro_pipeline(tmp_path_factory):
+    """A random-weight DDPMPipeline folder of the micro net, in diffusers' layout."""
+    config = micro_config()
+    config.diffusion.variance = "fixed_small"
+    folder = tmp_path_factory.mktemp("pipeline") / "pipeline"
+    convert.write_diffusers(config, network.random_params(config), str(folder))
+    return folder
+
+
+def _damaged_copy(pipeline, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pipeline, copy)
+    damage(copy / "unet")
+    return copy
+
+
+def _lying_header(unet):
+    path = unet / "diffusion_pytorch_model.safetensors"
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    first = next(key for key in header if key != "__metadata__")
+    header[first]["data_offsets"] = [0, 10**12]  # past the end of the file
+    text = json.dumps(header).encode().ljust(length)
+    if len(text) == length:
+        path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + length:]))
+    else:  # a longer header: its new length first
+        path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(data[8 + length:]))
+
+
+def _nan_weights(unet):
+    from safetensors.numpy import load_file, save_file
+
+    path = str(unet / "diffusion_pytorch_model.safetensors")
+    weights = load_file(path)
+    weights["conv_in.weight"][0, 0, 0, 0] = np.nan
+    save_file(weights, path)
+
+
+def _sharded_without_weight_map(unet):
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text('{"metadata": {}}')
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda unet: (unet / "config.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
+    (lambda unet: (unet / "config.json").write_text("{"), "cannot read .*config.json"),
+    (_sharded_without_weight_map, "has no weight_map"),
+    (_lying_header, "cannot read .*safetensors.*damaged or truncated"),
+    (lambda unet: (unet / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10" * 12),
+     "cannot read .*safetensors"),
+    (_nan_weights, "conv_in.weight: 1 of its 216 values are NaN or infinite"),
+])
+def test_damaged_diffusers_files_are_refused_in_one_line_before_anything_is_written(
+        micro_pipeline, tmp_path, damage, match):
+    damaged = _damaged_copy(micro_pipeline, tmp_path, damage)
+    with pytest.raises(ValueError, match=match):
+        convert.from_diffusers(str(damaged), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_export_follows_the_umask_refuses_a_file_and_clears_abandoned_staging(
+        micro_pipeline, tmp_path):
+    import os
+    import stat
+
+    config, params = convert.read_diffusers(str(micro_pipeline))
+    existing = tmp_path / "file"
+    existing.write_text("")
+    with pytest.raises(ValueError, match="is a file; choose a new folder"):
+        convert.write_diffusers(config, params, str(existing))
+    dead = tmp_path / ".out.staging-999999999.abc"  # an export killed part-way (pid gone)
+    (dead / "unet").mkdir(parents=True)
+    mine = tmp_path / f".out.staging-{os.getpid()}.abc"  # an export still running
+    mine.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        convert.write_diffusers(config, params, str(tmp_path / "out"))
+    finally:
+        os.umask(old_umask)
+    assert not dead.exists() and mine.exists()
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
+    assert modes["out"] == modes["out/unet"] == 0o755
+    assert modes["out/unet/diffusion_pytorch_model.safetensors"] == modes["out/model_index.json"] == 0o644
 
 
 def test_load_model_checks_its_inputs(tmp_path):

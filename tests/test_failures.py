@@ -103,6 +103,35 @@ def test_a_busy_workdir_is_refused_and_sigterm_saves(tmp_path):
     assert int(restore_micro_run(workdir, steps[0]).step) == steps[0]
 
 
+@pytest.mark.slow
+def test_sigterm_while_compiling_stops_before_the_first_step_and_releases_the_lock(tmp_path):
+    workdir = tmp_path / "run"
+    # no compilation cache: the compile takes seconds, and the signal comes inside it
+    argv, env = command("ddpm_jax.main", *train_args(workdir, "--config.compilation_cache_dir="))
+    env.pop("JAX_COMPILATION_CACHE_DIR")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "compiling the train step" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines += proc.stderr.readlines()
+        assert proc.wait(timeout=240) == 0, "".join(lines)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(lines)
+    assert "received SIGTERM" in stderr and "Traceback" not in stderr
+    assert "stopped before step 0, during start-up: nothing was trained or written" in stderr
+    assert "compiled the train step" in stderr  # the compile finished, then the run stopped
+    assert not (workdir / "run.lock").exists()
+    assert checkpointing.finished_steps(workdir / "checkpoints") == []
+    assert not glob.glob(str(workdir / "events.out.tfevents.*"))
+
+
 def test_lock_held_by_another_host_is_refused_until_its_heartbeat_stops(tmp_path):
     other = workdir_lock.WorkdirLock(epath.Path(tmp_path))
     other.record.update(host="another-host", pid=1)
@@ -124,6 +153,34 @@ def test_lock_held_by_another_host_is_refused_until_its_heartbeat_stops(tmp_path
     with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()}"):
         workdir_lock.WorkdirLock(epath.Path(tmp_path)).acquire()
     lock.release()
+
+
+def test_a_run_whose_lock_is_stolen_stops_before_its_next_save(tmp_path, monkeypatch):
+    # Two runs must never write into one workdir: after another run takes the lock with
+    # --steal_lock, the old holder stops with WorkdirLockLostError and saves nothing more.
+    config = micro_config()
+    config.num_train_steps, config.save_every_steps, config.log_every_steps = 6, 2, 1
+    config.sample_every_steps = 0
+    workdir = tmp_path / "run"
+    saved, thief = [], []
+    original_save = checkpointing.save
+
+    def save_then_steal(manager, step, *args, **kwargs):
+        original_save(manager, step, *args, **kwargs)
+        saved.append(step)
+        if step == 2:
+            thief.append(workdir_lock.WorkdirLock(epath.Path(workdir), steal=True))
+            thief[0].acquire()
+
+    monkeypatch.setattr(checkpointing, "save", save_then_steal)
+    with pytest.raises(workdir_lock.WorkdirLockLostError, match="stopped at step 3 without"):
+        train.train_and_evaluate(config, str(workdir))
+    assert saved == [2]
+    steps = checkpointing.make_manager(epath.Path(workdir) / "checkpoints").all_steps()
+    assert list(steps) == [2]
+    # the run that lost the lock left the thief's lock in place
+    assert json.loads((workdir / "run.lock").read_text())["token"] == thief[0].record["token"]
+    thief[0].release()
 
 
 # ----------------------------------------------------------------------- damaged checkpoints
@@ -203,6 +260,11 @@ def test_readers_skip_a_damaged_checkpoint_and_name_one_they_were_asked_for(save
     assert "sampling 2 images from step 2" in result.stderr
     assert "Event loop is closed" not in result.stderr  # the failed read's echo is silenced
     assert os.path.isdir(workdir / "checkpoints" / "4")  # readers move and delete nothing
+    # the export takes the newest readable checkpoint too
+    from ddpm_jax import convert
+
+    exported = convert.to_diffusers(str(workdir), str(tmp_path / "export"))
+    assert exported["step"] == 2 and (tmp_path / "export" / "unet" / "config.json").exists()
     result = run("ddpm_jax.sample", f"--workdir={workdir}", "--num_samples=2", "--step=4",
                  f"--output={tmp_path / 'four.npz'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -214,6 +276,37 @@ def test_readers_skip_a_damaged_checkpoint_and_name_one_they_were_asked_for(save
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "none of the checkpoints" in result.stderr.strip().splitlines()[-1]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def test_a_checkpoint_that_cannot_be_read_for_permission_is_not_called_damaged(
+        saved_run, tmp_path, monkeypatch):
+    # The cause is the file system, not the checkpoint: nothing is moved aside, the message
+    # says "permission denied", and the run does not fall back to an older step.
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    original = checkpointing.restore_step
+
+    def denied(manager, step, *args, **kwargs):
+        if step == 4:
+            raise PermissionError(13, "Permission denied", str(workdir / "checkpoints" / "4"))
+        return original(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "restore_step", denied)
+    config = micro_config()
+    config.num_train_steps, config.save_every_steps, config.sample_every_steps = 6, 2, 0
+    with pytest.raises(checkpointing.CheckpointReadError,
+                       match="step 4 .*: permission denied .*nothing was moved"):
+        train.train_and_evaluate(config, str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert not (workdir / "damaged_checkpoints").exists()
+
+
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from ddpm_jax import config_checks
+
+    (tmp_path / "checkpoints").write_text("")
+    with pytest.raises(config_checks.ConfigError, match="checkpoints is a file"):
+        train.train_and_evaluate(micro_config(), str(tmp_path))
 
 
 def test_abandoned_tensorstore_futures_are_not_echoed_after_the_failure_message(caplog):
@@ -380,6 +473,19 @@ def test_a_typo_in_a_config_field_is_one_line_with_the_closest_names(tmp_path):
         result.stdout + result.stderr)
 
 
+@pytest.mark.parametrize("module, args, message", [
+    ("ddpm_jax.sample", ("--num_samples=0",), "flag --num_samples=0: 0 is not a positive integer"),
+    ("ddpm_jax.sample", ("--batch_size=-3",), "flag --batch_size=-3: -3 is not a positive integer"),
+    ("ddpm_jax.evaluate", ("nll", "--num_images=-5"),
+     "flag --num_images=-5: -5 is not a non-negative integer"),
+])
+def test_impossible_command_numbers_are_one_line_before_any_work(tmp_path, module, args, message):
+    result = run(module, f"--workdir={tmp_path}", f"--output={tmp_path}/s.png", *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"{module}: {message} (see --helpfull; config "
+                                                  "fields are documented in configs/default.py)"]
+
+
 def test_logs_that_cannot_be_flushed_never_hide_the_error_that_stopped_the_run(tmp_path):
     class FullDiskWriter:
         def flush(self):
@@ -388,3 +494,30 @@ def test_logs_that_cannot_be_flushed_never_hide_the_error_that_stopped_the_run(t
     with pytest.raises(train.LogWriteError, match="the disk is full"):
         train._flush_logs(FullDiskWriter(), epath.Path(tmp_path), failed=False)
     train._flush_logs(FullDiskWriter(), epath.Path(tmp_path), failed=True)  # a warning only
+
+
+def test_a_failed_asynchronous_log_write_stops_with_one_line_and_no_library_traceback(tmp_path):
+    import errno
+    import logging as pylogging
+
+    from clu import asynclib, metric_writers
+
+    from ddpm_jax import cli
+
+    class FullDisk(metric_writers.MetricWriter):
+        def write_scalars(self, step, scalars):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        write_summaries = write_images = write_videos = write_audios = write_texts = None
+        write_histograms = write_hparams = flush = close = lambda self, *args: None
+
+    writer = train._CheckedWriter(metric_writers.AsyncWriter(FullDisk()), epath.Path(tmp_path))
+    with pytest.raises(train.LogWriteError, match="TensorBoard logs in .*: the disk is full"):
+        writer.write_scalars(1, {"loss": 1.0})
+        writer.flush()  # the asynchronous write's error comes out at the next call
+    # clu's own traceback of that error (logged from its producer thread) is dropped
+    record = pylogging.LogRecord("absl", pylogging.ERROR, asynclib.__file__, 139,
+                                 "Error in producer thread for %s", ("AsyncWriter",), None)
+    assert not cli._EchoOfLogWriteFilter().filter(record)
+    record.pathname = __file__
+    assert cli._EchoOfLogWriteFilter().filter(record)

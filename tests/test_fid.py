@@ -86,6 +86,69 @@ def test_statistics_files_round_trip_and_foreign_files_load(tmp_path):
         fid.load_statistics(str(tmp_path / "missing.npz"))
 
 
+@pytest.mark.parametrize("damage, match", [
+    (lambda mu, sigma: mu.__setitem__(0, np.nan), "mu holds 1 NaN or infinite values"),
+    (lambda mu, sigma: sigma.__setitem__((3, 4), np.inf), "sigma holds 1 NaN or infinite values"),
+])
+def test_reference_statistics_with_nan_or_inf_are_refused(tmp_path, damage, match):
+    dim = inception.FEATURE_DIM
+    mu, sigma = np.zeros(dim), np.eye(dim)
+    damage(mu, sigma)
+    np.savez(tmp_path / "bad.npz", mu=mu, sigma=sigma)
+    with pytest.raises(fid.FIDError, match=match):
+        fid.load_reference(str(tmp_path / "bad.npz"))
+    # and the distance itself refuses non-finite statistics rather than returning nan
+    with pytest.raises(fid.FIDError, match="NaN or infinite"):
+        fid.frechet_distance(np.zeros(dim), np.eye(dim), mu, sigma)
+
+
+def test_statistics_of_fewer_than_two_images_are_refused(tmp_path):
+    dim = inception.FEATURE_DIM
+    np.savez(tmp_path / "empty.npz", mu=np.zeros(dim), sigma=np.zeros((dim, dim)),
+             num_images=np.array("0"))
+    with pytest.raises(fid.FIDError, match="statistics of 0 images; a covariance needs at least 2"):
+        fid.load_reference(str(tmp_path / "empty.npz"))
+
+
+def test_results_are_written_as_strict_json_or_refused():
+    import json
+
+    assert json.loads(evaluate.strict_json({"fid": 1.5, "num_images": 3})) == {"fid": 1.5,
+                                                                               "num_images": 3}
+    with pytest.raises(ValueError, match="non-finite fid"):
+        evaluate.strict_json({"fid": float("nan"), "num_images": 3})
+
+
+def test_an_output_that_cannot_be_written_is_saved_elsewhere_and_the_message_says_where(
+        tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from etils import epath
+
+    from ddpm_jax import image_utils
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    original = epath.Path.write_bytes
+
+    def full_disk(self, data):
+        if "disk" in str(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, data)
+
+    monkeypatch.setattr(epath.Path, "write_bytes", full_disk)
+    with pytest.raises(image_utils.OutputWriteError) as caught:
+        image_utils.write_atomically(tmp_path / "disk" / "stats.npz", b"the work")
+    message = str(caught.value)
+    assert message.startswith(f"could not write {tmp_path}/disk/stats.npz (No space left on device); "
+                              "the result is saved at ")
+    rescued = message.split("saved at ")[1].split(" instead")[0]
+    assert rescued.startswith(image_utils.rescue_folder()) and rescued.endswith(".npz")
+    assert open(rescued, "rb").read() == b"the work"
+    assert os.listdir(tmp_path / "disk") == []  # no partial or staged file left
+
+
 # ---------------------------------------------------------------- Inception Score and KID
 
 
@@ -425,6 +488,27 @@ def test_fid_stats_and_fid_commands_end_to_end(weights_file, image_sets, tmp_pat
     both = evaluate.sample_fid(str(tmp_path / "both.npz"), str(stats_path), weights_file,
                                batch_size=3)
     assert both["num_images"] == 10 and both["fid"] == pytest.approx(different["fid"], rel=1e-6)
+
+
+def test_a_stop_during_a_batch_of_samples_skips_its_inception_pass():
+    # The stop latency during in-loop FID: a stop request that came while a batch was being
+    # sampled is answered before that batch's Inception pass (seconds on a CPU), not after.
+    class Sampler:
+        num_images = 4
+        calls = 0
+
+        def __call__(self, params, rng, should_stop):
+            self.calls += 1
+            return np.zeros((4, 8, 8, 3), np.float32)  # finished its chunks, then the stop came
+
+    class NoInception:
+        def outputs_of_global(self, images):
+            raise AssertionError("the Inception pass ran after the stop request")
+
+    sampler = Sampler()
+    scores = fid.InceptionFeatures.sample_statistics(
+        NoInception(), sampler, None, jax.random.PRNGKey(0), 8, should_stop=lambda: True)
+    assert scores is None and sampler.calls == 1
 
 
 def test_fid_under_50000_samples_warns_that_it_is_not_comparable(monkeypatch):

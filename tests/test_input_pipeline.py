@@ -341,6 +341,26 @@ def test_images_are_decoded_as_people_see_them(tmp_path):
         np.testing.assert_array_equal(source[index], input_pipeline.read_image(path))
 
 
+def test_images_without_a_reading_people_share_are_refused_naming_why(tmp_path, monkeypatch):
+    # NaN pixels would become black; 32-bit integers have no range (200 read as 16-bit is 1);
+    # both are refused, and the folder source skips such a file, naming it and the reason.
+    nan = np.full((4, 6), 0.5, np.float32)
+    nan[0, 0] = np.nan
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    Image.fromarray(np.full((4, 6), 200, np.int32)).save(tmp_path / "int32.tif")
+    with pytest.raises(ValueError, match="1 pixels are NaN or infinite"):
+        input_pipeline.read_image(str(tmp_path / "nan.tif"))
+    with pytest.raises(ValueError, match="32-bit integer pixels have no standard range"):
+        input_pipeline.read_image(str(tmp_path / "int32.tif"))
+    from absl import logging
+
+    lines = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: lines.append(msg % args))
+    source = input_pipeline.FolderSource([str(tmp_path / "nan.tif"), str(tmp_path / "int32.tif")])
+    assert source.read(str(tmp_path / "nan.tif")) is None
+    assert any("nan.tif" in line and "NaN or infinite" in line for line in lines)
+
+
 def test_symlinked_folders_are_followed_once_and_unreadable_ones_reported(
         tmp_path, monkeypatch):
     from absl import logging

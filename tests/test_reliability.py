@@ -132,7 +132,15 @@ def test_resuming_with_a_different_network_is_refused_before_any_work(tmp_path):
     config.diffusion.prediction = "v"
     with pytest.raises(config_checks.ConfigError, match="diffusion.prediction: checkpoint 'eps'"):
         train.train_and_evaluate(config, str(tmp_path))
+    # Nor with clipping turned off: another optimizer state, not a damaged checkpoint.
+    config.diffusion.prediction = "eps"
+    config.grad_clip_norm = 0.0
+    with pytest.raises(config_checks.ConfigError, match="grad_clip_norm: checkpoint 1.0, config 0.0"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config.grad_clip_norm = 1.0
+    config.diffusion.prediction = "v"
     assert checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints").all_steps() == [2]
+    assert not (tmp_path / "damaged_checkpoints").exists()
     # Fine-tuning with the new target on purpose, with another batch size: the data goes on
     # at the next unseen example (2 steps of 8 seen, then 2 of 4).
     config.batch_size = 4

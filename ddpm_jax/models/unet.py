@@ -509,6 +509,14 @@ def check(config: ml_collections.ConfigDict) -> None:
         value = m[field]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"model.{field} must be a positive integer, got {value!r}")
+    for field in ("channel_mults", "attention_resolutions"):
+        values = m[field]
+        if not isinstance(values, (tuple, list)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"model.{field} must be a tuple of positive integers, such as "
+                             f"(1, 2, 2), got {values!r}")
+    if not m.channel_mults:
+        raise ValueError("model.channel_mults must have at least one level, such as (1, 2, 2)")
     check_choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"model.dropout must be in [0, 1), got {m.dropout}")
