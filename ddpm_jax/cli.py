@@ -67,8 +67,6 @@ def import_tensorflow() -> None:
     printed is shown with the error."""
     if "tensorflow" in sys.modules:
         return
-    if _quiet:  # TensorFlow's C++ warnings (a failed events write) repeat what the run reports
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not _quiet:
         import tensorflow  # noqa: F401
 

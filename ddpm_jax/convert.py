@@ -23,6 +23,7 @@ import json
 import os
 import pprint
 import shutil
+import socket
 import sys
 import tempfile
 from typing import Any
@@ -193,12 +194,14 @@ def _staging_prefix(target: epath.Path) -> str:
 
 
 def _remove_abandoned_staging(target: epath.Path) -> None:
-    """Removes staging folders of `target` whose exporting process is gone (killed)."""
+    """Removes staging folders of `target` (named PID@HOST.RANDOM) whose exporting process on
+    this host is gone (killed); another host's are left alone."""
     from ddpm_jax import workdir_lock
 
     for folder in target.parent.glob(f"{_staging_prefix(target)}*"):
-        pid = folder.name[len(_staging_prefix(target)):].split(".", 1)[0]
-        if pid.isdigit() and not workdir_lock.alive(int(pid)):
+        pid, _, rest = folder.name[len(_staging_prefix(target)):].partition("@")
+        host = rest.rsplit(".", 1)[0]
+        if pid.isdigit() and host == socket.gethostname() and not workdir_lock.alive(int(pid)):
             logging.info("removing %s, left by an export that was stopped", folder)
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -229,8 +232,9 @@ def write_diffusers(config: ml_collections.ConfigDict, params: Any, output: str)
         raise ValueError(f"--output={output} exists and is not empty; choose a new folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(target)
-    staging = epath.Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.",
-                                          dir=os.fspath(target.parent)))
+    staging = epath.Path(tempfile.mkdtemp(
+        prefix=f"{_staging_prefix(target)}{os.getpid()}@{socket.gethostname()}.",
+        dir=os.fspath(target.parent)))
     try:
         (staging / "unet").mkdir()
         (staging / "scheduler").mkdir()

@@ -124,28 +124,69 @@ def main(argv: list[str]) -> None:
         workdir_lock,
     )
 
-    try:
-        if FLAGS.dry_run:
-            dry_run(FLAGS.config)
+    suspect_cache = None  # the compilation cache a failed first attempt ran with
+    for attempt in (1, 2):
+        try:
+            if FLAGS.dry_run:
+                dry_run(FLAGS.config)
+                return
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir, steal_lock=FLAGS.steal_lock,
+                                     allow_diffusion_change=FLAGS.allow_diffusion_change)
+            if suspect_cache:
+                _clear_compilation_cache(suspect_cache)
             return
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, steal_lock=FLAGS.steal_lock,
-                                 allow_diffusion_change=FLAGS.allow_diffusion_change)
-    except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError,
-            fid.FIDError, inception.InceptionWeightsError, memory.MemoryCheckError,
-            workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
-            checkpointing.CheckpointSaveError,
-            checkpointing.CheckpointReadError, train.LogWriteError,
-            image_utils.OutputWriteError) as error:
-        sys.exit(f"ddpm_jax: {error}")
-    except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a graceful stop
-        sys.exit("ddpm_jax: interrupted (Ctrl-C twice); checkpoints saved so far are intact: "
-                 "rerun the same command to resume")
-    except Exception as error:  # a full disk or a permission, outside a checkpoint save
-        cause = checkpointing.os_error_cause(error)
-        if cause == "error":
-            raise
-        sys.exit(f"ddpm_jax: {cause} [{checkpointing.error_summary(error)}]; checkpoints "
-                 "saved so far are intact: fix it and rerun the same command to resume")
+        except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError,
+                fid.FIDError, inception.InceptionWeightsError, memory.MemoryCheckError,
+                workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
+                checkpointing.CheckpointSaveError, checkpointing.CheckpointReadError,
+                train.LogWriteError, image_utils.OutputWriteError) as error:
+            sys.exit(f"ddpm_jax: {error}")
+        except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a graceful stop
+            sys.exit("ddpm_jax: interrupted (Ctrl-C twice); checkpoints saved so far are "
+                     "intact: rerun the same command to resume")
+        except Exception as error:  # a full disk or a permission, outside a checkpoint save
+            cause = checkpointing.os_error_cause(error)
+            if cause == "error" and attempt == 1:
+                suspect_cache = _without_compilation_cache(error)
+                if suspect_cache:
+                    continue
+            if cause == "error":
+                raise
+            sys.exit(f"ddpm_jax: {cause} [{checkpointing.error_summary(error)}]; checkpoints "
+                     "saved so far are intact: fix it and rerun the same command to resume")
+
+
+def _without_compilation_cache(error: Exception) -> str | None:
+    """Turns the persistent compilation cache off after an unexplained failure, so that the
+    run is tried once more without it: a damaged cache entry (a program stored under another
+    program's key) fails every start with an error from deep inside JAX. Returns the cache
+    folder when the run should be tried again (one process, the cache was on), else None."""
+    from ddpm_jax import checkpointing
+
+    cache = jax.config.jax_compilation_cache_dir
+    if not (cache and jax.config.jax_enable_compilation_cache and jax.process_count() == 1):
+        return None
+    logging.warning("the run failed (%s) with the compilation cache %s on; trying once more "
+                    "without it, from the newest checkpoint (a damaged cache entry fails every "
+                    "start)", checkpointing.error_summary(error), cache)
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax.clear_caches()
+    return cache
+
+
+def _clear_compilation_cache(cache: str) -> None:
+    """Empties a compilation cache that failed a run which then went through without it: it
+    holds a damaged entry, which would fail the next start too. Its programs are compiled and
+    stored again as they are needed."""
+    from etils import epath
+
+    removed = 0
+    for path in epath.Path(cache).iterdir():
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    logging.warning("the run went through without the compilation cache, so %s held a damaged "
+                    "entry: removed its %d files", cache, removed)
 
 
 if __name__ == "__main__":

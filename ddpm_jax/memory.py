@@ -55,6 +55,12 @@ def resident_bytes() -> int | None:
     return _proc_bytes("/proc/self/status", "VmRSS")
 
 
+def peak_resident_bytes() -> int | None:
+    """The process's peak resident memory so far (VmHWM), else None. Unlike a parent's
+    `ru_maxrss` of it, this counts nothing from before the program was started."""
+    return _proc_bytes("/proc/self/status", "VmHWM")
+
+
 def _host_available_bytes() -> int | None:
     """The host memory available now (MemAvailable), else None."""
     return _proc_bytes("/proc/meminfo", "MemAvailable")

@@ -454,6 +454,9 @@ def _summary(loop: _Loop, started: float, first_step: int, last_step: int) -> li
     if loop.last_loss is not None:
         lines.append(f"final loss {loop.last_loss:.4f} (mean of the last {loop.last_loss_steps} "
                      f"step{'s' if loop.last_loss_steps > 1 else ''})")
+    peak = memory.peak_resident_bytes()
+    if peak is not None:
+        lines.append(f"peak resident memory {memory.human_bytes(peak)} (host)")
     return lines
 
 

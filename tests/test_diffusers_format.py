@@ -303,6 +303,7 @@ def test_damaged_diffusers_files_are_refused_in_one_line_before_anything_is_writ
 def test_an_export_follows_the_umask_refuses_a_file_and_clears_abandoned_staging(
         micro_pipeline, tmp_path):
     import os
+    import socket
     import stat
 
     config, params = convert.read_diffusers(str(micro_pipeline))
@@ -310,16 +311,19 @@ def test_an_export_follows_the_umask_refuses_a_file_and_clears_abandoned_staging
     existing.write_text("")
     with pytest.raises(ValueError, match="is a file; choose a new folder"):
         convert.write_diffusers(config, params, str(existing))
-    dead = tmp_path / ".out.staging-999999999.abc"  # an export killed part-way (pid gone)
+    host = socket.gethostname()
+    dead = tmp_path / f".out.staging-999999999@{host}.abc"  # an export killed part-way
     (dead / "unet").mkdir(parents=True)
-    mine = tmp_path / f".out.staging-{os.getpid()}.abc"  # an export still running
+    mine = tmp_path / f".out.staging-{os.getpid()}@{host}.abc"  # an export still running
     mine.mkdir()
+    elsewhere = tmp_path / ".out.staging-999999999@another-host.abc"  # not ours to judge
+    elsewhere.mkdir()
     old_umask = os.umask(0o022)
     try:
         convert.write_diffusers(config, params, str(tmp_path / "out"))
     finally:
         os.umask(old_umask)
-    assert not dead.exists() and mine.exists()
+    assert not dead.exists() and mine.exists() and elsewhere.exists()
     modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
              for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
     assert modes["out"] == modes["out/unet"] == 0o755

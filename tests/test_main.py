@@ -50,10 +50,21 @@ def test_quickstart_entry_point_trains_profiles_caches_resumes_and_ends_with_a_s
                      f"TensorBoard: tensorboard --logdir {workdir}",
                      f"sample from it: python -m ddpm_jax.sample --workdir={workdir} "):
         assert expected in result.stderr, expected
+    # A damaged cache entry (the train step's key holding the sampler's program) fails the
+    # start deep inside JAX; the run is tried again without the cache, which is then emptied.
+    entries = {name.split("-")[0]: cache / name for name in os.listdir(cache)}
+    step_program, sampler_program = entries["jit_train_step"], entries["jit_advance"]
+    swapped = step_program.read_bytes(), sampler_program.read_bytes()
+    step_program.write_bytes(swapped[1])
+    sampler_program.write_bytes(swapped[0])
     result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS,
-                      "--config.num_train_steps=4")
+                      "--config.num_train_steps=4", f"--config.compilation_cache_dir={cache}",
+                      env_cache=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting at step 3 of 4" in result.stderr and "finished: steps 3 to 4" in result.stderr
+    assert f"with the compilation cache {cache} on; trying once more without it" in result.stderr
+    assert f"so {cache} held a damaged entry: removed its" in result.stderr
+    assert "Traceback" not in result.stderr and os.listdir(cache) == []
     # A finished run, run again: says so at once, compiles nothing, writes no new log file;
     # --verbosity=1 brings the libraries' INFO lines back.
     events = glob.glob(os.path.join(ROOT, workdir, "events.out.tfevents.*"))
