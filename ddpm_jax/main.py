@@ -169,7 +169,10 @@ def _without_compilation_cache(error: Exception) -> str | None:
     logging.warning("the run failed (%s) with the compilation cache %s on; trying once more "
                     "without it, from the newest checkpoint (a damaged cache entry fails every "
                     "start)", checkpointing.error_summary(error), cache)
+    from jax.experimental.compilation_cache import compilation_cache
+
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether the cache is used: again now
     jax.clear_caches()
     return cache
 
