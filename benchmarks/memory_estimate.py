@@ -36,11 +36,9 @@ def _bytes(match: re.Match) -> int:
 def _high_water_mark(pid: int) -> int | None:
     """VmHWM of a running process: its peak resident memory since it started its program (a
     parent's ru_maxrss of a child also counts the parent's memory, copied at the fork)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
+    from ddpm_jax import memory
+
+    return memory.proc_bytes(f"/proc/{pid}/status", "VmHWM")
 
 
 def _read(path: str) -> str:

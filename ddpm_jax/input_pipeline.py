@@ -489,11 +489,15 @@ DEFAULT_PREFETCH_BATCHES = 2
 MAX_READ_THREADS = 16
 
 
+def batch_bytes(config: ml_collections.ConfigDict, process_count: int) -> int:
+    """Bytes of one of this process's uint8 batches."""
+    return config.batch_size // process_count * config.data.image_size ** 2 * 3
+
+
 def prefetch_bytes(config: ml_collections.ConfigDict, process_count: int, prefetch_batches: int) -> int:
     """Host bytes the pipeline holds at most: the batches read ahead, plus one being read by
     each worker process (`data.num_workers`)."""
-    batch = config.batch_size // process_count * config.data.image_size ** 2 * 3
-    return batch * (prefetch_batches + config.data.num_workers)
+    return batch_bytes(config, process_count) * (prefetch_batches + config.data.num_workers)
 
 
 def create_dataset(

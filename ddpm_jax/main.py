@@ -120,6 +120,7 @@ def main(argv: list[str]) -> None:
         inception,
         input_pipeline,
         memory,
+        metric_logs,
         train,
         workdir_lock,
     )
@@ -139,7 +140,7 @@ def main(argv: list[str]) -> None:
                 fid.FIDError, inception.InceptionWeightsError, memory.MemoryCheckError,
                 workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
                 checkpointing.CheckpointSaveError, checkpointing.CheckpointReadError,
-                train.LogWriteError, image_utils.OutputWriteError) as error:
+                metric_logs.LogWriteError, image_utils.OutputWriteError) as error:
             sys.exit(f"ddpm_jax: {error}")
         except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a graceful stop
             sys.exit("ddpm_jax: interrupted (Ctrl-C twice); checkpoints saved so far are "

@@ -38,7 +38,7 @@ HEADROOM_FRACTION = 0.15
 HEADROOM_MIN_BYTES = 384 * 2**20
 
 
-def _proc_bytes(path: str, field: str) -> int | None:
+def proc_bytes(path: str, field: str) -> int | None:
     """A "Field: N kB" line of a /proc file (Linux) in bytes, else None."""
     try:
         with open(path) as f:
@@ -52,18 +52,18 @@ def _proc_bytes(path: str, field: str) -> int | None:
 
 def resident_bytes() -> int | None:
     """The process's resident memory now (VmRSS), else None."""
-    return _proc_bytes("/proc/self/status", "VmRSS")
+    return proc_bytes("/proc/self/status", "VmRSS")
 
 
 def peak_resident_bytes() -> int | None:
     """The process's peak resident memory so far (VmHWM), else None. Unlike a parent's
     `ru_maxrss` of it, this counts nothing from before the program was started."""
-    return _proc_bytes("/proc/self/status", "VmHWM")
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 def _host_available_bytes() -> int | None:
     """The host memory available now (MemAvailable), else None."""
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def available_bytes() -> tuple[int | None, str]:

@@ -35,6 +35,7 @@ from ddpm_jax import (
     fid,
     input_pipeline,
     memory,
+    metric_logs,
     network,
     objectives,
     ops,
@@ -376,20 +377,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
     logging.info("starting at step %d of %d (example %d of the data stream)", initial_step,
                  config.num_train_steps, examples)
 
-    from clu import metric_writers
-
-    from ddpm_jax import wandb_writer
-
-    writer = metric_writers.create_default_writer(
-        str(workdir_path), just_logging=jax.process_index() > 0
-    )
-    wandb_run = None
-    if config.wandb.project and jax.process_index() == 0:
-        wandb_run = wandb_writer.WandbWriter(config, str(workdir_path))
-        writer = metric_writers.MultiWriter([writer, wandb_run])
-    writer = _CheckedWriter(writer, workdir_path)
+    writer, wandb_run = metric_logs.open_writer(config, workdir_path)
     if initial_step == 0:
-        writer.write_hparams(_flat_hparams(config))
+        writer.write_hparams(metric_logs.flat_hparams(config))
         # the per-module table shows with --verbosity=1 (and in --dry_run)
         parameter_overview.log_parameter_overview(state.params, msg="model parameters",
                                                   jax_logging_process=0)
@@ -412,7 +402,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
             checkpointing.check_saves(manager, loop.last_saved, wait=True)
         finally:
             manager.close()
-            _flush_logs(writer, workdir_path, failed)
+            metric_logs.flush(writer, workdir_path, failed)
             if wandb_run is not None:
                 wandb_run.close()
     if int(state.step) >= config.num_train_steps:
@@ -426,7 +416,7 @@ def host_memory_parts(config: ml_collections.ConfigDict, prefetch: int, per_call
     """What the host holds besides the compiled step, in bytes: the batches read ahead, one
     call's batches taken from the pipeline and stacked (two copies), and the host copy of the
     state a checkpoint save makes."""
-    batch = config.batch_size // jax.process_count() * config.data.image_size ** 2 * 3
+    batch = input_pipeline.batch_bytes(config, jax.process_count())
     state = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(train_state_shapes(config)))
     return {"data read ahead": input_pipeline.prefetch_bytes(config, jax.process_count(), prefetch),
             "a call's batches": 2 * per_call * batch,
@@ -472,54 +462,6 @@ def _where_things_are(workdir: str, workdir_path: epath.Path) -> list[str]:
               f"sample from it: python -m ddpm_jax.sample --workdir={workdir} --num_samples=64 "
               f"--output={workdir.rstrip('/')}/samples.png"]
     return lines
-
-
-class LogWriteError(RuntimeError):
-    """The TensorBoard logs could not be written (disk full, permissions)."""
-
-
-def _log_write_error(workdir_path: epath.Path, error: BaseException) -> LogWriteError:
-    """The one-line error of a failed TensorBoard write (clu's asynchronous writer reports
-    the cause of an earlier write at the next call, chained)."""
-    cause = error.__cause__ or error.__context__ or error
-    return LogWriteError(
-        f"could not write the TensorBoard logs in {workdir_path}: "
-        f"{checkpointing.os_error_cause(error)} ({checkpointing.error_summary(cause)}); "
-        "checkpoints are intact: fix it and rerun the same command")
-
-
-class _CheckedWriter:
-    """A metric writer whose failures (a full disk, a permission) raise LogWriteError."""
-
-    def __init__(self, writer, workdir_path: epath.Path):
-        self._writer, self._workdir_path = writer, workdir_path
-
-    def __getattr__(self, name: str):
-        method = getattr(self._writer, name)
-
-        def checked(*args, **kwargs):
-            try:
-                return method(*args, **kwargs)
-            except LogWriteError:
-                raise
-            except Exception as error:
-                raise _log_write_error(self._workdir_path, error) from error
-
-        return checked
-
-
-def _flush_logs(writer, workdir_path: epath.Path, failed: bool) -> None:
-    """Flushes the metric writers; a failure is a warning when the run already failed (its
-    own error is the one to report), else LogWriteError."""
-    try:
-        writer.flush()
-    except Exception as error:
-        if failed:
-            logging.warning("could not flush the TensorBoard logs: %s", error)
-            return
-        if isinstance(error, LogWriteError):
-            raise
-        raise _log_write_error(workdir_path, error) from error
 
 
 class StepFunctions:
@@ -757,18 +699,3 @@ class _Loop:
         self.writer.write_scalars(step, scalars)
         self.pending.clear()
         self.interval_start = time.perf_counter()
-
-
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Config as flat scalars for TensorBoard's hparams plugin."""
-    flat: dict[str, Any] = {}
-
-    def visit(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                visit(f"{prefix}{key}.", sub)
-        else:
-            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    visit("", config.to_dict())
-    return flat

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import checkpointing, sample, sampling, train, workdir_lock
+from ddpm_jax import checkpointing, metric_logs, sample, sampling, train, workdir_lock
 from ddpm_jax.samplers import SamplerSettings
 from tests.helpers import MICRO_FLAGS, ROOT, command_env, micro_config, restore_micro_run
 
@@ -491,9 +491,9 @@ def test_logs_that_cannot_be_flushed_never_hide_the_error_that_stopped_the_run(t
         def flush(self):
             raise RuntimeError("Could not flush events file: No space left on device")
 
-    with pytest.raises(train.LogWriteError, match="the disk is full"):
-        train._flush_logs(FullDiskWriter(), epath.Path(tmp_path), failed=False)
-    train._flush_logs(FullDiskWriter(), epath.Path(tmp_path), failed=True)  # a warning only
+    with pytest.raises(metric_logs.LogWriteError, match="the disk is full"):
+        metric_logs.flush(FullDiskWriter(), epath.Path(tmp_path), failed=False)
+    metric_logs.flush(FullDiskWriter(), epath.Path(tmp_path), failed=True)  # a warning only
 
 
 def test_a_failed_asynchronous_log_write_stops_with_one_line_and_no_library_traceback(tmp_path):
@@ -511,8 +511,8 @@ def test_a_failed_asynchronous_log_write_stops_with_one_line_and_no_library_trac
         write_summaries = write_images = write_videos = write_audios = write_texts = None
         write_histograms = write_hparams = flush = close = lambda self, *args: None
 
-    writer = train._CheckedWriter(metric_writers.AsyncWriter(FullDisk()), epath.Path(tmp_path))
-    with pytest.raises(train.LogWriteError, match="TensorBoard logs in .*: the disk is full"):
+    writer = metric_logs.CheckedWriter(metric_writers.AsyncWriter(FullDisk()), epath.Path(tmp_path))
+    with pytest.raises(metric_logs.LogWriteError, match="TensorBoard logs in .*: the disk is full"):
         writer.write_scalars(1, {"loss": 1.0})
         writer.flush()  # the asynchronous write's error comes out at the next call
     # clu's own traceback of that error (logged from its producer thread) is dropped
