@@ -116,7 +116,10 @@ def test_the_heartbeat_sees_a_stolen_lock_and_never_rewrites_it(tmp_path, monkey
     first._thread.join(timeout=10)
     assert first.lost and "took it" in first.lost
     assert json.loads((tmp_path / "run.lock").read_text())["token"] == thief.record["token"]
-    (tmp_path / "run.lock").unlink()  # removed by hand: the thief learns it too
+    # removed by hand: the thief learns it too (under the guard, so that the removal does not
+    # land between a heartbeat's check and its rewrite, which would put the file back)
+    with thief._guard():
+        (tmp_path / "run.lock").unlink()
     thief._thread.join(timeout=10)
     assert thief.lost == "someone removed it"
     first.release()
