@@ -30,7 +30,8 @@ import numpy as np
 
 from benchmarks import common
 from configs import cifar10
-from ddpm_jax import network, ops, train
+from ddpm_jax import ops, train
+from ddpm_jax.runtime import network
 
 VARIANTS = {  # name: (cpu_conv_library, compute_chunk_size, conv_algorithm)
     "xla defaults": ("default", -1, "direct"),

@@ -64,7 +64,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from configs import cifar10
-    from ddpm_jax import convert, diffusers_format, loading, network
+    from ddpm_jax import convert, diffusers_format, loading
+    from ddpm_jax.runtime import network
 
     fields = diffusers_format.unet_config(cifar10.get_config())  # google/ddpm-cifar10-32's
     torch.manual_seed(0)

@@ -6,7 +6,7 @@
    (`diffusion.optimal_gaussian_eps`), so a sampler's output mean and std can be compared
    with the data's. Every sampler and spacing at 10, 20, 50 and 100 network calls, linear
    schedule, T = 1000, 2^18 samples (std error of a std about 0.1%), no clipping.
-2. Cost: wall time of one sampling program (`sampling.make_sample_fn`) for `--config`'s
+2. Cost: wall time of one sampling program (`runtime.compiled_sampler.make_sample_fn`) for `--config`'s
    net with random weights, DDIM-100 against DPM-Solver++-20, medians of `--repeats`.
 """
 
@@ -27,7 +27,8 @@ DATA_MEAN, DATA_STD = 0.3, 0.5
 
 
 def oracle_rows() -> list[dict]:
-    from ddpm_jax import diffusion
+    from ddpm_jax import samplers
+    from ddpm_jax.core import diffusion
     from ddpm_jax.samplers import SPACINGS
 
     schedule = diffusion.make_schedule("linear", 1000)
@@ -39,7 +40,7 @@ def oracle_rows() -> list[dict]:
                    "spacing": spacing}
             for calls in CALLS:
                 run = jax.jit(lambda rng, sampler=sampler, calls=calls, spacing=spacing,
-                              variance=variance: diffusion.sample(
+                              variance=variance: samplers.sample(
                                   denoise, schedule, (2**15, 8), rng, sampler=sampler,
                                   num_steps=calls, spacing=spacing, variance=variance,
                                   clip_x0=False))
@@ -51,7 +52,7 @@ def oracle_rows() -> list[dict]:
 
 
 def timing_rows(config_path: str, batch: int, repeats: int) -> list[dict]:
-    from ddpm_jax import network, sampling, sharding
+    from ddpm_jax.runtime import compiled_sampler, network, sharding
     from ddpm_jax.samplers import SamplerSettings
 
     config = _load_config(config_path)
@@ -59,7 +60,7 @@ def timing_rows(config_path: str, batch: int, repeats: int) -> list[dict]:
     params = network.random_params(config)
     rows, baseline = [], None
     for name, calls in (("ddim", 100), ("dpm_solver++", 20)):
-        fn = sampling.make_sample_fn(config, mesh, SamplerSettings(name, calls),
+        fn = compiled_sampler.make_sample_fn(config, mesh, SamplerSettings(name, calls),
                                      num_images=batch)
         seconds = common.time_call(
             lambda fn=fn: fn(params, jax.random.PRNGKey(0)).block_until_ready(), repeats=repeats)

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from ddpm_jax import input_pipeline, train  # noqa: E402
+from ddpm_jax import input_pipeline, train
 
 flags.DEFINE_integer("num_images", 512, "Generated JPEGs.")
 flags.DEFINE_integer("batches", 12, "Timed batches per pipeline case (after 2 warm-up batches).")

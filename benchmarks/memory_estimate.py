@@ -36,7 +36,7 @@ def _bytes(match: re.Match) -> int:
 def _high_water_mark(pid: int) -> int | None:
     """VmHWM of a running process: its peak resident memory since it started its program (a
     parent's ru_maxrss of a child also counts the parent's memory, copied at the fork)."""
-    from ddpm_jax import memory
+    from ddpm_jax.runtime import memory
 
     return memory.proc_bytes(f"/proc/{pid}/status", "VmHWM")
 

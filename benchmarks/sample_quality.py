@@ -44,9 +44,9 @@ def high_frequency_energy(images: np.ndarray) -> np.ndarray:
 
 def training_range(config: ml_collections.ConfigDict) -> tuple[float, float]:
     """(min, max) high-frequency energy of the training images as the pipeline feeds them."""
-    from ddpm_jax import input_pipeline
+    from ddpm_jax import data_sources, input_pipeline
 
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     count, read = input_pipeline.evaluation_images(config.data, source)
     energy = high_frequency_energy(read(range(count)))
     return float(energy.min()), float(energy.max())
@@ -72,9 +72,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from ddpm_jax import image_utils, sample
+    from ddpm_jax import image_utils, runs, sample
 
-    config, step = sample.run_config(args.workdir)
+    config, step = runs.run_config(args.workdir)
     energy_range = training_range(config)
     rows = []
     for case in args.cases.split(","):

@@ -20,7 +20,12 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from ddpm_jax import diffusion, network, sampling, train  # noqa: E402
+from ddpm_jax import recipe, samplers, train  # noqa: E402
+from ddpm_jax.core import diffusion  # noqa: E402
+from ddpm_jax.runtime import (
+    compiled_sampler,  # noqa: E402
+    network,  # noqa: E402
+)
 from ddpm_jax.samplers import SamplerSettings  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Model/diffusion config.")
@@ -34,7 +39,7 @@ FLAGS = flags.FLAGS
 
 def python_loop_sampler(config, params, graphdef, schedule, shape, sampler, num_steps):
     """Baseline: one jitted denoise+update per timestep, looped in Python."""
-    steps = diffusion.sampling_timesteps(schedule, sampler, num_steps)
+    steps = samplers.sampling_timesteps(schedule, sampler, num_steps)
     prev = list(steps[1:]) + [-1]
 
     @functools.partial(jax.jit, static_argnums=())
@@ -69,13 +74,13 @@ def main(argv):
     mesh = train.create_mesh(config)
     state = train.create_train_state(config, mesh)
     graphdef = network.graphdef(config)
-    schedule = diffusion.schedule_from_config(config)
+    schedule = recipe.schedule(config)
     size = config.data.image_size
     shape = (FLAGS.batch, size, size, 3)
     rng = jax.random.PRNGKey(0)
     rows = []
     for sampler, num_steps in (("ddim", 100), ("ddpm", None)):
-        scan_fn = sampling.make_sample_fn(config, mesh, SamplerSettings(sampler, num_steps or 0),
+        scan_fn = compiled_sampler.make_sample_fn(config, mesh, SamplerSettings(sampler, num_steps or 0),
                                           num_images=FLAGS.batch)
         scan_time = common.time_call(lambda fn=scan_fn: fn(state.params, rng).block_until_ready(),
                                      repeats=FLAGS.repeats)

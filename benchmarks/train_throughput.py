@@ -34,7 +34,7 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from ddpm_jax import ops, train  # noqa: E402
+from ddpm_jax import ops, train
 
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Training config.")
 flags.DEFINE_integer("batch", 0, "Global batch size (0: the config's).")
@@ -149,7 +149,7 @@ def main(argv):
     flops, executed_flops = counts
     # Timed as training runs it: `steps_per_dispatch` steps per compiled call, and
     # `pipelined_calls` calls dispatched before waiting for the last.
-    step_fns = train.StepFunctions(config, mesh)
+    step_fns = train.step_functions(config, mesh)
     steps, calls = step_fns.per_call, FLAGS.pipelined_calls
     holder = {"state": state}
 

@@ -153,7 +153,8 @@ class JaxSide:
     def __init__(self, config, seed: int, steps_per_call: int):
         import jax
 
-        from ddpm_jax import network, ops, train
+        from ddpm_jax import ops, train
+        from ddpm_jax.runtime import network
 
         config.seed = seed
         self.config = config
@@ -185,7 +186,7 @@ class JaxSide:
         if batch not in self.step_fns:  # the step as training compiles it for this batch size
             config = self.config.copy_and_resolve_references()
             config.batch_size, config.steps_per_dispatch = batch, self.steps_per_call
-            self.step_fns[batch] = train.StepFunctions(config, self.mesh)
+            self.step_fns[batch] = train.step_functions(config, self.mesh)
         self.state, metrics = self.step_fns[batch](self.state, [images] * self.steps_per_call)
         return float(np.asarray(metrics["loss"]).ravel()[-1])
 
@@ -195,11 +196,11 @@ class JaxSide:
     def ddim(self, batch: int, num_steps: int):
         import jax
 
-        from ddpm_jax import sampling
+        from ddpm_jax.runtime import compiled_sampler
         from ddpm_jax.samplers import SamplerSettings
 
         if batch not in self.samplers:
-            self.samplers[batch] = sampling.make_sample_fn(
+            self.samplers[batch] = compiled_sampler.make_sample_fn(
                 self.config, self.mesh, SamplerSettings("ddim", num_steps, {"eta": 0.0}),
                 num_images=batch)
         return self.samplers[batch](self.state.params, jax.random.PRNGKey(0)).block_until_ready()

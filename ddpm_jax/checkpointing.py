@@ -10,14 +10,12 @@ A failed save stops the run (`check_saves`) and its temporary folder is removed.
 
 from __future__ import annotations
 
-import errno
+import ast
 import functools
+import json
 import logging as pylogging
 import os
-import re
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,36 +27,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from configs import default
+from ddpm_jax import console
+from ddpm_jax.core.errors import UserError
+
 T = TypeVar("T")
-
-
-# Orbax's warnings that a read-only manager (the readers' own choice) is read-only
-_READ_ONLY_NOTICES = ("read_only=True", "directory is read only")
-
-
-class _DropOrbaxInfo(pylogging.Filter):
-    """Drops Orbax's INFO lines, its notices that a read-only manager is read-only, and the
-    tracebacks of its errors (a failed save is reported once, by `save_failed`, with its
-    cause); its other warnings and error lines stay."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname:
-            return True
-        record.exc_info, record.exc_text = None, None
-        if any(notice in record.getMessage() for notice in _READ_ONLY_NOTICES):
-            return False
-        return record.levelno >= pylogging.WARNING
-
-
-def hide_orbax_info() -> None:
-    """Hides Orbax's INFO lines (it logs every file it writes), its errors' tracebacks and
-    the echo of abandoned reads and writes from a command's output; its warnings and error
-    lines still show."""
-    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
-    quiet_abandoned_io()
-    # the coroutines of a failed save, collected at exit after the failure was reported
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
-                            category=RuntimeWarning)
 
 
 # Orbax splits each replicated array among its replicas so they share the writing; a slice
@@ -126,37 +99,17 @@ def save(
         raise save_failed(manager, None, error) from error
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserError, RuntimeError):
     """A checkpoint could not be written (disk full, permissions); the run stops."""
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(UserError, RuntimeError):
     """No checkpoint of a run could be read."""
 
 
-_OS_ERROR_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                    errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                    errno.EROFS: "the file system is read-only", errno.EFBIG: "a file is too large"}
-
-
-def os_error_cause(error: BaseException) -> str:
-    """The OS-level reason in `error` or the errors it came from, as a person reads it
-    ("error" when there is none). TensorStore and TensorFlow report it in their messages."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _OS_ERROR_CAUSES:
-            where = f" ({error.filename})" if error.filename else ""
-            return f"{_OS_ERROR_CAUSES[error.errno]}{where}"
-        code = re.search(r"os_error_code='(\d+)'|\[Errno (\d+)\]", str(error))
-        number = code and int(code.group(1) or code.group(2))
-        if number in _OS_ERROR_CAUSES:
-            return _OS_ERROR_CAUSES[number]
-        for errno_value, cause in _OS_ERROR_CAUSES.items():
-            if os.strerror(errno_value) in str(error):  # TensorFlow's file errors
-                return cause
-        error = error.__cause__ or error.__context__
-    return "error"
+def absolute_path(path: str) -> epath.Path:
+    """Local paths made absolute (Orbax requires it); URLs such as gs://... kept as they are."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def finished_steps(directory: epath.Path) -> list[int]:
@@ -184,14 +137,14 @@ def remove_temporary_saves(directory: epath.Path) -> list[str]:
 def save_failed(manager: ocp.CheckpointManager, step: int | None, error: BaseException
                 ) -> CheckpointSaveError:
     """The error that stops a run whose save failed, after removing what the save left."""
-    quiet_abandoned_io()
+    console.quiet_abandoned_io()
     removed = remove_temporary_saves(manager.directory)
     manager.reload()
     kept = manager.all_steps()
     what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
     return CheckpointSaveError(
-        f"saving {what} under {manager.directory} failed: {os_error_cause(error)} "
-        f"[{error_summary(error)}]."
+        f"saving {what} under {manager.directory} failed: {console.os_error_cause(error)} "
+        f"[{console.error_summary(error)}]."
         f"{' Removed the unfinished save.' if removed else ''} "
         + (f"The checkpoints of steps {kept} are intact; " if kept else "No checkpoint was "
            "complete yet; ")
@@ -225,8 +178,6 @@ def with_defaults(saved: dict) -> dict:
     """`saved` over the base config (configs/default.py): a field added after a run was saved
     takes its default there, or the value the run was trained with (`LEGACY_VALUES`), so
     every reader of a saved config sees every field as the run used it."""
-    from configs import default
-
     merged = default.get_config().to_dict()
     for (section, key), value in legacy_values(saved).items():
         merged[section][key] = value
@@ -273,6 +224,25 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any)
     return state
 
 
+def saved_param_keys(manager: ocp.CheckpointManager, step: int) -> set[str] | None:
+    """The top-level names of the parameter tree checkpoint `step` holds (read from its tree
+    metadata, no arrays), or None when it cannot tell."""
+    path = epath.Path(manager.directory) / str(step) / "state" / "_METADATA"
+    try:
+        paths = json.loads(path.read_text())["tree_metadata"]
+    except (OSError, ValueError, KeyError):
+        return None
+    keys = set()
+    for text in paths:
+        try:
+            key = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return None
+        if isinstance(key, tuple) and len(key) > 1 and key[0] == "params":
+            keys.add(str(key[1]))
+    return keys or None
+
+
 def examples_seen(manager: ocp.CheckpointManager, step: int, stored: dict) -> int:
     """The data position saved with `step`; for checkpoints that predate it (they counted
     batches), `step` batches of the run's batch size."""
@@ -281,12 +251,6 @@ def examples_seen(manager: ocp.CheckpointManager, step: int, stored: dict) -> in
             step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))["position"]
         return int(position["examples_seen"])
     return step * int(stored.get("batch_size", 0))
-
-
-def error_summary(error: BaseException) -> str:
-    """`Type: first line of the message`, for one-line reports of long library errors."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0].strip()[:300] if lines else ''}"
 
 
 def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -298,43 +262,6 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     target = target_dir / f"step_{step}_{time.strftime('%Y%m%d-%H%M%S')}"
     source.rename(target)
     return target
-
-
-class _DropAbandonedCheckpointIo(pylogging.Filter):
-    """Drops asyncio's reports of the tasks of a failed save (they name Orbax) and of the
-    futures of a failed read nobody awaited (their error is TensorStore's); other asyncio
-    errors still show."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        message = record.getMessage()
-        error = str(record.exc_info[1]) if record.exc_info else ""
-        return not ("orbax" in message
-                    or ("never retrieved" in message and "tensorstore_spec" in message + error))
-
-
-def quiet_abandoned_io() -> None:
-    """Silences the echo of a failed restore or save: when one array of a checkpoint fails,
-    the reads or writes still in flight are abandoned and each prints an 'Event loop is
-    closed' traceback, 'Exception ignored in' a coroutine, or asyncio's 'Future exception
-    was never retrieved' with TensorStore's error. The failure itself is reported once."""
-    if getattr(sys.unraisablehook, "_ddpm_jax_quiet", False):
-        return
-    pylogging.getLogger("asyncio").addFilter(_DropAbandonedCheckpointIo())
-
-    def echo_of_failed_read(error: BaseException | None, obj: object = None) -> bool:
-        return (isinstance(error, RuntimeError) and "Event loop is closed" in str(error)) or (
-            "read_array" in getattr(obj, "__qualname__", "") + repr(obj))
-
-    def unraisable(info, previous=sys.unraisablehook):
-        if not echo_of_failed_read(info.exc_value, info.object):
-            previous(info)
-
-    def excepthook(kind, value, traceback, previous=sys.excepthook):
-        if not echo_of_failed_read(value):
-            previous(kind, value, traceback)
-
-    unraisable._ddpm_jax_quiet = True
-    sys.unraisablehook, sys.excepthook = unraisable, excepthook
 
 
 def newest_readable(
@@ -358,11 +285,11 @@ def newest_readable(
             raise
         except Exception as caught:  # TensorStore, JSON, missing files: all mean damage
             result, error = None, caught
-            quiet_abandoned_io()
-            if os_error_cause(caught) != "error":  # a permission, not damage: move nothing
+            console.quiet_abandoned_io()
+            if console.os_error_cause(caught) != "error":  # a permission, not damage: move nothing
                 raise CheckpointReadError(
                     f"cannot read the checkpoint of step {step} in {manager.directory}: "
-                    f"{os_error_cause(caught)} [{error_summary(caught)}]; nothing was moved or "
+                    f"{console.os_error_cause(caught)} [{console.error_summary(caught)}]; nothing was moved or "
                     "changed: fix it and rerun") from caught
         if jax.process_count() > 1:  # one process that cannot read makes it unreadable
             flags = multihost_utils.process_allgather(np.int32(error is None))
@@ -379,8 +306,8 @@ def newest_readable(
                 manager.reload()
             return step, result
         logging.warning("the checkpoint of step %d in %s cannot be read (%s); trying the one "
-                        "before it", step, manager.directory, error_summary(error))
-        failures.append((step, error_summary(error)))
+                        "before it", step, manager.directory, console.error_summary(error))
+        failures.append((step, console.error_summary(error)))
     if failures:
         raise CheckpointReadError(
             f"none of the checkpoints in {manager.directory} can be read ("

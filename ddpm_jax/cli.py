@@ -10,7 +10,6 @@ libraries' (JAX, Orbax, TFDS, TensorFlow, clu) only from WARNING up unless `--ve
 from __future__ import annotations
 
 import difflib
-import logging as pylogging
 import os
 import runpy
 import sys
@@ -18,75 +17,10 @@ from collections.abc import Callable
 
 from absl import flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-class _EchoOfLogWriteFilter(pylogging.Filter):
-    """Drops clu's traceback of a failed asynchronous TensorBoard write: the write's error
-    reaches the run, which stops with one line naming the cause."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return not (record.pathname.endswith(os.path.join("clu", "asynclib.py"))
-                    and record.getMessage().startswith("Error in producer thread"))
-
-
-class _LibraryInfoFilter(pylogging.Filter):
-    """Passes every record of ddpm_jax, and other code's only from WARNING up."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
-
-
-def quiet_library_logs(verbosity: int = 0) -> None:
-    """Shows libraries' INFO lines only at `verbosity` >= 1 (absl's --verbosity): JAX's
-    backend probing, Orbax's per-file lines, TFDS's, clu's metric echo and parameter table,
-    TensorFlow's C++ start-up lines. Orbax's error tracebacks are always dropped: a failed
-    save is reported once, with its cause."""
-    from ddpm_jax import checkpointing
-
-    checkpointing.hide_orbax_info()
-    handler = absl_logging.get_absl_handler()
-    if not any(isinstance(f, _EchoOfLogWriteFilter) for f in handler.filters):
-        handler.addFilter(_EchoOfLogWriteFilter())
-    if verbosity >= 1:
-        return
-    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
-        handler.addFilter(_LibraryInfoFilter())
-    global _quiet
-    _quiet = True
-
-
-_quiet = False  # set by quiet_library_logs
-
-
-def import_tensorflow() -> None:
-    """Imports TensorFlow where a part needs it (clu's TensorBoard writer, TFDS). In a quieted
-    command, the C++ start-up lines it prints straight to stderr (oneDNN, CPU features),
-    which TF_CPP_MIN_LOG_LEVEL no longer reaches, are hidden; if the import fails, what it
-    printed is shown with the error."""
-    if "tensorflow" in sys.modules:
-        return
-    if not _quiet:
-        import tensorflow  # noqa: F401
-
-        return
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+from ddpm_jax import console, image_utils
+from ddpm_jax.core.errors import UserError
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -128,18 +62,16 @@ def _unknown_fields(argv: list[str], config_file: str) -> list[str]:
     return lines
 
 
-def check_output(command: str, flag: str, path: str | None) -> None:
-    """Ends `command` with one line unless a file can be written at `path` (the value of
-    `--flag`): checked before any work, which an unwritable output would lose."""
+def check_output(flag: str, path: str | None) -> None:
+    """Raises UserError unless a file can be written at `path` (the value of `--flag`):
+    checked before any work, which an unwritable output would lose."""
     if not path:
         return
-    from ddpm_jax import checkpointing, image_utils
-
     try:
         image_utils.check_writable(path)
     except OSError as error:
-        sys.exit(f"{command}: cannot write --{flag}={path!r} "
-                 f"({checkpointing.os_error_cause(error)}: {error}); choose another path")
+        raise UserError(f"cannot write --{flag}={path!r} ({console.os_error_cause(error)}: "
+                        f"{error}); choose another path") from error
 
 
 def last_override_wins(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -167,7 +99,6 @@ def last_override_wins(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def overrides_summary(config_flag: flags.Flag) -> str:
     """The `--config` file and every overridden field with the value that trains, parsed."""
-    from ml_collections import config_flags
 
     values = config_flags.get_override_values(config_flag)
     fields = ", ".join(f"{name}={value!r}" for name, value in sorted(values.items()))
@@ -186,7 +117,7 @@ def flags_parser(command: str) -> Callable[[list[str]], list[str]]:
                 flags.FLAGS.config.keys()  # a config that failed to load raises on first use
         except Exception as error:  # absl and ml_collections raise several kinds
             sys.exit(f"{command}: {_explain(argv, error)}")
-        quiet_library_logs(flags.FLAGS.verbosity)
+        console.quiet_library_logs(flags.FLAGS.verbosity)
         for note in notes:
             absl_logging.warning("%s", note)
         return remaining

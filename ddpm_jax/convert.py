@@ -24,7 +24,6 @@ import os
 import pprint
 import shutil
 import socket
-import sys
 import tempfile
 from typing import Any
 
@@ -33,9 +32,23 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
+from safetensors.numpy import save_file
 
-from ddpm_jax import diffusers_format
+from ddpm_jax import (
+    checkpointing,
+    cli,
+    console,
+    diffusers_format,
+    diffusers_weights,
+    models,
+    recipe,
+    runs,
+    workdir_lock,
+)
+from ddpm_jax.core.errors import MissingError, UserError
 from ddpm_jax.diffusers_format import UnsupportedError
+from ddpm_jax.runtime import sharding
+from ddpm_jax.train import state as train_state
 
 FLAGS = flags.FLAGS
 COMMANDS = ("from-diffusers", "to-diffusers")
@@ -61,9 +74,9 @@ def _read_json(path: epath.Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
+        raise UserError(f"cannot read {path}: {error}") from error
     if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of fields "
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object of fields "
                          "as diffusers writes it")
     return value
 
@@ -80,15 +93,15 @@ def find_folders(folder: str) -> tuple[epath.Path, epath.Path | None]:
         return root / "unet", scheduler if scheduler.exists() else None
     if (root / "config.json").exists():
         return root, None
-    raise FileNotFoundError(f"{root} holds neither model_index.json (a DDPMPipeline folder) nor "
+    raise MissingError(f"{root} holds neither model_index.json (a DDPMPipeline folder) nor "
                             "config.json (a UNet2DModel folder)")
 
 
 def _load_torch_file(path: epath.Path) -> dict[str, np.ndarray]:
     try:
-        import torch
+        import torch  # optional and heavy: only to read a PyTorch pickle (.bin)
     except ImportError as error:
-        raise ValueError(f"{path.name} is a PyTorch pickle, which needs torch (pip install "
+        raise UserError(f"{path.name} is a PyTorch pickle, which needs torch (pip install "
                          "torch); a .safetensors file of the same weights needs nothing") from error
     state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     return {name: value.float().numpy() for name, value in state.items()}
@@ -96,14 +109,14 @@ def _load_torch_file(path: epath.Path) -> dict[str, np.ndarray]:
 
 def _load_weight_file(path: epath.Path) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (named by the weights' index)")
+        raise MissingError(f"{path} does not exist (named by the weights' index)")
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
         try:
             return load_file(os.fspath(path))
         except Exception as error:  # safetensors' own error type for a damaged header
-            raise ValueError(f"cannot read {path}: {error} (the file is damaged or truncated; "
+            raise UserError(f"cannot read {path}: {error} (the file is damaged or truncated; "
                              "download it again)") from error
     return _load_torch_file(path)
 
@@ -117,7 +130,7 @@ def read_weights(unet_folder: epath.Path) -> dict[str, np.ndarray]:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map or not all(
                     isinstance(file, str) for file in weight_map.values()):
-                raise ValueError(f"{index} has no weight_map of weight names to file names")
+                raise UserError(f"{index} has no weight_map of weight names to file names")
             files = sorted(set(weight_map.values()))
             state: dict[str, np.ndarray] = {}
             for file in files:
@@ -125,13 +138,12 @@ def read_weights(unet_folder: epath.Path) -> dict[str, np.ndarray]:
             return state
         if (unet_folder / name).exists():
             return _load_weight_file(unet_folder / name)
-    raise FileNotFoundError(f"no weights in {unet_folder}: expected one of "
+    raise MissingError(f"no weights in {unet_folder}: expected one of "
                             f"{list(diffusers_format.UNET_FILES)}")
 
 
 def read_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) of a diffusers folder; configs are checked before weights are read."""
-    from ddpm_jax import diffusion, models
 
     unet_folder, scheduler_file = find_folders(folder)
     unet = _read_json(unet_folder / "config.json")
@@ -141,8 +153,8 @@ def read_diffusers(folder: str) -> tuple[ml_collections.ConfigDict, Any]:
                         "(linear betas 1e-4..0.02, T=1000, eps prediction)", folder)
     config = diffusers_format.config_from_diffusers(unet, scheduler)
     models.check_config(config)
-    diffusion.check_config(config)
-    params = diffusers_format.from_state_dict(read_weights(unet_folder), config)
+    recipe.check_config(config)
+    params = diffusers_weights.from_state_dict(read_weights(unet_folder), config)
     return config, params
 
 
@@ -161,20 +173,19 @@ def config_file_text(config: ml_collections.ConfigDict, source: str) -> str:
 def from_diffusers(folder: str, workdir: str) -> str:
     """Writes a step-0 run of the diffusers model in `folder` into `workdir`; returns the
     commands that sample from it and fine-tune it."""
-    from ddpm_jax import checkpointing, train, workdir_lock
 
-    path = train.absolute_path(workdir)
+    path = checkpointing.absolute_path(workdir)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--workdir={workdir} is a file; choose a new folder")
+        raise UserError(f"--workdir={workdir} is a file; choose a new folder")
     config, params = read_diffusers(folder)  # everything is checked before anything is written
     with workdir_lock.hold(path):  # no training run writes there meanwhile
         # A killed conversion left an unfinished save: it is not a checkpoint.
         checkpointing.remove_temporary_saves(path / "checkpoints")
         if checkpointing.finished_steps(path / "checkpoints"):
-            raise ValueError(f"--workdir={workdir} already holds checkpoints; choose a new folder")
-        mesh = train.create_mesh(config)
-        state = jax.jit(lambda p: train.train_state_from_params(config, p),
-                        out_shardings=train.train_state_shardings(config, mesh))(params)
+            raise UserError(f"--workdir={workdir} already holds checkpoints; choose a new folder")
+        mesh = sharding.create_mesh(config)
+        state = jax.jit(lambda p: train_state.train_state_from_params(config, p),
+                        out_shardings=train_state.train_state_shardings(config, mesh))(params)
         manager = checkpointing.make_manager(path / "checkpoints", config)
         checkpointing.save(manager, 0, state, config)
         manager.wait_until_finished()
@@ -196,7 +207,6 @@ def _staging_prefix(target: epath.Path) -> str:
 def _remove_abandoned_staging(target: epath.Path) -> None:
     """Removes staging folders of `target` (named PID@HOST.RANDOM) whose exporting process on
     this host is gone (killed); another host's are left alone."""
-    from ddpm_jax import workdir_lock
 
     for folder in target.parent.glob(f"{_staging_prefix(target)}*"):
         pid, _, rest = folder.name[len(_staging_prefix(target)):].partition("@")
@@ -221,15 +231,13 @@ def _follow_umask(folder: epath.Path) -> None:
 
 def write_diffusers(config: ml_collections.ConfigDict, params: Any, output: str) -> None:
     """Writes `params` as a `DDPMPipeline` folder at `output` (complete or not at all)."""
-    from safetensors.numpy import save_file
-
     unet, scheduler = diffusers_format.unet_config(config), diffusers_format.scheduler_config(config)
-    state_dict = diffusers_format.to_state_dict(params, config)
+    state_dict = diffusers_weights.to_state_dict(params, config)
     target = epath.Path(output)
     if target.exists() and not target.is_dir():
-        raise ValueError(f"--output={output} is a file; choose a new folder")
+        raise UserError(f"--output={output} is a file; choose a new folder")
     if target.exists() and any(target.iterdir()):
-        raise ValueError(f"--output={output} exists and is not empty; choose a new folder")
+        raise UserError(f"--output={output} exists and is not empty; choose a new folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(target)
     staging = epath.Path(tempfile.mkdtemp(
@@ -257,12 +265,11 @@ def write_diffusers(config: ml_collections.ConfigDict, params: Any, output: str)
 def to_diffusers(workdir: str, output: str, step: int | None = None,
                  weights: str = "ema") -> dict:
     """Exports checkpoint `step` of the run in `workdir` as a `DDPMPipeline` folder."""
-    from ddpm_jax import sample
 
-    config, _ = sample.run_config(workdir, step)
+    config, _ = runs.run_config(workdir, step)
     diffusers_format.check_exportable(config)  # before restoring anything
     # `step` None: the newest checkpoint whose weights read, as `sample` takes
-    config, params, step, _ = sample.load_run(workdir, step, weights)
+    config, params, step, _ = runs.load_run(workdir, step, weights)
     diffusers_format.check_exportable(config)
     if jax.process_index() == 0:
         write_diffusers(config, params, output)
@@ -277,19 +284,16 @@ def main(argv: list[str]) -> None:
     missing = [f"--{name}" for name in required[command] if not FLAGS[name].value]
     if missing:
         raise app.UsageError(f"{command} needs {', '.join(missing)}")
-    try:
+    with console.exit_on_user_error(f"ddpm_jax.convert {command}"):
         if command == "from-diffusers":
             print(from_diffusers(FLAGS.input, FLAGS.workdir))
         else:
             result = to_diffusers(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.weights)
             print(f"wrote {result['output']} (step {result['step']}, {result['weights']} weights); "
                   "in PyTorch: DDPMPipeline.from_pretrained(" + repr(result["output"]) + ")")
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"ddpm_jax.convert {command}: {error}")
 
 
 if __name__ == "__main__":
     define_flags()
-    from ddpm_jax import cli
 
     app.run(main, flags_parser=cli.flags_parser("ddpm_jax.convert"))

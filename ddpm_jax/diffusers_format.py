@@ -4,41 +4,27 @@ The published DDPM checkpoints (Ho et al.'s CIFAR-10, CelebA-HQ and LSUN nets) a
 `DDPMPipeline` folders: ``model_index.json``, ``unet/`` (``config.json`` and
 ``diffusion_pytorch_model.safetensors`` or ``.bin``) and ``scheduler/``
 (``scheduler_config.json``). Their UNet is ddpm-jax's ``ddpm`` layout block for block, so a
-config maps field by field and each weight is one of ours, transposed to PyTorch's layout:
+config maps field by field (here) and each weight is one of ours, renamed and transposed
+(`diffusers_weights.py`).
 
-  * a conv kernel HWIO [kh, kw, in, out] is OIHW [out, in, kh, kw];
-  * a dense kernel [in, out] is a Linear weight [out, in], and the residual blocks' 1x1
-    shortcut a Conv2d weight [out, in, 1, 1];
-  * a norm's ``scale`` is its ``weight``.
-
-This module is pure mapping (dicts and NumPy arrays); reading and writing folders is in
-`convert.py`. What one side cannot express raises `UnsupportedError`, naming the field.
+This module is pure mapping (dicts); reading and writing folders is in `convert.py`. What
+one side cannot express raises `UnsupportedError`, naming the field.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 
-from ddpm_jax import network
+from configs import ddpm_paper
+from ddpm_jax.core import diffusion
+from ddpm_jax.core.errors import UserError
 
 # Written into exported configs: the oldest diffusers this format is tested with.
 DIFFUSERS_VERSION = "0.30.0"
 UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
-# Our sub-layer names -> diffusers' inside a residual block and an attention block.
-_RES_BLOCK = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj",
-              "norm2": "norm2", "conv2": "conv2", "skip": "conv_shortcut"}
-_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
-              "proj_out": "to_out.0"}
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-# Attention weights as diffusers named them before its 0.14 attention rewrite (still in the
-# published .bin files); diffusers renames them on load, and so does `rename_legacy_keys`.
-_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
               "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
@@ -47,7 +33,7 @@ _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 _SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
 
 
-class UnsupportedError(ValueError):
+class UnsupportedError(UserError):
     """A model one side has and the other cannot express; the message names the field."""
 
 
@@ -143,7 +129,6 @@ def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
     A beta schedule diffusers has no name for is written out as `trained_betas`.
     """
-    from ddpm_jax import diffusion
 
     d = config.diffusion
     names = {ours: theirs for theirs, ours in _SCHEDULES.items()}
@@ -337,8 +322,6 @@ def config_from_diffusers(unet: dict, scheduler: dict | None) -> ml_collections.
     The training recipe is the DDPM paper's (`configs/ddpm_paper.py`), to fine-tune on an
     image folder (`data.path`); without a scheduler, the diffusion settings are the paper's.
     """
-    from configs import ddpm_paper
-
     config = ddpm_paper.get_config()
     size, model = model_config(unet)
     config.data.image_size = size
@@ -355,135 +338,3 @@ def config_from_diffusers(unet: dict, scheduler: dict | None) -> ml_collections.
             "prediction and learned-range variance values (variance_type='learned_range'), "
             "3 as the prediction alone")
     return config
-
-
-# ------------------------------------------------------------------------------ weights
-
-
-def _module_names(config: ml_collections.ConfigDict) -> dict[tuple, str]:
-    """Our module paths -> diffusers' module names, following the ``ddpm`` plan's order."""
-    m = config.model
-    levels = len(m.channel_mults)
-    attended = _attended_levels(config)
-    names: dict[tuple, str] = {
-        ("conv_in",): "conv_in", ("temb_dense1",): "time_embedding.linear_1",
-        ("temb_dense2",): "time_embedding.linear_2", ("norm_out",): "conv_norm_out",
-        ("conv_out",): "conv_out",
-        ("middle", 0): "mid_block.resnets.0", ("middle", 1): "mid_block.attentions.0",
-        ("middle", 2): "mid_block.resnets.1",
-    }
-
-    def add(section: str, blocks: list[str]) -> None:
-        for index, name in enumerate(blocks):
-            key = (section, index, "conv") if name.endswith("samplers.0") else (section, index)
-            names[key] = name + (".conv" if name.endswith("samplers.0") else "")
-
-    encoder = []
-    for level in range(levels):
-        for k in range(m.num_res_blocks):
-            encoder.append(f"down_blocks.{level}.resnets.{k}")
-            if attended[level]:
-                encoder.append(f"down_blocks.{level}.attentions.{k}")
-        if level < levels - 1:
-            encoder.append(f"down_blocks.{level}.downsamplers.0")
-    decoder = []
-    for up, level in enumerate(reversed(range(levels))):
-        for k in range(m.num_res_blocks + 1):
-            decoder.append(f"up_blocks.{up}.resnets.{k}")
-            if attended[level]:
-                decoder.append(f"up_blocks.{up}.attentions.{k}")
-        if level:
-            decoder.append(f"up_blocks.{up}.upsamplers.0")
-    add("encoder", encoder)
-    add("decoder", decoder)
-    return names
-
-
-def _key(entry: Any) -> Any:
-    return getattr(entry, "key", getattr(entry, "idx", entry))
-
-
-def weight_names(config: ml_collections.ConfigDict) -> dict[tuple, str]:
-    """Every parameter path of `config`'s network -> its diffusers state-dict name."""
-    check_exportable(config)
-    modules = _module_names(config)
-    result = {}
-    for path, _ in jax.tree_util.tree_flatten_with_path(network.abstract_params(config))[0]:
-        path = tuple(_key(entry) for entry in path)
-        prefix = next(path[:n] for n in range(len(path) - 1, 0, -1) if path[:n] in modules)
-        module, rest = modules[prefix], path[len(prefix):]
-        if len(rest) == 2:  # a layer inside a block
-            table = _ATTENTION if ".attentions." in module else _RES_BLOCK
-            module = f"{module}.{table[rest[0]]}"
-        result[path] = f"{module}.{_LEAF[rest[-1]]}"
-    return result
-
-
-def _to_torch_layout(array: np.ndarray, name: str) -> np.ndarray:
-    if array.ndim == 4:  # HWIO -> OIHW
-        return np.transpose(array, (3, 2, 0, 1))
-    if array.ndim == 2:  # [in, out] -> [out, in] (a 1x1 Conv2d for the shortcut)
-        weight = array.T
-        return weight[:, :, None, None] if name.endswith("conv_shortcut.weight") else weight
-    return array
-
-
-def _from_torch_layout(array: np.ndarray, ndim: int) -> np.ndarray:
-    if ndim == 4:
-        return np.transpose(array, (2, 3, 1, 0))
-    if ndim == 2:
-        return array.reshape(array.shape[:2]).T
-    return array
-
-
-def to_state_dict(params: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """`params` (a pure dict, any placement) as a diffusers `UNet2DModel` state dict."""
-    names = weight_names(config)
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
-    return {names[tuple(_key(e) for e in path)]:
-            np.ascontiguousarray(_to_torch_layout(np.asarray(leaf, np.float32),
-                                                  names[tuple(_key(e) for e in path)]))
-            for path, leaf in flat}
-
-
-def rename_legacy_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Attention weights under their pre-0.14 names (query, key, value, proj_attn) renamed."""
-    pattern = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-    renamed = {}
-    for name, value in state_dict.items():
-        match = pattern.match(name)
-        if match:
-            name = f"{match[1]}.{_LEGACY_ATTENTION[match[2]]}.{match[3]}"
-        renamed[name] = value
-    return renamed
-
-
-def from_state_dict(state_dict: dict[str, np.ndarray],
-                    config: ml_collections.ConfigDict) -> Any:
-    """A diffusers `UNet2DModel` state dict as `config`'s parameters (a pure dict, float32).
-
-    Raises `UnsupportedError` listing missing and unexpected names, or a shape mismatch.
-    """
-    state_dict = rename_legacy_keys(state_dict)
-    names = weight_names(config)
-    missing = sorted(set(names.values()) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(names.values()))
-    if missing or unexpected:
-        raise UnsupportedError(
-            f"the weights do not match the net of their config.json: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}")
-
-    def convert(path, abstract):
-        name = names[tuple(_key(e) for e in path)]
-        value = _from_torch_layout(np.asarray(state_dict[name], np.float32), abstract.ndim)
-        if value.shape != abstract.shape:
-            raise UnsupportedError(f"{name}: shape {state_dict[name].shape} does not fit the "
-                                   f"net of config.json (expected {abstract.shape} in ddpm-jax)")
-        if not np.isfinite(value).all():
-            raise UnsupportedError(f"{name}: {int((~np.isfinite(value)).sum())} of its "
-                                   f"{value.size} values are NaN or infinite; the weights are "
-                                   "damaged or diverged and would only sample noise")
-        return value
-
-    return jax.tree_util.tree_map_with_path(convert, network.abstract_params(config))

@@ -31,13 +31,20 @@ import hashlib
 import json
 import math
 import os
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
+
+from ddpm_jax import cli, console, data_sources, fid, image_utils, inception, input_pipeline, recipe, runs
+from ddpm_jax import progress as progress_bars
+from ddpm_jax.core import likelihood
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.runtime import network, sharding
+from ddpm_jax.samplers import SamplerSettings
+from ddpm_jax.train.step import images_to_model_space
 
 FLAGS = flags.FLAGS
 
@@ -80,10 +87,9 @@ def _required(**values: object) -> None:
 def fid_stats(config, output: str, weights: str, num_images: int = 0, batch_size: int = 100,
               seed: int = 0) -> dict:
     """Writes reference statistics of `config.data` to `output`; returns what it wrote."""
-    from ddpm_jax import fid, input_pipeline, sharding
 
     features = fid.InceptionFeatures(weights, sharding.create_mesh())  # fails fast on bad weights
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     count, read = input_pipeline.evaluation_images(config.data, source, num_images, seed)
     d = config.data
     logging.info("Inception statistics of %d images of %s", count, d.name or d.path or d.source)
@@ -104,13 +110,12 @@ def fid_stats(config, output: str, weights: str, num_images: int = 0, batch_size
 
 def _read_image_files(paths: list[str]):
     """`read(indices)` of sample image files, decoded as training decodes images."""
-    from ddpm_jax import input_pipeline
 
     def read(indices):
-        images = [input_pipeline.read_image(paths[index]) for index in indices]
+        images = [data_sources.read_image(paths[index]) for index in indices]
         shapes = {image.shape for image in images}
         if len(shapes) > 1:
-            raise ValueError(f"sample images differ in size ({sorted(shapes)}); resize them to one "
+            raise UserError(f"sample images differ in size ({sorted(shapes)}); resize them to one "
                              "size first")
         return np.stack(images)
 
@@ -123,7 +128,7 @@ def _load_npz_images(path: str) -> np.ndarray:
         key = next((k for k in ("arr_0", "images") if k in data.files), data.files[0])
         images = data[key]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}[{key!r}] is {images.dtype} {images.shape}; expected uint8 "
+        raise UserError(f"{path}[{key!r}] is {images.dtype} {images.shape}; expected uint8 "
                          "images [N, H, W, 3] (the sample command's .npz)")
     return images
 
@@ -134,20 +139,18 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
                spacing: str | None = None, seed: int = 0) -> dict:
     """FID, Inception Score and KID (`fid.compare`) of a folder, an .npz or a workdir's
     samples against `reference` statistics."""
-    from ddpm_jax import fid, input_pipeline, sample, sampling, sharding
-    from ddpm_jax.samplers import SamplerSettings
 
     path = epath.Path(samples)
     result: dict = {"samples": samples}
     if (path / "checkpoints").exists():
-        config, params, step, mesh = sample.load_run(samples, step)
+        config, params, step, mesh = runs.load_run(samples, step)
         e = config.eval
         weights = weights or e.inception_weights
         reference = reference or e.reference_stats
         _required(weights=weights, reference=reference)
         settings = SamplerSettings.from_config(e, sampler=sampler, num_steps=num_steps, eta=eta,
                                                spacing=spacing)
-        sample_fid = sampling.make_sample_fid_fn(
+        sample_fid = fid.make_sample_fid_fn(
             config, mesh, settings, weights=weights, reference=reference,
             num_samples=num_images or e.num_samples, batch_size=batch_size, progress=True)
         result.update(step=step, seed=seed, **settings.describe())
@@ -156,13 +159,13 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         _required(weights=weights, reference=reference)
         reference_stats = fid.load_reference(reference)  # fail before reading images
         if path.is_dir():
-            files = input_pipeline.list_image_files(samples)
+            files = data_sources.list_image_files(samples)
             count, read = len(files), _read_image_files(files)
         elif path.suffix == ".npz":
             images = _load_npz_images(samples)
             count, read = len(images), lambda indices: images[np.asarray(indices)]
         else:
-            raise ValueError(f"--samples={samples!r} is not a folder, an .npz or a workdir")
+            raise UserError(f"--samples={samples!r} is not a folder, an .npz or a workdir")
         features = fid.InceptionFeatures(weights, sharding.create_mesh())
         image_scores = features.statistics(read, count, batch_size, progress=True)
         scores = {**fid.compare(image_scores, reference_stats), "num_images": image_scores.count}
@@ -174,28 +177,26 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
         data_config=None, batch_size: int = 100, seed: int = 0, progress: bool = False) -> dict:
     """Bits/dim of a run's data under its checkpoint `step` (default the newest): the mean
     over `num_images` images (0: all) of the bound and of its terms."""
-    from ddpm_jax import diffusion, input_pipeline, likelihood, network, sample, sharding, train
-    from ddpm_jax import progress as progress_bars
 
-    config, params, step, mesh = sample.load_run(workdir, step)
+    config, params, step, mesh = runs.load_run(workdir, step)
     data = (data_config or config).data.copy_and_resolve_references()
     if split:
         data.split = split
     if data.image_size != config.data.image_size:
-        raise ValueError(f"the data config's image_size {data.image_size} is not the run's "
+        raise UserError(f"the data config's image_size {data.image_size} is not the run's "
                          f"{config.data.image_size}")
-    source = input_pipeline.make_source(data)
+    source = data_sources.make_source(data)
     count, read = input_pipeline.evaluation_images(data, source, num_images, seed)
     batch = sharding.padded_to_devices(min(batch_size, count), mesh)
-    definition, schedule, d = network.graphdef(config), diffusion.schedule_from_config(config), config.diffusion
+    definition, schedule = network.graphdef(config), recipe.schedule(config)
     images_sharding = sharding.batch_sharding(mesh)
 
     @jax.jit
     def batch_bpd(params, images, rng):
-        x0 = train.images_to_model_space(images)
+        x0 = images_to_model_space(images)
         return likelihood.bits_per_dim(
             lambda x, t: network.apply(definition, params, x, t), schedule, x0, rng,
-            prediction=d.prediction, variance=d.variance, clip_x0=d.clip_x0)
+            **recipe.reverse_process(config))
 
     sums = None
     with progress_bars.bar(count, "nll", "image", progress) as bar:
@@ -219,7 +220,6 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
 
 def convert_weights(input_path: str, output: str) -> dict:
     """Converts the PyTorch weight file to the .npz `inception.load` reads without PyTorch."""
-    from ddpm_jax import inception
 
     state_dict = inception.read_state_dict(input_path)
     source_sha256 = hashlib.sha256(epath.Path(input_path).read_bytes()).hexdigest()
@@ -233,63 +233,61 @@ def strict_json(result: dict, indent: int | None = None) -> str:
     naming it) instead of written as the non-standard NaN/Infinity."""
     bad = [key for key, value in result.items() if isinstance(value, float) and not math.isfinite(value)]
     if bad:
-        raise ValueError(f"the result holds non-finite {', '.join(bad)}: {result}")
+        raise UserError(f"the result holds non-finite {', '.join(bad)}: {result}")
     return json.dumps(result, indent=indent, default=str, allow_nan=False)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m ddpm_jax.evaluate {{{'|'.join(COMMANDS)}}} --flags")
-    from ddpm_jax import checkpointing, cli, fid, image_utils, inception, input_pipeline
-
     command = argv[1]
-    for flag in ("output", "json"):
-        cli.check_output(f"ddpm_jax.evaluate {command}", flag, getattr(FLAGS, flag))
-    try:
-        if command == "nll":
-            _required(workdir=FLAGS.workdir)
-            result = nll(FLAGS.workdir, step=FLAGS.step, num_images=FLAGS.num_images or 0,
-                         split=FLAGS.split, data_config=FLAGS.config, batch_size=FLAGS.batch_size,
-                         seed=FLAGS.seed, progress=True)
-        elif command == "convert-weights":
-            _required(input=FLAGS.input, output=FLAGS.output)
-            result = convert_weights(FLAGS.input, FLAGS.output)
-        elif command == "fid-stats":
-            config = FLAGS.config
-            _required(config=config, output=FLAGS.output)
-            weights = FLAGS.weights or config.eval.inception_weights
-            _required(weights=weights)
-            result = fid_stats(config, FLAGS.output, weights, FLAGS.num_images or 0,
-                               FLAGS.batch_size, FLAGS.seed)
-        else:
-            _required(samples=FLAGS.samples)
-            result = sample_fid(FLAGS.samples, FLAGS.reference, FLAGS.weights,
-                                num_images=FLAGS.num_images, batch_size=FLAGS.batch_size,
-                                step=FLAGS.step, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps,
-                                eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed)
-    except (FileNotFoundError, ValueError, fid.FIDError, inception.InceptionWeightsError,
-            input_pipeline.DataError, checkpointing.CheckpointReadError,
-            image_utils.OutputWriteError) as error:
-        sys.exit(f"ddpm_jax.evaluate {command}: {error}")
-    if jax.process_index() == 0:
-        if "fid" in result:
-            print(f"{fid.describe(result)} ({result['num_images']} images vs {result['reference']})")
-        if "bits_per_dim" in result:
-            print(f"{result['bits_per_dim']:.4f} bits/dim over {result['num_images']} images "
-                  f"(prior {result['prior_bpd']:.4f}, KL terms {result['kl_terms_bpd']:.4f}, "
-                  f"decoder {result['decoder_bpd']:.4f})")
-        # strict JSON (no NaN, which strict parsers refuse); the per-t terms (T numbers) only
-        # in the --json file
-        try:
-            print(strict_json({k: v for k, v in result.items() if k != "terms_bpd"}))
-            if FLAGS.json:
-                image_utils.write_atomically(FLAGS.json, strict_json(result, indent=2).encode())
-        except (ValueError, image_utils.OutputWriteError) as error:
-            sys.exit(f"ddpm_jax.evaluate {command}: {error}")
+    with console.exit_on_user_error(f"ddpm_jax.evaluate {command}"):
+        for flag in ("output", "json"):
+            cli.check_output(flag, getattr(FLAGS, flag))
+        result = _run(command)
+        if jax.process_index() == 0:
+            _report(result)
+
+
+def _run(command: str) -> dict:
+    """The result of `command`, from the flags."""
+    if command == "nll":
+        _required(workdir=FLAGS.workdir)
+        return nll(FLAGS.workdir, step=FLAGS.step, num_images=FLAGS.num_images or 0,
+                   split=FLAGS.split, data_config=FLAGS.config, batch_size=FLAGS.batch_size,
+                   seed=FLAGS.seed, progress=True)
+    if command == "convert-weights":
+        _required(input=FLAGS.input, output=FLAGS.output)
+        return convert_weights(FLAGS.input, FLAGS.output)
+    if command == "fid-stats":
+        config = FLAGS.config
+        _required(config=config, output=FLAGS.output)
+        weights = FLAGS.weights or config.eval.inception_weights
+        _required(weights=weights)
+        return fid_stats(config, FLAGS.output, weights, FLAGS.num_images or 0, FLAGS.batch_size,
+                         FLAGS.seed)
+    _required(samples=FLAGS.samples)
+    return sample_fid(FLAGS.samples, FLAGS.reference, FLAGS.weights, num_images=FLAGS.num_images,
+                      batch_size=FLAGS.batch_size, step=FLAGS.step, sampler=FLAGS.sampler,
+                      num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing,
+                      seed=FLAGS.seed)
+
+
+def _report(result: dict) -> None:
+    """Prints `result` (a line for people, then strict JSON) and writes the --json file."""
+    if "fid" in result:
+        print(f"{fid.describe(result)} ({result['num_images']} images vs {result['reference']})")
+    if "bits_per_dim" in result:
+        print(f"{result['bits_per_dim']:.4f} bits/dim over {result['num_images']} images "
+              f"(prior {result['prior_bpd']:.4f}, KL terms {result['kl_terms_bpd']:.4f}, "
+              f"decoder {result['decoder_bpd']:.4f})")
+    # strict JSON (no NaN, which strict parsers refuse); the per-t terms (T numbers) only in
+    # the --json file
+    print(strict_json({k: v for k, v in result.items() if k != "terms_bpd"}))
+    if FLAGS.json:
+        image_utils.write_atomically(FLAGS.json, strict_json(result, indent=2).encode())
 
 
 if __name__ == "__main__":
-    from ddpm_jax import cli
-
     define_flags()
     app.run(main, flags_parser=cli.flags_parser("ddpm_jax.evaluate"))

@@ -29,17 +29,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ddpm_jax import image_utils, inception, ops, sharding
+from ddpm_jax import image_utils, inception, ops
 from ddpm_jax import progress as progress_bars
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.runtime import compiled_sampler, sharding
+from ddpm_jax.samplers import SamplerSettings
 
 
-class FIDError(ValueError):
+class FIDError(UserError):
     """A statistics file or image set that cannot be used for FID."""
 
 
@@ -418,3 +422,29 @@ def describe(result: dict[str, Any]) -> str:
     if result.get("kid") is not None:
         parts.append(f"KID {result['kid']:.5f} +- {result['kid_std']:.5f}")
     return ", ".join(parts)
+
+
+def make_sample_fid_fn(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, settings: SamplerSettings, *,
+    weights: str, reference: str, num_samples: int, batch_size: int, progress: bool = False,
+):
+    """`fn(params, rng, should_stop=None) -> scores` of `num_samples` samples against
+    `reference` (`compare`'s FID, IS and KID, and `num_images`), or None when
+    `should_stop()` asked to stop.
+
+    Loads the Inception weights and reference statistics at once (a wrong path fails before
+    any sampling); samples go from the sampler to the Inception network on device.
+    """
+    reference_stats = load_reference(reference)
+    features = InceptionFeatures(weights, mesh)
+    sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=min(batch_size, num_samples))
+
+    def evaluate(params: Any, rng: jax.Array, should_stop: Callable[[], bool] | None = None
+                 ) -> dict[str, Any] | None:
+        scores = features.sample_statistics(sample_fn, params, rng, num_samples, progress,
+                                            should_stop)
+        if scores is None:
+            return None
+        return {**compare(scores, reference_stats), "num_images": scores.count}
+
+    return evaluate

@@ -15,6 +15,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from ddpm_jax.core.errors import UserError
+
 
 def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
     """Maps [-1, 1] floats to uint8, clamping first so out-of-range values never wrap around.
@@ -44,7 +46,7 @@ def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int =
     return grid
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(OSError, UserError):
     """An output could not be written where asked; the message says where it was saved."""
 
     def __str__(self) -> str:

@@ -35,6 +35,9 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from ddpm_jax import image_utils
+from ddpm_jax.core.errors import UserError
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -45,7 +48,7 @@ STANDARD_URL = (
 HIGHEST = jax.lax.Precision.HIGHEST  # features in full float32 on every chip (no TF32/bf16 passes)
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError):
     """The weight file is missing, unreadable, or does not hold the FID Inception's layout."""
 
 
@@ -321,7 +324,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise InceptionWeightsError(f"{path}: expected a .pth (PyTorch) or .npz weight file")
     _check_standard_hash(file)
     try:
-        import torch
+        import torch  # optional and heavy: only to read the PyTorch weight file
     except ImportError as error:
         raise InceptionWeightsError(
             f"reading {path} needs PyTorch (`pip install torch`); or convert it once on a machine "
@@ -404,8 +407,6 @@ def save_npz(state_dict: Mapping[str, np.ndarray], path: str, source: str = "",
     buffer = io.BytesIO()
     np.savez(buffer, _source=np.array(source), _source_sha256=np.array(source_sha256),
              _weights_sha256=np.array(weights_digest(arrays)), **arrays)
-    from ddpm_jax import image_utils
-
     image_utils.write_atomically(path, buffer.getvalue())
 
 

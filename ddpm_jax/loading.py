@@ -17,6 +17,10 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
+from ddpm_jax import convert, runs
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.runtime import network
+
 
 class Model:
     """The network of `config` with fixed weights: `model(x, t) -> output` (jitted).
@@ -25,8 +29,6 @@ class Model:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, params: Any):
-        from ddpm_jax import network
-
         self.config = config
         self.params = params
         self.graphdef = network.graphdef(config)
@@ -36,12 +38,12 @@ class Model:
         size = self.config.data.image_size
         x, t = jnp.asarray(x, jnp.float32), jnp.asarray(t)
         if x.ndim != 4 or x.shape[1:] != (size, size, 3):
-            raise ValueError(f"x must be [B, {size}, {size}, 3] (NHWC images in [-1, 1]), "
+            raise UserError(f"x must be [B, {size}, {size}, 3] (NHWC images in [-1, 1]), "
                              f"got shape {x.shape}")
         if t.ndim == 0:
             t = jnp.full((x.shape[0],), t)
         if t.shape != (x.shape[0],) or not jnp.issubdtype(t.dtype, jnp.integer):
-            raise ValueError(f"t must be integer timesteps [B] = [{x.shape[0]}], got "
+            raise UserError(f"t must be integer timesteps [B] = [{x.shape[0]}], got "
                              f"{t.dtype} {t.shape}")
         return self._apply(self.params, x, t.astype(jnp.int32))
 
@@ -57,13 +59,11 @@ def load_model(path: str, step: int | None = None,
     `step` picks a workdir's checkpoint (default the newest); `weights` is "ema" (the EMA
     when the run keeps one, else the raw weights) or "params".
     """
-    from ddpm_jax import convert, sample
-
     root = epath.Path(path)
     if (root / "model_index.json").exists() or (root / "config.json").exists():
         if step is not None:
-            raise ValueError(f"{path} is a diffusers folder, which has no steps; drop step")
+            raise UserError(f"{path} is a diffusers folder, which has no steps; drop step")
         config, params = convert.read_diffusers(path)
     else:
-        config, params, _, _ = sample.load_run(path, step, weights)
+        config, params, _, _ = runs.load_run(path, step, weights)
     return Model(config, params), config

@@ -11,7 +11,15 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from clu import parameter_overview
+from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
+
+from ddpm_jax import cli, console, train
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.runtime import memory, network
+from ddpm_jax.train import config_checks
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -81,10 +89,6 @@ def dry_run(config) -> None:
     """Validates `config`, prints the per-module parameter overview, and (unless
     `config.check_memory` is False) compiles the train step and prints and checks its
     memory; trains nothing and writes nothing."""
-    from clu import parameter_overview
-
-    from ddpm_jax import config_checks, memory, network, train
-
     config_checks.validate(config, device_count=jax.device_count(),
                            process_count=jax.process_count())
     params = network.abstract_params(config)
@@ -92,7 +96,7 @@ def dry_run(config) -> None:
     print(f"total parameters: {parameter_overview.count_parameters(params)}")
     if not config.check_memory:
         return
-    step_fns = train.StepFunctions(config, train.create_mesh(config))
+    step_fns = train.step_functions(config, train.create_mesh(config))
     compiled = step_fns.compiled(step_fns.per_call)
     needed, (available, where) = memory.step_bytes(compiled), memory.available_bytes()
     if needed is not None:
@@ -104,56 +108,44 @@ def dry_run(config) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddpm_jax import checkpointing, cli  # touch no device
-
     logging.info("%s", cli.overrides_summary(FLAGS["config"]))
     use_compilation_cache(FLAGS.config)
     initialize_distributed()
     logging.info("JAX process %d of %d, %d local / %d global devices (%s)",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), jax.default_backend())
-    # Imported after distributed init, so nothing touches devices before it.
-    from ddpm_jax import (
-        config_checks,
-        fid,
-        image_utils,
-        inception,
-        input_pipeline,
-        memory,
-        metric_logs,
-        train,
-        workdir_lock,
-    )
+    with console.exit_on_user_error("ddpm_jax"):
+        if FLAGS.dry_run:
+            dry_run(FLAGS.config)
+        else:
+            train_once_more_without_cache()
 
+
+def train_once_more_without_cache() -> None:
+    """Trains; after an unexplained failure with the compilation cache on, once more without
+    it. A second Ctrl-C, a full disk or a permission end the command with one line."""
     suspect_cache = None  # the compilation cache a failed first attempt ran with
     for attempt in (1, 2):
         try:
-            if FLAGS.dry_run:
-                dry_run(FLAGS.config)
-                return
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir, steal_lock=FLAGS.steal_lock,
                                      allow_diffusion_change=FLAGS.allow_diffusion_change)
             if suspect_cache:
                 _clear_compilation_cache(suspect_cache)
             return
-        except (config_checks.ConfigError, input_pipeline.DataError, train.NonFiniteError,
-                fid.FIDError, inception.InceptionWeightsError, memory.MemoryCheckError,
-                workdir_lock.WorkdirLockedError, workdir_lock.WorkdirLockLostError,
-                checkpointing.CheckpointSaveError, checkpointing.CheckpointReadError,
-                metric_logs.LogWriteError, image_utils.OutputWriteError) as error:
-            sys.exit(f"ddpm_jax: {error}")
+        except UserError:
+            raise
         except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a graceful stop
             sys.exit("ddpm_jax: interrupted (Ctrl-C twice); checkpoints saved so far are "
                      "intact: rerun the same command to resume")
         except Exception as error:  # a full disk or a permission, outside a checkpoint save
-            cause = checkpointing.os_error_cause(error)
+            cause = console.os_error_cause(error)
             if cause == "error" and attempt == 1:
                 suspect_cache = _without_compilation_cache(error)
                 if suspect_cache:
                     continue
             if cause == "error":
                 raise
-            sys.exit(f"ddpm_jax: {cause} [{checkpointing.error_summary(error)}]; checkpoints "
+            sys.exit(f"ddpm_jax: {cause} [{console.error_summary(error)}]; checkpoints "
                      "saved so far are intact: fix it and rerun the same command to resume")
 
 
@@ -162,16 +154,12 @@ def _without_compilation_cache(error: Exception) -> str | None:
     run is tried once more without it: a damaged cache entry (a program stored under another
     program's key) fails every start with an error from deep inside JAX. Returns the cache
     folder when the run should be tried again (one process, the cache was on), else None."""
-    from ddpm_jax import checkpointing
-
     cache = jax.config.jax_compilation_cache_dir
     if not (cache and jax.config.jax_enable_compilation_cache and jax.process_count() == 1):
         return None
     logging.warning("the run failed (%s) with the compilation cache %s on; trying once more "
                     "without it, from the newest checkpoint (a damaged cache entry fails every "
-                    "start)", checkpointing.error_summary(error), cache)
-    from jax.experimental.compilation_cache import compilation_cache
-
+                    "start)", console.error_summary(error), cache)
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # JAX decides once whether the cache is used: again now
     jax.clear_caches()
@@ -182,8 +170,6 @@ def _clear_compilation_cache(cache: str) -> None:
     """Empties a compilation cache that failed a run which then went through without it: it
     holds a damaged entry, which would fail the next start too. Its programs are compiled and
     stored again as they are needed."""
-    from etils import epath
-
     removed = 0
     for path in epath.Path(cache).iterdir():
         if path.is_file():
@@ -194,6 +180,4 @@ def _clear_compilation_cache(cache: str) -> None:
 
 
 if __name__ == "__main__":
-    from ddpm_jax import cli
-
     app.run(main, flags_parser=cli.flags_parser("ddpm_jax.main"))

@@ -13,10 +13,11 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpointing
+from ddpm_jax import console
+from ddpm_jax.core.errors import UserError
 
 
-class LogWriteError(RuntimeError):
+class LogWriteError(UserError, RuntimeError):
     """The TensorBoard logs could not be written (disk full, permissions)."""
 
 
@@ -26,7 +27,7 @@ def write_error(workdir_path: epath.Path, error: BaseException) -> LogWriteError
     cause = error.__cause__ or error.__context__ or error
     return LogWriteError(
         f"could not write the TensorBoard logs in {workdir_path}: "
-        f"{checkpointing.os_error_cause(error)} ({checkpointing.error_summary(cause)}); "
+        f"{console.os_error_cause(error)} ({console.error_summary(cause)}); "
         "checkpoints are intact: fix it and rerun the same command")
 
 
@@ -54,9 +55,11 @@ def open_writer(config: ml_collections.ConfigDict, workdir_path: epath.Path
                 ) -> tuple[CheckedWriter, Any]:
     """(the run's checked writer, its W&B run or None): TensorBoard files in the workdir on
     process 0 (the others only log), plus W&B where `config.wandb.project` is set."""
+    # Heavy: clu's writers import TensorFlow, which the commands and benchmarks that never
+    # log do not need.
     from clu import metric_writers
 
-    from ddpm_jax import wandb_writer
+    from ddpm_jax import wandb_writer  # imports clu's writers, hence TensorFlow
 
     writer = metric_writers.create_default_writer(
         str(workdir_path), just_logging=jax.process_index() > 0)

@@ -3,9 +3,11 @@ process 0 only, on stderr."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
+from tqdm import tqdm
 
 
 class _Silent:
@@ -28,8 +30,6 @@ def bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
     """A tqdm bar over `total` `unit`s (its `update(n)` adds n), or a silent one."""
     if not enabled or jax.process_index() != 0:
         return _Silent()
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
 
 
@@ -56,26 +56,29 @@ class TrainingProgress:
 
     def __init__(self, first_step: int, num_train_steps: int, batch_size: int,
                  every_seconds: float = 30.0):
-        import time
-
         self._clock = time.perf_counter
         self.first_step, self.num_train_steps = first_step, num_train_steps
         self.batch_size, self.every_seconds = batch_size, every_seconds
         self.started = self._clock()
         self.evaluation_seconds: dict[str, float] = {}  # kind -> total seconds
+        self.excluded_seconds = 0.0  # every evaluation, finished or abandoned
         self.evaluation_counts: dict[str, int] = {}
         self._latest_evaluation: dict[str, float] = {}  # the first one also compiles
         self._last_line: float | None = None
 
-    def evaluation(self, kind: str, seconds: float) -> None:
-        """Records one evaluation of `kind` ("sample grid", "FID") that took `seconds`."""
+    def evaluation(self, kind: str, seconds: float, counted: bool = True) -> None:
+        """Records one evaluation of `kind` ("sample grid", "FID") that took `seconds`, kept
+        out of the training speed; `counted=False`: a stop request abandoned it."""
+        self.excluded_seconds += seconds
+        if not counted:
+            return
         self.evaluation_seconds[kind] = self.evaluation_seconds.get(kind, 0.0) + seconds
         self.evaluation_counts[kind] = self.evaluation_counts.get(kind, 0) + 1
         self._latest_evaluation[kind] = seconds
 
     def training_seconds(self) -> float:
         """Wall time since the loop started, less the evaluations."""
-        return self._clock() - self.started - sum(self.evaluation_seconds.values())
+        return self._clock() - self.started - self.excluded_seconds
 
     def line(self, step: int, loss: float, evaluations_left: dict[str, int]) -> str | None:
         """The progress line at `step`, or None when the last one is too recent.

@@ -12,14 +12,18 @@ gives the same images.
 from __future__ import annotations
 
 import io
-import sys
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from ddpm_jax import cli, console, image_utils, runs
+from ddpm_jax import progress as progress_bars
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.runtime import compiled_sampler
+from ddpm_jax.samplers import SamplerSettings
 
 FLAGS = flags.FLAGS
 
@@ -45,85 +49,6 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "output"])
 
 
-def _open_run(workdir: str, step: int | None, read):
-    """(step, read(manager, step)) of checkpoint `step`, or of the newest readable one.
-
-    Reads only: a damaged checkpoint is skipped with a warning (never moved or deleted); a
-    `step` that was asked for and cannot be read is one error naming it.
-    """
-    from ddpm_jax import checkpointing, train
-
-    directory = train.absolute_path(workdir) / "checkpoints"
-    if not directory.exists():
-        raise FileNotFoundError(f"no checkpoints under {directory}; is --workdir a training run?")
-    manager = checkpointing.make_manager(directory)  # read-only
-    try:
-        if step is None:
-            found = checkpointing.newest_readable(manager, lambda s: read(manager, s),
-                                                  repair=False)
-            if found is None:
-                raise FileNotFoundError(f"no checkpoints under {directory}")
-            return found
-        if step not in manager.all_steps():
-            raise FileNotFoundError(f"checkpoint step {step} not in {manager.all_steps()}")
-        try:
-            return step, read(manager, step)
-        except Exception as error:
-            checkpointing.quiet_abandoned_io()
-            raise checkpointing.CheckpointReadError(
-                f"the checkpoint of step {step} in {directory} cannot be read "
-                f"({checkpointing.error_summary(error)}); other steps: "
-                f"{[s for s in manager.all_steps() if s != step]}") from error
-    finally:
-        manager.close()
-
-
-def _read_config(manager, step: int) -> ml_collections.ConfigDict:
-    from ddpm_jax import checkpointing
-
-    return ml_collections.ConfigDict(checkpointing.config_at(manager, step))
-
-
-def run_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
-    """(config, step) of a run's checkpoint `step` (default: the newest readable), reading no
-    weights; the config has every field, those added since the run at their defaults."""
-    step, config = _open_run(workdir, step, _read_config)
-    return config, step
-
-
-class NonFiniteWeightsError(ValueError):
-    """A checkpoint's weights hold NaN or infinite values."""
-
-
-def load_run(workdir: str, step: int | None = None, weights: str = "ema"):
-    """(config, params, step, mesh) of a run's checkpoint `step` (default: the newest
-    readable), restored onto this host's mesh.
-
-    `weights`: "ema" (the EMA when the run keeps one, else the raw weights) or "params";
-    the config has every field, those added since the run at their defaults. Weights with
-    NaN or infinite values are refused.
-    """
-    from ddpm_jax import checkpointing, sampling, train
-
-    def read(manager, step):
-        config = _read_config(manager, step)
-        mesh = train.create_mesh(config)
-        state = checkpointing.restore_step(manager, step, train.abstract_train_state(config, mesh))
-        return config, mesh, state
-
-    step, (config, mesh, state) = _open_run(workdir, step, read)
-    params = sampling.sampling_params(config, state, weights)
-    finite = jax.tree.map(lambda x: bool(jax.numpy.isfinite(x).all()), params)
-    bad = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite)
-           if not ok]
-    if bad:
-        raise NonFiniteWeightsError(
-            f"the {weights} weights of step {step} in {workdir} hold NaN or infinite values "
-            f"(in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); sample an earlier "
-            "--step")
-    return config, params, step, mesh
-
-
 def generate(
     workdir: str, num_samples: int, *, step: int | None = None, sampler: str | None = None,
     num_steps: int | None = None, eta: float | None = None, spacing: str | None = None,
@@ -133,15 +58,11 @@ def generate(
 
     `sampler`, `num_steps`, `spacing` and `eta` default to the run's `config.sample`.
     """
-    from ddpm_jax import image_utils, sampling
-    from ddpm_jax import progress as progress_bars
-    from ddpm_jax.samplers import SamplerSettings
-
-    config, params, step, mesh = load_run(workdir, step)
+    config, params, step, mesh = runs.load_run(workdir, step)
     settings = SamplerSettings.from_config(config.sample, sampler=sampler, num_steps=num_steps,
                                            eta=eta, spacing=spacing)
     batch_size = min(batch_size, num_samples)
-    sample_fn = sampling.make_sample_fn(config, mesh, settings, num_images=batch_size,
+    sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=batch_size,
                                         num_snapshots=snapshots)
     logging.info("sampling %d images from step %d with %s", num_samples, step, settings.summary())
     images, strips = [], []
@@ -167,8 +88,6 @@ def generate(
 
 def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
     """Writes a grid (.png) or an array file (.npz), plus the denoising strip if given."""
-    from ddpm_jax import image_utils
-
     path = epath.Path(output)
     if path.suffix == ".png":
         image_utils.save_png(image_utils.make_grid(samples), output)
@@ -177,7 +96,7 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
         np.savez(buffer, arr_0=samples)  # the key the ADM evaluator reads
         image_utils.write_atomically(path, buffer.getvalue())
     else:
-        raise ValueError(f"--output must end in .png or .npz, got {output!r}")
+        raise UserError(f"--output must end in .png or .npz, got {output!r}")
     if strips is not None:
         rows = strips.reshape((-1,) + strips.shape[2:])
         image_utils.save_png(image_utils.make_grid(rows, num_columns=strips.shape[1]),
@@ -187,29 +106,20 @@ def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ddpm_jax import checkpointing, cli, image_utils
-
-    if not FLAGS.output.endswith((".png", ".npz")):
-        sys.exit(f"ddpm_jax.sample: --output must end in .png or .npz, got {FLAGS.output!r}")
-    cli.check_output("ddpm_jax.sample", "output", FLAGS.output)
-    try:
+    with console.exit_on_user_error("ddpm_jax.sample"):
+        if not FLAGS.output.endswith((".png", ".npz")):
+            raise UserError(f"--output must end in .png or .npz, got {FLAGS.output!r}")
+        cli.check_output("output", FLAGS.output)
         samples, strips = generate(
             FLAGS.workdir, FLAGS.num_samples, step=FLAGS.step, sampler=FLAGS.sampler,
             num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, snapshots=FLAGS.snapshots, progress=True,
         )
-    except (FileNotFoundError, ValueError, checkpointing.CheckpointReadError) as error:
-        sys.exit(f"ddpm_jax.sample: {error}")
-    if jax.process_index() == 0:
-        try:
+        if jax.process_index() == 0:
             write(samples, strips, FLAGS.output)
-        except image_utils.OutputWriteError as error:
-            sys.exit(f"ddpm_jax.sample: {error}")
-        logging.info("wrote %s", FLAGS.output)
+            logging.info("wrote %s", FLAGS.output)
 
 
 if __name__ == "__main__":
-    from ddpm_jax import cli
-
     define_flags()
     app.run(main, flags_parser=cli.flags_parser("ddpm_jax.sample"))

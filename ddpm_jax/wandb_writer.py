@@ -15,25 +15,26 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import cli
+from ddpm_jax import console
+from ddpm_jax.core.errors import UserError
 
-cli.import_tensorflow()  # clu's writers load it: quietly, in a command
+console.import_tensorflow()  # clu's writers load it: quietly, in a command
 from clu import metric_writers  # noqa: E402
 
 RUN_ID_FILE = "wandb_run_id"
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError when W&B logging is asked for and cannot work."""
+    """Raises UserError when W&B logging is asked for and cannot work."""
     w = config.wandb
     if not w.project:
         return
     if w.mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"wandb.mode must be 'online', 'offline' or 'disabled', got {w.mode!r}")
+        raise UserError(f"wandb.mode must be 'online', 'offline' or 'disabled', got {w.mode!r}")
     try:
-        import wandb  # noqa: F401
+        import wandb  # noqa: F401  (optional: only where W&B logging is asked for)
     except ImportError as error:
-        raise ValueError("wandb.project is set but wandb is not installed: "
+        raise UserError("wandb.project is set but wandb is not installed: "
                          'pip install -e ".[wandb]", or leave wandb.project empty') from error
 
 
@@ -41,7 +42,7 @@ class WandbWriter(metric_writers.MetricWriter):
     """Logs to one W&B run, resumed by the id stored in the workdir."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        import wandb
+        import wandb  # optional and heavy: only where W&B logging is asked for
 
         self._wandb = wandb
         id_file = epath.Path(workdir) / RUN_ID_FILE

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from absl import logging
 from etils import epath
 
+from ddpm_jax.core.errors import UserError
+
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0  # ten missed heartbeats: the holder is gone (a host that was replaced)
@@ -41,11 +43,11 @@ _FIELDS = {"host": str, "pid": int, "pid_start_time": str, "started": (int, floa
            "heartbeat": (int, float), "command": str, "token": str}
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(UserError, RuntimeError):
     """Another live run holds the workdir, or the lock cannot be taken."""
 
 
-class WorkdirLockLostError(RuntimeError):
+class WorkdirLockLostError(UserError, RuntimeError):
     """Another run took this run's workdir lock (`--steal_lock`) or removed it."""
 
 
@@ -111,7 +113,7 @@ class WorkdirLock:
         if not self.local:
             yield
             return
-        import fcntl
+        import fcntl  # POSIX only: imported where the workdir is a local folder
 
         try:
             fd = os.open(self.path.parent, os.O_RDONLY)
@@ -277,7 +279,7 @@ class Holding:
         self.lock = lock
 
     def check(self, step: int | None = None) -> None:
-        import jax
+        import jax  # as in `hold`: only a multi-process run's broadcast needs it
         import numpy as np
         from jax.experimental import multihost_utils
 
@@ -300,6 +302,8 @@ class Holding:
 def hold(workdir: epath.Path, steal: bool = False) -> Iterator[Holding]:
     """Holds the workdir's lock for the body: process 0 takes it and every process learns
     whether it did, so all of them stop together when another run holds it."""
+    # The lock needs no JAX; only a multi-process run's broadcast does (and the lock's tests
+    # start many processes, each of which would pay for importing it).
     import jax
     import numpy as np
     from jax.experimental import multihost_utils

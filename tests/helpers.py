@@ -166,7 +166,8 @@ def run_train_steps(config, mesh, batches, weight_noise=0.0, metric="loss"):
     `weight_noise` > 0 adds N(0, weight_noise^2) noise (fixed seed) to the initial weights,
     so the zero-initialised output layers do not hide the rest of the network from the loss.
     """
-    from ddpm_jax import network, train
+    from ddpm_jax import train
+    from ddpm_jax.runtime import network
 
     state = train.create_train_state(config, mesh)
     if weight_noise:

@@ -5,7 +5,8 @@ import importlib
 import pytest
 from clu import parameter_overview
 
-from ddpm_jax import config_checks, network
+from ddpm_jax.runtime import network
+from ddpm_jax.train import config_checks
 
 CONFIGS = ["quickstart", "celeba", "cifar10", "celebahq256", "celeba64"]
 

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from configs import cifar10
-from ddpm_jax import convert, diffusers_format, loading, network, sample, train
+from ddpm_jax import convert, diffusers_format, diffusers_weights, loading, sample, train
 from ddpm_jax.diffusers_format import UnsupportedError
+from ddpm_jax.runtime import network
 from tests.helpers import micro_config, tiny_config
 
 
@@ -85,7 +86,7 @@ def test_cifar10_names_and_shapes_are_diffusers_own():
     expected = diffusers_cifar10_shapes()
     assert sum(int(np.prod(s)) for s in expected.values()) == 35_746_307  # Ho et al.'s count
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), network.abstract_params(config))
-    written = diffusers_format.to_state_dict(zeros, config)
+    written = diffusers_weights.to_state_dict(zeros, config)
     assert {name: value.shape for name, value in written.items()} == expected
 
 
@@ -99,7 +100,7 @@ def test_export_then_import_gives_the_same_parameters_and_config():
     config.diffusion.variance = "fixed_small"
     config.diffusion.schedule = "cosine"
     params = network.random_params(config)
-    state_dict = diffusers_format.to_state_dict(params, config)
+    state_dict = diffusers_weights.to_state_dict(params, config)
     unet = json.loads(json.dumps(diffusers_format.unet_config(config)))
     scheduler = json.loads(json.dumps(diffusers_format.scheduler_config(config)))
     imported = diffusers_format.config_from_diffusers(unet, scheduler)
@@ -108,12 +109,12 @@ def test_export_then_import_gives_the_same_parameters_and_config():
             if key not in ("dtype", "remat", "mlp_ratio", "beta_start", "beta_end", "loss"):
                 assert imported[section][key] == value, f"{section}.{key}"
     assert imported.data.image_size == config.data.image_size
-    back = diffusers_format.from_state_dict(state_dict, imported)
+    back = diffusers_weights.from_state_dict(state_dict, imported)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
 def test_unnamed_schedules_are_written_as_trained_betas_and_old_attention_names_load():
-    from ddpm_jax import diffusion, schedules
+    from ddpm_jax.core import diffusion, schedules
 
     config = tiny_config()
     schedules.BETA_SCHEDULES.register("halved_linear")(
@@ -129,9 +130,9 @@ def test_unnamed_schedules_are_written_as_trained_betas_and_old_attention_names_
     params = network.random_params(config)
     old = {name.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value")
            .replace("to_out.0", "proj_attn"): value
-           for name, value in diffusers_format.to_state_dict(params, config).items()}
+           for name, value in diffusers_weights.to_state_dict(params, config).items()}
     assert any(".query." in name for name in old)
-    back = diffusers_format.from_state_dict(old, config)
+    back = diffusers_weights.from_state_dict(old, config)
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion
-from ddpm_jax.schedules import BETA_SCHEDULES
+from ddpm_jax import samplers
+from ddpm_jax.core import diffusion, objectives
+from ddpm_jax.core.schedules import BETA_SCHEDULES
 
 T = 1000
 
@@ -100,11 +101,11 @@ def test_prediction_targets_round_trip(prediction):
 def test_losses():
     pred = jnp.array([[0.0, 2.0], [0.5, -0.5]])
     target = jnp.zeros_like(pred)
-    np.testing.assert_allclose(diffusion.regression_loss(pred, target, "mse"), [2.0, 0.25])
-    np.testing.assert_allclose(diffusion.regression_loss(pred, target, "l1"), [1.0, 0.5])
-    np.testing.assert_allclose(diffusion.regression_loss(pred, target, "huber"), [0.75, 0.125])
+    np.testing.assert_allclose(objectives.regression_loss(pred, target, "mse"), [2.0, 0.25])
+    np.testing.assert_allclose(objectives.regression_loss(pred, target, "l1"), [1.0, 0.5])
+    np.testing.assert_allclose(objectives.regression_loss(pred, target, "huber"), [0.75, 0.125])
     with pytest.raises(ValueError, match="unknown loss"):
-        diffusion.regression_loss(pred, target, "l3")
+        objectives.regression_loss(pred, target, "l3")
 
 
 def test_ddpm_step_is_posterior_mean_plus_scaled_noise():
@@ -217,11 +218,11 @@ def test_samplers_with_the_oracle_denoiser_match_exact_moments(sampler, num_step
     """For Gaussian data the optimal denoiser is known, so no training is needed."""
     s = diffusion.make_schedule("linear", T)
     mu, sigma = 0.3, 0.5
-    run = jax.jit(lambda rng: diffusion.sample(
+    run = jax.jit(lambda rng: samplers.sample(
         diffusion.optimal_gaussian_eps(s, mu, sigma), s, (8192, 8), rng, sampler=sampler,
         num_steps=num_steps, eta=eta, variance=variance, clip_x0=False, spacing=spacing))
     x = np.asarray(run(jax.random.PRNGKey(3)))
-    steps = diffusion.sampling_timesteps(s, sampler, num_steps, spacing)
+    steps = samplers.sampling_timesteps(s, sampler, num_steps, spacing)
     want_mean, want_std = discretised_chain_moments(sampler, steps, eta, variance, mu, sigma)
     assert x.mean() == pytest.approx(want_mean, abs=0.01)
     assert x.std() == pytest.approx(want_std, rel=0.02)
@@ -239,7 +240,7 @@ def test_dpm_solver_converges_to_the_data_law_and_beats_ddim_at_20_calls():
     errors = {}
     for sampler, calls in (("dpm_solver++", 10), ("dpm_solver++", 20), ("dpm_solver++", 200),
                            ("ddim", 20)):
-        steps = diffusion.sampling_timesteps(s, sampler, calls)
+        steps = samplers.sampling_timesteps(s, sampler, calls)
         mean, std = discretised_chain_moments(sampler, steps, 0.0, "fixed_small", mu, sigma)
         errors[sampler, calls] = abs(std / sigma - 1)
         assert mean == pytest.approx(mu, abs=0.01)
@@ -252,7 +253,7 @@ def test_respaced_ddpm_on_all_timesteps_is_todays_ddpm_bit_for_bit():
     mu, sigma = 0.3, 0.5
     denoise = diffusion.optimal_gaussian_eps(s, mu, sigma)
 
-    def reference(rng):  # the ancestral loop of ddpm_step, with diffusion.sample's draws
+    def reference(rng):  # the ancestral loop of ddpm_step, with samplers.sample's draws
         init_rng, loop_rng = jax.random.split(rng)
         x = jax.random.normal(init_rng, (4, 8), jnp.float32)
 
@@ -267,7 +268,7 @@ def test_respaced_ddpm_on_all_timesteps_is_todays_ddpm_bit_for_bit():
         return jax.lax.scan(body, x, (steps, jax.random.split(loop_rng, 50)))[0]
 
     for spacing in ("linspace", "trailing", "leading"):
-        got = jax.jit(lambda r, spacing=spacing: diffusion.sample(
+        got = jax.jit(lambda r, spacing=spacing: samplers.sample(
             denoise, s, (4, 8), r, sampler="ddpm", num_steps=50, spacing=spacing,
             variance="fixed_large"))(jax.random.PRNGKey(0))
         np.testing.assert_array_equal(got, jax.jit(reference)(jax.random.PRNGKey(0)))
@@ -276,7 +277,7 @@ def test_respaced_ddpm_on_all_timesteps_is_todays_ddpm_bit_for_bit():
 def test_sample_snapshots_end_with_final_sample():
     s = diffusion.make_schedule("linear", 20)
     denoise = lambda x, t: jnp.zeros_like(x)  # noqa: E731
-    x, snaps = jax.jit(lambda r: diffusion.sample(denoise, s, (2, 3), r, num_snapshots=4))(
+    x, snaps = jax.jit(lambda r: samplers.sample(denoise, s, (2, 3), r, num_snapshots=4))(
         jax.random.PRNGKey(0))
     assert snaps.shape == (4, 2, 3)
     np.testing.assert_array_equal(snaps[-1], x)
@@ -292,7 +293,7 @@ def test_sampling_run_is_one_program_with_one_dispatch():
         calls.append(1)  # counts traces, not steps: a Python loop would trace T times
         return jnp.zeros_like(x)
 
-    fn = jax.jit(lambda r: diffusion.sample(denoise, s, (2, 4), r))
+    fn = jax.jit(lambda r: samplers.sample(denoise, s, (2, 4), r))
     hlo = fn.lower(jax.random.PRNGKey(0)).as_text()
     assert "while" in hlo
     fn(jax.random.PRNGKey(0)).block_until_ready()
@@ -302,14 +303,14 @@ def test_sampling_run_is_one_program_with_one_dispatch():
 def test_sampler_argument_errors_and_spacings():
     s = diffusion.make_schedule("linear", T)
     with pytest.raises(ValueError, match="unknown sampler"):
-        diffusion.sampling_timesteps(s, "euler", 50)
+        samplers.sampling_timesteps(s, "euler", 50)
     with pytest.raises(ValueError, match="unknown spacing"):
-        diffusion.sampling_timesteps(s, "ddim", 50, "cubic")
+        samplers.sampling_timesteps(s, "ddim", 50, "cubic")
     with pytest.raises(ValueError, match="num_steps must be in"):
-        diffusion.sampling_timesteps(s, "ddim", T + 1)
-    assert len(diffusion.sampling_timesteps(s, "ddpm", 0)) == T
-    assert len(diffusion.sampling_timesteps(s, "dpm_solver++", 0)) == 20  # its default
-    steps = {spacing: diffusion.sampling_timesteps(s, "ddim", 10, spacing)
+        samplers.sampling_timesteps(s, "ddim", T + 1)
+    assert len(samplers.sampling_timesteps(s, "ddpm", 0)) == T
+    assert len(samplers.sampling_timesteps(s, "dpm_solver++", 0)) == 20  # its default
+    steps = {spacing: samplers.sampling_timesteps(s, "ddim", 10, spacing)
              for spacing in ("linspace", "leading", "trailing", "logsnr")}
     np.testing.assert_array_equal(steps["linspace"], np.round(np.linspace(999, 0, 10)))
     np.testing.assert_array_equal(steps["leading"], np.arange(900, -1, -100))
@@ -320,7 +321,7 @@ def test_sampler_argument_errors_and_spacings():
     np.testing.assert_allclose(np.diff(log_snr), np.diff(log_snr).mean(), rtol=0.3)
     for count in (2, 100, 500, T):  # distinct and in range at every count
         for spacing in steps:
-            got = diffusion.sampling_timesteps(s, "ddim", count, spacing)
+            got = samplers.sampling_timesteps(s, "ddim", count, spacing)
             assert len(set(got.tolist())) == count and 0 <= got.min() and got.max() < T
 
 

@@ -1,17 +1,20 @@
-"""README "Extending": a sampler, a beta schedule and a data source registered from outside
-the package run through `diffusion.sample`, the config checks, a train step and the loop's
-sampler, selected by name like the built-in ones."""
+"""README "Extending": a sampler, a beta schedule, a data source and an evaluator registered
+from outside the package run through `samplers.sample`, the config checks, a train step and
+the loop, selected by name like the built-in ones."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import config_checks, diffusion, input_pipeline, sampling, train
-from ddpm_jax.input_pipeline import DATA_SOURCES, ArraySource, DataSource
+from ddpm_jax import data_sources, samplers, train
+from ddpm_jax.core import diffusion
+from ddpm_jax.core.schedules import BETA_SCHEDULES
+from ddpm_jax.data_sources import DATA_SOURCES, ArraySource, DataSource
+from ddpm_jax.runtime import compiled_sampler
 from ddpm_jax.samplers import SAMPLERS, Sampler, SamplerSettings
-from ddpm_jax.schedules import BETA_SCHEDULES
-from tests.helpers import micro_config
+from ddpm_jax.train import config_checks
+from tests.helpers import micro_config, read_events
 
 
 def constant_betas(num_timesteps, beta_start, beta_end):
@@ -60,7 +63,7 @@ def test_a_registered_schedule_and_sampler_run_through_sample(toys):
         return 0.5 * x + 0.01 * t[:, None, None, None]
 
     def run(**kwargs):
-        return jax.jit(lambda rng: diffusion.sample(denoise, schedule, (2, 4, 4, 3), rng,
+        return jax.jit(lambda rng: samplers.sample(denoise, schedule, (2, 4, 4, 3), rng,
                                                     prediction="eps", clip_x0=False,
                                                     **kwargs))(jax.random.PRNGKey(0))
 
@@ -79,7 +82,7 @@ def test_registered_entries_train_and_sample_by_name(toys):
     config.sample.sampler, config.sample.num_steps = "toy_counting", 3
     config.sample.scale = 2.0  # the toy sampler's knob, as a config field
     config_checks.validate(config, device_count=4)
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     mesh = train.create_mesh(config)
     state = train.create_train_state(config, mesh)
     batch = np.stack([source[i] for i in range(config.batch_size)])
@@ -88,9 +91,37 @@ def test_registered_entries_train_and_sample_by_name(toys):
     # The loop's sampler, built from config.sample as the loop builds it.
     settings = SamplerSettings.from_config(config.sample)
     assert settings.options == {"scale": 2.0}
-    images = sampling.make_sample_fn(config, mesh, settings, num_images=4)(
+    images = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=4)(
         state.params, jax.random.PRNGKey(0))
     assert images.shape == (4, 8, 8, 3) and np.all(np.isfinite(images))
     config.sample.sampler = "toy_missing"
     with pytest.raises(config_checks.ConfigError, match="toy_counting"):
         config_checks.validate(config, device_count=4)
+
+
+@pytest.mark.slow
+def test_a_registered_evaluator_runs_in_the_loop_at_its_steps(tmp_path):
+    """README "Extending": an evaluator is a class and a registered factory; the loop runs it
+    every `every_steps` and at the end, and what it writes reaches TensorBoard."""
+    seen = []
+
+    class WeightNorm(train.Evaluator):
+        name = "weight norm"
+        every_steps = 2
+
+        def evaluate(self, step, params):
+            norm = float(np.sqrt(sum(np.sum(np.square(p)) for p in jax.tree.leaves(params))))
+            seen.append(step)
+            self.run.writer.write_scalars(step, {"weight_norm": norm})
+            return True
+
+    train.EVALUATORS.register("toy_weight_norm", WeightNorm)
+    try:
+        config = micro_config()
+        config.num_train_steps, config.sample_every_steps = 5, 0
+        workdir = str(tmp_path / "run")
+        train.train_and_evaluate(config, workdir)
+    finally:
+        train.EVALUATORS.unregister("toy_weight_norm")
+    assert seen == [2, 4, 5]
+    assert read_events(workdir)["weight_norm"] == [2, 4, 5]

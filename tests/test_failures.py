@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import checkpointing, metric_logs, sample, sampling, train, workdir_lock
+from ddpm_jax import checkpointing, console, metric_logs, runs, train, workdir_lock
+from ddpm_jax.runtime import compiled_sampler
 from ddpm_jax.samplers import SamplerSettings
 from tests.helpers import MICRO_FLAGS, ROOT, command_env, micro_config, restore_micro_run
 
@@ -302,7 +303,7 @@ def test_a_checkpoint_that_cannot_be_read_for_permission_is_not_called_damaged(
 
 
 def test_a_checkpoints_path_that_is_a_file_is_refused_before_any_work(tmp_path):
-    from ddpm_jax import config_checks
+    from ddpm_jax.train import config_checks
 
     (tmp_path / "checkpoints").write_text("")
     with pytest.raises(config_checks.ConfigError, match="checkpoints is a file"):
@@ -315,7 +316,7 @@ def test_abandoned_tensorstore_futures_are_not_echoed_after_the_failure_message(
     import asyncio
     import gc
 
-    checkpointing.quiet_abandoned_io()
+    console.quiet_abandoned_io()
     loop = asyncio.new_event_loop()
     for text in ("OUT_OF_RANGE: Error reading \"opt_state/.zarray\" [tensorstore_spec='{}']",
                  "an error of somebody else's"):
@@ -338,9 +339,9 @@ def test_weights_with_nan_are_refused_by_the_readers(saved_run, tmp_path):
     writer = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", config)
     checkpointing.save(writer, 4, state, config)
     writer.wait_until_finished()
-    with pytest.raises(sample.NonFiniteWeightsError, match="step 4 .* NaN or infinite"):
-        sample.load_run(str(tmp_path))
-    sample.load_run(str(tmp_path), weights="params")  # the raw weights are fine
+    with pytest.raises(runs.NonFiniteWeightsError, match="step 4 .* NaN or infinite"):
+        runs.load_run(str(tmp_path))
+    runs.load_run(str(tmp_path), weights="params")  # the raw weights are fine
 
 
 # ------------------------------------------------------------------------------ failed saves
@@ -398,7 +399,7 @@ def test_the_chunked_sampler_gives_the_one_call_images_and_stops_between_chunks(
     config = micro_config()
     mesh = train.create_mesh(config, jax.devices()[:1])
     state = train.create_train_state(config, mesh)
-    fn = sampling.make_sample_fn(config, mesh, SamplerSettings("ddpm", 12), num_images=2,
+    fn = compiled_sampler.make_sample_fn(config, mesh, SamplerSettings("ddpm", 12), num_images=2,
                                  num_snapshots=3)
     rng = jax.random.PRNGKey(3)
     whole = fn(state.params, rng)
@@ -502,7 +503,7 @@ def test_a_failed_asynchronous_log_write_stops_with_one_line_and_no_library_trac
 
     from clu import asynclib, metric_writers
 
-    from ddpm_jax import cli
+    from ddpm_jax import console
 
     class FullDisk(metric_writers.MetricWriter):
         def write_scalars(self, step, scalars):
@@ -518,6 +519,6 @@ def test_a_failed_asynchronous_log_write_stops_with_one_line_and_no_library_trac
     # clu's own traceback of that error (logged from its producer thread) is dropped
     record = pylogging.LogRecord("absl", pylogging.ERROR, asynclib.__file__, 139,
                                  "Error in producer thread for %s", ("AsyncWriter",), None)
-    assert not cli._EchoOfLogWriteFilter().filter(record)
+    assert not console._EchoOfLogWriteFilter().filter(record)
     record.pathname = __file__
-    assert cli._EchoOfLogWriteFilter().filter(record)
+    assert console._EchoOfLogWriteFilter().filter(record)

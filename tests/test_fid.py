@@ -13,7 +13,8 @@ import pytest
 import scipy.linalg
 from PIL import Image
 
-from ddpm_jax import config_checks, evaluate, fid, inception, train
+from ddpm_jax import evaluate, fid, inception, train
+from ddpm_jax.train import config_checks
 from tests.helpers import ROOT, command_env, micro_config
 
 # ------------------------------------------------------------------ the Frechet distance
@@ -587,7 +588,8 @@ def test_fid_during_training_is_logged_and_checked_up_front(weights_file, tmp_pa
 
 def test_features_of_model_space_samples_equal_those_of_their_pngs(weights_file):
     """On-device quantisation of [-1, 1] samples matches the uint8 the sample command writes."""
-    from ddpm_jax import image_utils, sharding
+    from ddpm_jax import image_utils
+    from ddpm_jax.runtime import sharding
 
     features = fid.InceptionFeatures(weights_file, sharding.create_mesh())
     samples = np.random.default_rng(7).uniform(-1.3, 1.3, (4, 16, 16, 3)).astype(np.float32)

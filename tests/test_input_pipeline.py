@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import input_pipeline
+from ddpm_jax import data_sources, input_pipeline
 from tests.helpers import tiny_config
 
 
@@ -20,18 +20,18 @@ def index_source(n, size=8):
     images = np.zeros((n, size, size, 3), np.uint8)
     images[:, 0, 0, 0] = np.arange(n)
     images[:, :, : size // 2, 1] = 255  # left half marked, to see flips
-    return input_pipeline.ArraySource(images)
+    return data_sources.ArraySource(images)
 
 
 def test_bundled_faces_are_100_rgb_uint8_images():
-    faces = input_pipeline.bundled_faces()
+    faces = data_sources.bundled_faces()
     assert faces.shape == (100, 25, 25, 3) and faces.dtype == np.uint8
     assert faces.std() > 10  # real pictures, not a constant
 
 
 def test_batches_are_uint8_of_the_configured_size():
     config = tiny_config()
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     batch = next(iter(input_pipeline.create_dataset(config, source, process_index=0, process_count=1)))
     assert batch.shape == (8, 16, 16, 3) and batch.dtype == np.uint8
 
@@ -150,12 +150,12 @@ def test_preprocess_converts_gray_and_rgba_and_crops():
     rgba = np.zeros((4, 4, 4), np.uint8)
     assert input_pipeline.to_rgb(rgba).shape == (4, 4, 3)
     image = np.arange(6 * 10, dtype=np.uint8).reshape(6, 10, 1).repeat(3, axis=-1)
-    center = input_pipeline.crop_image(image, "center", 4, ())
+    center = data_sources.crop_image(image, "center", 4, ())
     np.testing.assert_array_equal(center[..., 0], image[1:5, 3:7, 0])
-    box = input_pipeline.crop_image(image, "box", 0, (2, 1, 3, 5))
+    box = data_sources.crop_image(image, "box", 0, (2, 1, 3, 5))
     np.testing.assert_array_equal(box[..., 0], image[2:5, 1:6, 0])
-    with pytest.raises(input_pipeline.DataError, match="crop_size"):
-        input_pipeline.crop_image(image, "center", 7, ())
+    with pytest.raises(data_sources.DataError, match="crop_size"):
+        data_sources.crop_image(image, "center", 7, ())
 
 
 def test_resize_is_antialiased():
@@ -174,7 +174,7 @@ def test_folder_source_reads_images_recursively(tmp_path):
     config = tiny_config()
     config.data.source = "folder"
     config.data.path = str(tmp_path)
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     assert len(source) == 2 and source[1].shape == (10, 12, 3)
 
 
@@ -182,11 +182,11 @@ def test_missing_and_empty_folders_say_which_field(tmp_path):
     config = tiny_config()
     config.data.source = "folder"
     config.data.path = str(tmp_path / "nope")
-    with pytest.raises(input_pipeline.DataError, match="data.path"):
-        input_pipeline.make_source(config.data)
+    with pytest.raises(data_sources.DataError, match="data.path"):
+        data_sources.make_source(config.data)
     config.data.path = str(tmp_path)
-    with pytest.raises(input_pipeline.DataError, match="holds no"):
-        input_pipeline.make_source(config.data)
+    with pytest.raises(data_sources.DataError, match="holds no"):
+        data_sources.make_source(config.data)
 
 
 def celeba_data_config(tmp_path):
@@ -200,8 +200,8 @@ def celeba_data_config(tmp_path):
 
 def test_unprepared_celeba_names_the_files_for_manual_dir(tmp_path):
     config = celeba_data_config(tmp_path)
-    with pytest.raises(input_pipeline.DataError) as info:
-        input_pipeline.make_source(config.data)
+    with pytest.raises(data_sources.DataError) as info:
+        data_sources.make_source(config.data)
     message = str(info.value)
     assert "manual_dir" in message
     for name in ("img_align_celeba.zip", "list_eval_partition.txt", "list_attr_celeba.txt",
@@ -212,8 +212,8 @@ def test_unprepared_celeba_names_the_files_for_manual_dir(tmp_path):
 def test_unknown_tfds_name_is_a_clear_error(tmp_path):
     config = celeba_data_config(tmp_path)
     config.data.name = "no_such_dataset_xyz"
-    with pytest.raises(input_pipeline.DataError, match="unknown TFDS dataset"):
-        input_pipeline.make_source(config.data)
+    with pytest.raises(data_sources.DataError, match="unknown TFDS dataset"):
+        data_sources.make_source(config.data)
 
 
 def test_celeba_through_tfds_mock_data(tmp_path):
@@ -221,7 +221,7 @@ def test_celeba_through_tfds_mock_data(tmp_path):
     config.batch_size = 4
     config.data.image_size = 16
     with tfds.testing.mock_data(num_examples=12):
-        source = input_pipeline.make_source(config.data)
+        source = data_sources.make_source(config.data)
         assert len(source) == 12 and source[0].shape == (218, 178, 3)
         batch = next(iter(input_pipeline.create_dataset(config, source, process_index=0,
                                                         process_count=1)))
@@ -254,7 +254,7 @@ def folder_config(path, **data):
 def test_folder_skips_corrupt_files_and_converts_gray_and_rgba(tmp_path):
     make_messy_folder(tmp_path)
     config = folder_config(tmp_path, max_bad_fraction=0.2)
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     assert len(source) == 23  # the corrupt header is dropped up front; the truncated file is not
     truncated = [p for p in source._paths if source.read(p) is None]
     assert [os.path.basename(p) for p in truncated] == ["truncated.jpg"]  # ...it fails when read
@@ -271,16 +271,16 @@ def test_folder_skips_corrupt_files_and_converts_gray_and_rgba(tmp_path):
 
 def test_too_many_bad_files_fail_before_training(tmp_path):
     make_messy_folder(tmp_path, good=3)
-    with pytest.raises(input_pipeline.DataError, match="data.max_bad_fraction"):
-        input_pipeline.make_source(folder_config(tmp_path, max_bad_fraction=0.1).data)
+    with pytest.raises(data_sources.DataError, match="data.max_bad_fraction"):
+        data_sources.make_source(folder_config(tmp_path, max_bad_fraction=0.1).data)
 
 
 def test_images_smaller_than_the_crop_fail_before_training(tmp_path):
     make_messy_folder(tmp_path)
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "small.png")
     config = folder_config(tmp_path, crop="center", crop_size=24, max_bad_fraction=0.2)
-    with pytest.raises(input_pipeline.DataError, match="small.png.*data.crop_size"):
-        input_pipeline.make_source(config.data)
+    with pytest.raises(data_sources.DataError, match="small.png.*data.crop_size"):
+        data_sources.make_source(config.data)
 
 
 def png_16bit(pixels):
@@ -323,7 +323,7 @@ def test_images_are_decoded_as_people_see_them(tmp_path):
     exif[0x0112] = 6
     Image.fromarray(sideways).save(tmp_path / "phone.png", exif=exif)
 
-    read = lambda name: input_pipeline.read_image(str(tmp_path / name))  # noqa: E731
+    read = lambda name: data_sources.read_image(str(tmp_path / name))  # noqa: E731
     assert np.all(read("gray16.png") == 100)
     np.testing.assert_allclose(read("rgba16.png")[0, 0], [255, 127, 127], atol=1)
     assert np.all(read("float.tif") == 128)
@@ -335,10 +335,10 @@ def test_images_are_decoded_as_people_see_them(tmp_path):
         assert read(name).dtype == np.uint8 and read(name).shape[-1] == 3
     # the folder source (training, fid-stats) decodes the same, and sizes the rotated photo
     config = folder_config(tmp_path, image_size=4, crop="center", crop_size=4)
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     assert len(source) == 6
     for index, path in enumerate(source._paths):
-        np.testing.assert_array_equal(source[index], input_pipeline.read_image(path))
+        np.testing.assert_array_equal(source[index], data_sources.read_image(path))
 
 
 def test_images_without_a_reading_people_share_are_refused_naming_why(tmp_path, monkeypatch):
@@ -349,14 +349,14 @@ def test_images_without_a_reading_people_share_are_refused_naming_why(tmp_path, 
     Image.fromarray(nan).save(tmp_path / "nan.tif")
     Image.fromarray(np.full((4, 6), 200, np.int32)).save(tmp_path / "int32.tif")
     with pytest.raises(ValueError, match="1 pixels are NaN or infinite"):
-        input_pipeline.read_image(str(tmp_path / "nan.tif"))
+        data_sources.read_image(str(tmp_path / "nan.tif"))
     with pytest.raises(ValueError, match="32-bit integer pixels have no standard range"):
-        input_pipeline.read_image(str(tmp_path / "int32.tif"))
+        data_sources.read_image(str(tmp_path / "int32.tif"))
     from absl import logging
 
     lines = []
     monkeypatch.setattr(logging, "warning", lambda msg, *args: lines.append(msg % args))
-    source = input_pipeline.FolderSource([str(tmp_path / "nan.tif"), str(tmp_path / "int32.tif")])
+    source = data_sources.FolderSource([str(tmp_path / "nan.tif"), str(tmp_path / "int32.tif")])
     assert source.read(str(tmp_path / "nan.tif")) is None
     assert any("nan.tif" in line and "NaN or infinite" in line for line in lines)
 
@@ -385,7 +385,7 @@ def test_symlinked_folders_are_followed_once_and_unreadable_ones_reported(
     monkeypatch.setattr(os, "scandir", scandir)
     warnings = []
     monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
-    files = input_pipeline.list_image_files(str(data))
+    files = data_sources.list_image_files(str(data))
     assert [os.path.relpath(f, data) for f in files] == ["a.png", "linked/c.png", "sub/b.png"]
     assert any("locked" in w and "Permission denied" in w for w in warnings)
 
@@ -396,6 +396,6 @@ def test_each_skipped_file_is_logged_with_its_reason(tmp_path, monkeypatch):
     make_messy_folder(tmp_path)
     warnings = []
     monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
-    input_pipeline.make_source(folder_config(tmp_path, max_bad_fraction=0.2).data)
+    data_sources.make_source(folder_config(tmp_path, max_bad_fraction=0.2).data)
     corrupt = [w for w in warnings if "corrupt.jpg" in w]
     assert len(corrupt) == 1 and "UnidentifiedImageError" in corrupt[0]

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import network, train
+from ddpm_jax import train
+from ddpm_jax.runtime import network
 from tests.helpers import micro_config
 
 STEPS = 4

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, evaluate, likelihood, network, objectives, sample, train
+from ddpm_jax import evaluate, recipe, runs, sample, train
+from ddpm_jax.core import diffusion, likelihood, objectives
+from ddpm_jax.runtime import network
 from tests.helpers import micro_config
 
 
@@ -182,7 +184,7 @@ def test_learned_variances_with_min_snr_train_sample_and_give_a_bound(tmp_path):
     batch[:, 2:6] = 200
     state = train.create_train_state(config, mesh)
     assert state.params["conv_out"]["kernel"].shape[-1] == 6
-    schedule, definition = diffusion.schedule_from_config(config), network.graphdef(config)
+    schedule, definition = recipe.schedule(config), network.graphdef(config)
     bound = jax.jit(lambda params: jnp.mean(likelihood.bits_per_dim(
         lambda x, t: network.apply(definition, params, x, t), schedule,
         jnp.asarray(batch, jnp.float32) / 127.5 - 1, jax.random.PRNGKey(0), prediction="eps",
@@ -203,7 +205,7 @@ def test_learned_variances_with_min_snr_train_sample_and_give_a_bound(tmp_path):
     checkpointing.save(manager, 30, state, config)
     manager.wait_until_finished()
     manager.close()
-    run_config, _, _, _ = sample.load_run(str(tmp_path))
+    run_config, _, _, _ = runs.load_run(str(tmp_path))
     assert run_config.diffusion.variance == "learned_range"
     for steps in (0, 5):  # all T, and a respaced chain
         images, _ = sample.generate(str(tmp_path), 2, sampler="ddpm", num_steps=steps)

@@ -98,7 +98,7 @@ def test_dry_run_prints_overview_and_total_without_training(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "total parameters: 332477603"
-    assert any("encoder/0/conv1/kernel" in line for line in lines)
+    assert any("down/0/res/0/conv1/kernel" in line for line in lines)
     assert not os.path.exists(tmp_path / "run")
 
 

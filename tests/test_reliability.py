@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import checkpointing, config_checks, train
+from ddpm_jax import checkpointing, train
+from ddpm_jax.train import config_checks
 from tests.helpers import (
     MICRO_FLAGS,
     ROOT,

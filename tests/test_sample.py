@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import image_utils, sample, train
+from ddpm_jax import image_utils, runs, sample, train
 from tests.helpers import ROOT, command_env, library_info_lines, micro_config, warning_lines
 
 
@@ -37,7 +37,7 @@ def test_snapshots_end_with_the_samples(run_dir):
 
 
 def test_the_run_config_is_used(run_dir):
-    config, _, step, _ = sample.load_run(run_dir)
+    config, _, step, _ = runs.load_run(run_dir)
     assert config.diffusion.prediction == "v" and step == 2
 
 

@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, config_checks, input_pipeline, ops, optimizer, sampling, train
+from ddpm_jax import checkpointing, data_sources, input_pipeline, ops, train
+from ddpm_jax.runtime import compiled_sampler
 from ddpm_jax.samplers import SamplerSettings
+from ddpm_jax.train import config_checks, events, optimizer
 from tests.helpers import micro_config, read_events, run_train_steps, tiny_config
 
 
@@ -87,7 +89,7 @@ def test_learning_rate_schedule():
 def test_checkpoint_round_trip_restores_state_and_data_position(tmp_path):
     config = micro_config()
     mesh = train.create_mesh(config)
-    source = input_pipeline.make_source(config.data)
+    source = data_sources.make_source(config.data)
     dataset = input_pipeline.create_dataset(config, source, process_index=0, process_count=1)
     data_iter = iter(dataset)
     state = train.create_train_state(config, mesh)
@@ -198,12 +200,14 @@ def test_loop_keeps_every_event_step_with_several_steps_per_call(tmp_path, monke
 
 
 def test_nonfinite_check_names_the_step_inside_a_call():
-    loop = train._Loop(micro_config(), "", None, None, None, None, None, None, 0)
-    loop.check_finite(8, {"nonfinite": np.zeros(4, np.int32), "loss": np.ones(4)})
+    check = events.FiniteCheck(micro_config())
+    check.add(8, {"nonfinite": np.zeros(4, np.int32), "loss": np.ones(4)})
+    check.check_all()
     metrics = {"nonfinite": np.array([0, 1, 1, 0], np.int32),
                "loss": np.array([1.0, np.nan, np.inf, 1.0])}
+    check.add(8, metrics)
     with pytest.raises(train.NonFiniteError, match=r"at step 6 \(loss=nan\)"):
-        loop.check_finite(8, metrics)
+        check.check_all()
 
 
 @pytest.mark.slow
@@ -266,7 +270,7 @@ def test_loss_and_in_loop_sampler_honour_the_prediction_target():
     for prediction in ("eps", "x0", "v"):
         config.diffusion.prediction = prediction
         state = train.create_train_state(config, mesh)
-        sample_fn = sampling.make_sample_fn(config, mesh, SamplerSettings("ddim", 5, {"eta": 0.0}),
+        sample_fn = compiled_sampler.make_sample_fn(config, mesh, SamplerSettings("ddim", 5, {"eta": 0.0}),
                                             num_images=4)
         finals[prediction] = np.asarray(sample_fn(state.params, jax.random.PRNGKey(0)))
         _, metrics = train.make_train_step(config, mesh)(state, train.global_batch(batch, mesh))
@@ -303,7 +307,6 @@ def test_the_eta_counts_training_time_only_and_adds_the_evaluations_to_come(monk
 def test_the_loop_counts_the_events_still_to_come():
     config = micro_config()
     config.num_train_steps = 10
-    loop = train._Loop(config, "", None, None, None, None, None, None, 0)
     # every 4 steps and at the end: 4, 8, 10
-    assert [loop.events_left(step, 4) for step in (0, 3, 4, 8, 9, 10)] == [3, 3, 2, 1, 1, 0]
-    assert loop.events_left(0, 5) == 2 and loop.events_left(0, 0) == 0
+    assert [train.events_left(config, step, 4) for step in (0, 3, 4, 8, 9, 10)] == [3, 3, 2, 1, 1, 0]
+    assert train.events_left(config, 0, 5) == 2 and train.events_left(config, 0, 0) == 0

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddpm_jax.models.unet import DOWNSAMPLE_PADDINGS, UNet, timestep_embedding
+from ddpm_jax.models.architecture import DOWNSAMPLE_PADDINGS
+from ddpm_jax.models.blocks import timestep_embedding
+from ddpm_jax.models.unet import make_unet
 
 # The net as one compiled call: op-by-op dispatch of a forward pass is many times slower.
 forward = nnx.jit(lambda model, x, t: model(x, t))
 
 
 def param_count(**kwargs):
-    model = nnx.eval_shape(lambda: UNet(rngs=nnx.Rngs(0), **kwargs))
+    model = nnx.eval_shape(lambda: make_unet(rngs=nnx.Rngs(0), **kwargs))
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -29,7 +31,7 @@ def test_ddpm_256_net_is_within_half_a_percent_of_114m():
 
 @pytest.mark.parametrize("attention_type,heads", [("ddpm", 1), ("ddpm", 2), ("transformer", 4)])
 def test_output_shape_and_zero_initialised_output(attention_type, heads):
-    model = UNet(image_size=16, base_channels=16, channel_mults=(1, 2), norm_groups=4,
+    model = make_unet(image_size=16, base_channels=16, channel_mults=(1, 2), norm_groups=4,
                  attention_resolutions=(8, 16), attention_type=attention_type, num_heads=heads,
                  rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 3))
@@ -53,7 +55,7 @@ def perturb_zero_kernels(model, scale=0.1):
 
 
 def test_output_depends_on_input_and_timestep_after_perturbing_weights():
-    model = UNet(image_size=8, base_channels=8, channel_mults=(1, 2), norm_groups=4,
+    model = make_unet(image_size=8, base_channels=8, channel_mults=(1, 2), norm_groups=4,
                  attention_resolutions=(4,), rngs=nnx.Rngs(0))
     perturb_zero_kernels(model)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
@@ -67,7 +69,7 @@ def test_output_depends_on_input_and_timestep_after_perturbing_weights():
 
 
 def test_dropout_only_with_keys_and_per_example():
-    model = UNet(image_size=8, base_channels=8, channel_mults=(1,), norm_groups=4,
+    model = make_unet(image_size=8, base_channels=8, channel_mults=(1,), norm_groups=4,
                  attention_resolutions=(), dropout=0.5, rngs=nnx.Rngs(0))
     perturb_zero_kernels(model)
     x = jnp.ones((1, 8, 8, 3))
@@ -82,7 +84,7 @@ def test_dropout_only_with_keys_and_per_example():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-    model = UNet(image_size=8, base_channels=8, channel_mults=(1,), norm_groups=4,
+    model = make_unet(image_size=8, base_channels=8, channel_mults=(1,), norm_groups=4,
                  attention_resolutions=(8,), dtype="bfloat16", rngs=nnx.Rngs(0))
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
@@ -101,8 +103,8 @@ def test_timestep_embedding_matches_formula():
 def test_downsample_padding_is_tensorflows_same_or_pytorchs_symmetric(padding, lax_padding,
                                                                       conv_algorithm):
     from ddpm_jax import ops
+    from ddpm_jax.models.blocks import Downsample
     from ddpm_jax.models.layers import Layers
-    from ddpm_jax.models.unet import Downsample
     from tests.helpers import tiny_config
 
     config = tiny_config()
@@ -135,11 +137,11 @@ def test_timestep_embedding_shift_and_order():
 )
 def test_bad_architectures_fail_with_the_field_to_change(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        UNet(rngs=nnx.Rngs(0), **kwargs)
+        make_unet(rngs=nnx.Rngs(0), **kwargs)
 
 
 def test_mirror_layout_runs_and_attends_after_each_downsample():
-    model = UNet(image_size=16, base_channels=8, channel_mults=(1, 2, 3), layout="mirror",
+    model = make_unet(image_size=16, base_channels=8, channel_mults=(1, 2, 3), layout="mirror",
                  attention_type="transformer", num_heads=2, attention_resolutions=(8, 4, 2),
                  norm_groups=4, time_embedding_width=16, time_projection="linear", dropout=0.0,
                  rngs=nnx.Rngs(0))
@@ -147,23 +149,25 @@ def test_mirror_layout_runs_and_attends_after_each_downsample():
     out = forward(model, jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3)),
                   jnp.array([3, 700]))
     assert out.shape == (2, 16, 16, 3) and np.all(np.isfinite(out))
-    attention = [b for b in (*model.encoder, *model.decoder) if "Attention" in type(b).__name__]
+    attention = [level.attn for level in (*model.down, *model.up) if level.attn is not None]
     assert len(attention) == 6  # three in the encoder, three mirrored in the decoder
     with pytest.raises(ValueError, match="only has resolutions"):
-        UNet(image_size=16, base_channels=8, channel_mults=(1, 2), layout="mirror",
+        make_unet(image_size=16, base_channels=8, channel_mults=(1, 2), layout="mirror",
              attention_resolutions=(16,), norm_groups=4, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("heads", [1, 2])
-def test_ddpm_attention_block_matches_float64_reference(heads):
+@pytest.mark.parametrize("folded", [False, True])
+def test_ddpm_attention_block_matches_float64_reference(heads, folded):
     """GroupNorm, q/k/v projections, softmax over positions, output projection, residual, with
-    nonzero biases everywhere; the single-head block folds its projections (a different
-    computation of the same function), the multi-head one does not."""
+    nonzero biases everywhere: the block as written, and the backend's form that folds the
+    single-head block's projections (a different computation of the same function)."""
+    from ddpm_jax.models.blocks import DDPMAttention
     from ddpm_jax.models.layers import Layers
-    from ddpm_jax.models.unet import DDPMAttention
+    from ddpm_jax.ops.attention import FoldedAttention
 
-    block = DDPMAttention(32, num_heads=heads, norm_groups=8,
-                          layers=Layers(jnp.float32, nnx.Rngs(0)))
+    kind = FoldedAttention if folded else DDPMAttention
+    block = kind(32, num_heads=heads, norm_groups=8, layers=Layers(jnp.float32, nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     layers = (block.q, block.k, block.v, block.proj_out)
     for layer in layers:
@@ -190,7 +194,7 @@ def test_ddpm_attention_block_matches_float64_reference(heads):
 def test_initial_parameters_are_those_of_flax_own_rng_stream():
     """`network.init_params` advances its key stream its own way (fast to trace): it must draw
     exactly the keys flax's RngStream draws, so the same seed gives the same weights."""
-    from ddpm_jax import network
+    from ddpm_jax.runtime import network
     from tests.helpers import micro_config
 
     config = micro_config()
@@ -203,3 +207,63 @@ def test_initial_parameters_are_those_of_flax_own_rng_stream():
     for a, b in zip(leaves, jax.tree.leaves(flax_own), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len({float(np.asarray(leaf).ravel()[0]) for leaf in leaves if np.std(leaf) > 0}) > 5
+
+
+LAYOUTS = {
+    "ddpm": dict(image_size=16, base_channels=8, channel_mults=(1, 2, 2), norm_groups=4,
+                 attention_resolutions=(8,)),
+    "mirror": dict(image_size=16, base_channels=8, channel_mults=(1, 2, 3), layout="mirror",
+                   attention_type="transformer", num_heads=2, attention_resolutions=(8, 2),
+                   norm_groups=4, time_embedding_width=16, time_projection="linear"),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_blocks_are_numbered_as_the_flat_tree_of_earlier_runs_listed_them(layout):
+    """The flat tree of runs saved before the nesting listed the blocks in the order they run
+    (`legacy_block_paths`); each block's number (which picks its dropout masks) is its place
+    in that list, so a resumed run draws the masks it drew before, and the list holds every
+    block of the net once."""
+    from ddpm_jax.models import blocks, unet
+    from ddpm_jax.models.architecture import Architecture
+
+    fields = LAYOUTS[layout]
+    model = nnx.eval_shape(lambda: make_unet(rngs=nnx.Rngs(0), **fields))
+    paths = unet.LEGACY_BLOCK_PATHS[layout](Architecture(**fields))
+    listed = [path for section in ("encoder", "middle", "decoder") for path in paths[section]]
+
+    def module_at(path):
+        node = model
+        for key in path:
+            node = node[key] if isinstance(key, int) else getattr(node, key)
+        return node
+
+    found = [module_at(path) for path in listed]
+    for position, block in enumerate(found):
+        if isinstance(block, blocks.ResBlock):
+            assert block.index == position
+    kinds = (blocks.ResBlock, blocks.DDPMAttention, blocks.TransformerAttention,
+             blocks.Downsample, blocks.Upsample)
+    in_net = [node for _, node in nnx.iter_graph(model) if isinstance(node, kinds)]
+    assert len({id(block) for block in found}) == len(found) == len(in_net)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_flat_parameter_tree_of_an_earlier_run_moves_to_the_nested_tree_and_back(layout):
+    from ddpm_jax.models import unet
+    from tests.helpers import micro_config
+
+    config = micro_config()
+    config.data.image_size = LAYOUTS[layout]["image_size"]
+    config.model.update({k: v for k, v in LAYOUTS[layout].items() if k != "image_size"})
+    model = nnx.eval_shape(lambda: unet.build(config, nnx.Rngs(0)))
+    nested = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat = unet.to_flat_params(nested, config)
+    assert {"encoder", "middle", "decoder"} <= set(flat)
+    assert not {"down", "mid", "up", "res_out"} & set(flat)
+    assert [key for key in flat["encoder"]] == list(range(len(flat["encoder"])))
+    back = unet.from_flat_params(flat, config)
+    assert jax.tree.structure(back) == jax.tree.structure(nested)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(nested), strict=True):
+        assert a is b
+    assert unet.from_flat_params(nested, config) is nested  # already nested: as it is

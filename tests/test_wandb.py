@@ -6,7 +6,8 @@ import types
 import pytest
 from etils import epath
 
-from ddpm_jax import config_checks, train, wandb_writer
+from ddpm_jax import train, wandb_writer
+from ddpm_jax.train import config_checks
 from tests.helpers import micro_config, read_events
 
 

@@ -100,7 +100,7 @@ def test_upsample_conv_and_gradients_match_upsampling_then_convolving():
 def test_upsample_block_by_phases_matches_the_direct_block():
     """The net's Upsample block: same parameters, same output with Winograd (by phases on a
     16x16 map) as with the direct convolution of the upsampled map."""
-    from ddpm_jax.models.unet import Upsample
+    from ddpm_jax.models.blocks import Upsample
 
     winograd_ops = layers.LayerOps(conv_general_dilated=winograd.conv_general_dilated,
                                    upsample_conv=winograd.upsample_conv)

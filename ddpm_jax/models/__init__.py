@@ -1,4 +1,9 @@
-"""Denoising networks, by name (`config.model.name`; README, "Extending")."""
+"""Denoising networks, by name (`config.model.name`; README, "Extending").
+
+One file per net family (`ddpm.py`: Ho et al.; `mirror.py`: the PyTorch project's), the
+blocks they share (`blocks.py`) and the layer implementations handed in from outside
+(`layers.py`). A registered `Network` (`base.py`) builds a net from a config.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,9 @@ from flax import nnx
 from ddpm_jax.models import unet  # noqa: F401  (registers "unet")
 from ddpm_jax.models.base import MODELS, Network
 from ddpm_jax.models.layers import LayerOps
-from ddpm_jax.models.unet import UNet
 
 
-def network(config: ml_collections.ConfigDict) -> Network:
+def registered_network(config: ml_collections.ConfigDict) -> Network:
     """The registered network `config.model.name` ("unet" for configs saved before the field)."""
     return MODELS.get(config.model.get("name", "unet"))
 
@@ -19,12 +23,12 @@ def network(config: ml_collections.ConfigDict) -> Network:
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
                  layer_ops: LayerOps | None = None) -> nnx.Module:
     """Builds the network described by `config.model` for images of `config.data.image_size`."""
-    return network(config).build(config, rngs, layer_ops)
+    return registered_network(config).build(config, rngs, layer_ops)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError when the configured network cannot be built."""
-    network(config).check(config)
+    """Raises UserError when the configured network cannot be built."""
+    registered_network(config).check(config)
 
 
-__all__ = ["MODELS", "LayerOps", "Network", "UNet", "check_config", "create_model", "network"]
+__all__ = ["MODELS", "LayerOps", "Network", "check_config", "create_model", "registered_network"]

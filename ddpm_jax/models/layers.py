@@ -1,11 +1,12 @@
 """The layer implementations a network computes with, handed to it from outside.
 
-A net builds its convolutions, norms and upsampling through `Layers`, whose `LayerOps`
-say how each is computed. The defaults are Flax's and XLA's own (`nnx.Conv` with
-`lax.conv_general_dilated`, `nnx.GroupNorm`, nearest x2 then a conv); faster
-implementations for one backend live in `ddpm_jax.ops`, which picks them per config and
-passes them in (as the Flax ImageNet ResNet takes `conv=`). Every implementation takes
-the same parameters, so a checkpoint does not depend on which one computed it.
+A net builds its convolutions, norms, upsampling convs and attention blocks through
+`Layers`, whose `LayerOps` say how each is computed. The defaults are Flax's and XLA's own
+(`nnx.Conv` with `lax.conv_general_dilated`, `nnx.GroupNorm`, nearest x2 then a conv, the
+attention block as written); faster implementations for one backend live in `ddpm_jax.ops`,
+which picks them per config and passes them in (as the Flax ImageNet ResNet takes
+`conv=`). Every implementation takes the same parameters, so a checkpoint does not depend
+on which one computed it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,22 @@ def upsample_nearest2x(x: jax.Array) -> jax.Array:
 
 
 def upsample_then_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
-    """Nearest x2 upsampling of `x`, then `conv` (the definition every implementation matches)."""
-    return conv(upsample_nearest2x(x))
+    """Nearest x2 upsampling of `x`, then `conv`'s own convolution (the definition every
+    implementation of `LayerOps.upsample_conv` matches)."""
+    return nnx.Conv.__call__(conv, upsample_nearest2x(x))
+
+
+class UpsamplingConv(nnx.Conv):
+    """A conv of the nearest x2 upsampling of its input (an `nnx.Conv`'s parameters); how it
+    is computed is the `upsample_conv` it is given (by default, literally so)."""
+
+    def __init__(self, *args, upsample_conv: Callable[[nnx.Conv, jax.Array], jax.Array],
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.upsample_conv = upsample_conv
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.upsample_conv(self, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +56,14 @@ class LayerOps:
         signature).
     group_norm: the GroupNorm class (`nnx.GroupNorm`'s constructor and parameters).
     upsample_conv: `fn(conv, x)`: nearest x2 upsampling of `x` then `conv`.
+    attention: the class of Ho et al.'s attention block (`blocks.DDPMAttention`'s constructor
+        and parameters); None: `blocks.DDPMAttention` itself.
     """
 
     conv_general_dilated: Callable[..., jax.Array] = jax.lax.conv_general_dilated
     group_norm: type[nnx.GroupNorm] = nnx.GroupNorm
     upsample_conv: Callable[[nnx.Conv, jax.Array], jax.Array] = upsample_then_conv
+    attention: type[nnx.Module] | None = None
 
 
 class Layers:
@@ -69,6 +87,13 @@ class Layers:
             dtype=self.dtype, kernel_init=zero_init if zero else default_init, rngs=self.rngs,
             conv_general_dilated=self.ops.conv_general_dilated,
         )
+
+    def upsampling_conv(self, cin: int, cout: int) -> UpsamplingConv:
+        """A 3x3 conv of the nearest x2 upsampling of its input."""
+        return UpsamplingConv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                              kernel_init=default_init, rngs=self.rngs,
+                              conv_general_dilated=self.ops.conv_general_dilated,
+                              upsample_conv=self.ops.upsample_conv)
 
     def dense(self, cin: int, cout: int, zero: bool = False) -> nnx.Linear:
         return nnx.Linear(

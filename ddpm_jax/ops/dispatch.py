@@ -1,7 +1,7 @@
 """How a train step's work is cut: chunks per device batch, and steps per compiled call.
 
 Neither changes results: every example draws its own timestep, noise and dropout masks
-(`train.train_step`), so a batch gives the same gradient in one pass or in chunks, and
+(`train.step.train_step`), so a batch gives the same gradient in one pass or in chunks, and
 several steps in one call are the same steps. Measurements behind the CPU defaults are in
 docs/performance-notes.md.
 """
@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
+
+from ddpm_jax.core.errors import UserError
 
 CPU_CHUNK_SIZE = 16  # compute_chunk_size=0 on the CPU backend
 CPU_STEPS_PER_DISPATCH = 4  # steps_per_dispatch=0 on the CPU backend, where it divides the intervals
@@ -53,9 +55,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError for a `compute_chunk_size` or `steps_per_dispatch` that cannot work."""
     chunk = config.get("compute_chunk_size", 0)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < -1:
-        raise ValueError("compute_chunk_size must be a positive integer, 0 (automatic) or -1 "
+        raise UserError("compute_chunk_size must be a positive integer, 0 (automatic) or -1 "
                          f"(never split), got {chunk!r}")
     per_call = config.get("steps_per_dispatch", 0)
     if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 0:
-        raise ValueError("steps_per_dispatch must be a positive integer or 0 (automatic), got "
+        raise UserError("steps_per_dispatch must be a positive integer or 0 (automatic), got "
                          f"{per_call!r}")

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ddpm_jax.registry import Registry
+from ddpm_jax.core.registry import Registry
 from ddpm_jax.samplers import spacing as spacings
 
 
@@ -35,8 +35,8 @@ class Sampler:
     default_spacing: the timestep spacing "auto" means (`spacing.SPACINGS`).
     prepare: optional `fn(schedule, steps, prev_steps) -> pytree of [S, ...] arrays`, run once
         on the host with the visited timesteps (NumPy, float64 work); row i reaches step i as
-        the keyword argument `step_data` (coefficients a step would otherwise recompute in
-        float32 from the schedule, such as those of a respaced chain).
+        the keyword argument `coefficients` (what a step would otherwise recompute in float32
+        from the schedule, such as the posterior of a respaced chain).
     """
 
     step: Callable[..., tuple[jax.Array, Any]]

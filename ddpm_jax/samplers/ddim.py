@@ -3,7 +3,7 @@ deterministic)."""
 
 from __future__ import annotations
 
-from ddpm_jax import diffusion
+from ddpm_jax.core import diffusion
 from ddpm_jax.samplers.base import SAMPLERS, Sampler
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax.core import diffusion, schedules
 from ddpm_jax.samplers.base import SAMPLERS, Sampler
 
 
@@ -44,29 +44,30 @@ def respaced_coefficients(log_alphas: np.ndarray, steps: np.ndarray,
 
 
 def prepare(schedule, steps, prev_steps):
-    coefficients = respaced_coefficients(diffusion.log_alphas_cumprod(schedule), steps,
-                                         prev_steps)
+    log_alphas = schedules.log_alphas_cumprod(np.asarray(schedule.betas))
+    coefficients = respaced_coefficients(log_alphas, steps, prev_steps)
     if coefficients is None:
         return None
     return {key: value.astype(np.float32) for key, value in coefficients.items()}
 
 
 def step(schedule, model_output, x_t, t, t_prev, noise, state, *, prediction, variance, clip_x0,
-         step_data):
+         coefficients):
     """`diffusion.ddpm_step` on the original chain; the respaced posterior otherwise."""
-    if step_data is None:  # every timestep: t_prev is t - 1
+    if coefficients is None:  # every timestep: t_prev is t - 1
         x = diffusion.ddpm_step(schedule, model_output, x_t, t, noise, prediction=prediction,
                                 variance=variance, clip_x0=clip_x0)
         return x, state
-    x0, _ = diffusion.model_output_to_x0_eps(schedule, prediction, model_output, x_t, t)
-    x0 = jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
-    mean = step_data["coef_x0"] * x0 + step_data["coef_xt"] * x_t
+    mean = diffusion.reverse_mean(schedule, model_output, x_t, t, prediction=prediction,
+                                  clip_x0=clip_x0,
+                                  coefficients=(coefficients["coef_x0"], coefficients["coef_xt"]))
     if isinstance(variance, str):
-        log_variance = step_data[f"log_variance_{variance}"]
+        log_variance = coefficients[f"log_variance_{variance}"]
     else:  # learned range, between the respaced chain's posterior and beta'
-        log_variance = diffusion.learned_log_variance(
-            step_data["log_variance_fixed_small"], step_data["log_variance_fixed_large"], variance)
-    return mean + step_data["noise_scale"] * jnp.exp(0.5 * log_variance) * noise, state
+        log_variance = diffusion.learned_log_variance(coefficients["log_variance_fixed_small"],
+                                                      coefficients["log_variance_fixed_large"],
+                                                      variance)
+    return mean + coefficients["noise_scale"] * jnp.exp(0.5 * log_variance) * noise, state
 
 
 # With fewer than T steps, trailing spacing was the closest to the data at 10-20 calls of the

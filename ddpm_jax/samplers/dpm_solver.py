@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax.core import diffusion, schedules
 from ddpm_jax.samplers.base import SAMPLERS, Sampler
 
 
@@ -46,18 +46,18 @@ def step_coefficients(log_alphas_cumprod: np.ndarray, steps: np.ndarray,
 
 
 def prepare(schedule, steps, prev_steps):
-    coefficients = step_coefficients(diffusion.log_alphas_cumprod(schedule), steps, prev_steps)
+    log_alphas = schedules.log_alphas_cumprod(np.asarray(schedule.betas))
+    coefficients = step_coefficients(log_alphas, steps, prev_steps)
     return {key: value.astype(np.float32) for key, value in coefficients.items()}
 
 
 def step(schedule, model_output, x_t, t, t_prev, noise, state, *, prediction, variance, clip_x0,
-         step_data):
+         coefficients):
     del t_prev, noise, variance  # deterministic; the scalars come from `prepare`
-    x0, _ = diffusion.model_output_to_x0_eps(schedule, prediction, model_output, x_t, t)
-    x0 = jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
-    weight = step_data["weight_prev"]
+    x0 = diffusion.predicted_x0(schedule, prediction, model_output, x_t, t, clip_x0)
+    weight = coefficients["weight_prev"]
     data = (1.0 + weight) * x0 - weight * state
-    return step_data["scale_x"] * x_t + step_data["scale_data"] * data, x0
+    return coefficients["scale_x"] * x_t + coefficients["scale_data"] * data, x0
 
 
 # Uniform in log-SNR, the solver's own time variable, was the closest to the data at every

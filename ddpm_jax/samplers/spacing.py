@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ddpm_jax.registry import Registry
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.core.registry import Registry
 
 Spacing = Callable[[np.ndarray, int], np.ndarray]
 SPACINGS: Registry[Spacing] = Registry("spacing")
@@ -65,10 +66,10 @@ def timesteps(spacing: str, alphas_cumprod: np.ndarray, num_steps: int) -> np.nd
     """`num_steps` descending timesteps by `spacing`; ValueError for a count it cannot do."""
     count = len(alphas_cumprod)
     if not 1 <= num_steps <= count:
-        raise ValueError(f"num_steps must be in [1, {count}], got {num_steps}")
+        raise UserError(f"num_steps must be in [1, {count}], got {num_steps}")
     steps = np.asarray(SPACINGS.get(spacing)(np.asarray(alphas_cumprod, np.float64), num_steps))
     if (steps.shape != (num_steps,) or np.any(np.diff(steps) >= 0) or steps.min() < 0
             or steps.max() >= count):
-        raise ValueError(f"the {spacing} spacing gives no {num_steps} distinct timesteps in "
+        raise UserError(f"the {spacing} spacing gives no {num_steps} distinct timesteps in "
                          f"[0, {count}); choose another spacing or num_steps")
     return steps.astype(np.int32)

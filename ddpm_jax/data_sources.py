@@ -1,0 +1,401 @@
+"""Image sources by name (`config.data.source`; README, "Extending"): random access to
+decoded images, with the checks that fail fast on missing or unusable data.
+
+  * ``tfds``: any TFDS image dataset (`data.name`, e.g. ``celeb_a``), read through
+    `tfds.data_source` (ArrayRecord, random access);
+  * ``folder``: every JPEG/PNG/WebP/BMP/TIFF image under `data.path`, recursively, decoded
+    as a person sees it (`to_rgb8`);
+  * ``bundled``: the 100 LFW face crops that ship inside scikit-image (offline).
+
+A new source is one file that registers a `DataSource` in `DATA_SOURCES`. The pipeline that
+turns a source into batches is `input_pipeline.py`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging as pylogging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image, ImageOps
+
+from ddpm_jax import console
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.core.registry import Registry, check_choice
+
+CROPS = ("none", "center", "box")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Transparent pixels are composited on this colour (white, as image viewers show them).
+BACKGROUND = (255, 255, 255)
+
+
+class DataError(UserError):
+    """Raised before training when the configured data cannot be read."""
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """An opened image as uint8 RGB [H, W, 3], as a person sees it.
+
+    The EXIF orientation is applied (phone photos are stored sideways); 16-bit images keep
+    their top 8 bits (x / 257); single-channel float images are read as [0, 1] (clipped);
+    transparency is composited on `BACKGROUND`. Raises ValueError for what has no such
+    reading: 32-bit integer pixels (no standard range) and NaN or infinite float pixels.
+    """
+    # TIFF's BitsPerSample, read before exif_transpose (its copy has no tags)
+    bits = getattr(image, "tag_v2", {}).get(258, (16,))[0] if image.mode == "I" else 16
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # one deep channel
+        if image.mode == "I" and bits > 16:
+            raise UserError(f"{bits}-bit integer pixels have no standard range; save the image "
+                             "with 8 or 16 bits per channel")
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and not np.isfinite(values).all():
+            raise UserError(f"{int((~np.isfinite(values)).sum())} pixels are NaN or infinite")
+        scale = 255.0 if image.mode == "F" else 1.0 / 257.0
+        gray = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decodes the image file at `path` with `to_rgb8` (training, fid-stats, evaluate fid)."""
+    with Image.open(path) as image:
+        return to_rgb8(image)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A registered data source.
+
+    open: `fn(data_config) -> source`, a random-access sequence (`len`, `[i]`) of uint8 images
+        [H, W, C]; raises DataError, saying what to change, when the data cannot be read.
+    check: `fn(data_config)`, raising ValueError naming the field when the settings cannot
+        work, before anything is read.
+    """
+
+    open: Callable[[ml_collections.ConfigDict], Any]
+    check: Callable[[ml_collections.ConfigDict], None] = lambda data_config: None
+
+
+DATA_SOURCES: Registry[DataSource] = Registry("data.source")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ArraySource:
+    """Random-access source over an in-memory uint8 image array [N, H, W, C]."""
+
+    def __init__(self, images: np.ndarray):
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self._images[index]
+
+
+class FolderSource:
+    """Random-access source over image files; decodes with PIL on access.
+
+    A file that fails to decode (truncated, corrupt) is replaced by the next readable file
+    (so batches stay full and identical for any process count); each such file is logged,
+    and more than `max_bad_fraction` of the files read so far (once at least 100 were
+    read) stops training with a DataError.
+    """
+
+    def __init__(self, paths: Sequence[str], max_bad_fraction: float = 0.01):
+        self._paths = list(paths)
+        self._max_bad_fraction = max_bad_fraction
+        self._reads = 0
+        self._bad = 0
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self._paths):
+            raise IndexError(index)
+        for offset in range(len(self._paths)):
+            image = self.read(self._paths[(index + offset) % len(self._paths)])
+            if image is not None:
+                return image
+        raise DataError("no file in the folder could be decoded")
+
+    def read(self, path: str) -> np.ndarray | None:
+        """The decoded RGB image, or None (logged and counted) if the file is broken."""
+        self._reads += 1
+        try:
+            return read_image(path)
+        except Exception as error:  # PIL raises several types for broken files
+            self._bad += 1
+            logging.warning("skipping unreadable image %s (%s); %d of %d reads bad in this process",
+                            path, error, self._bad, self._reads)
+            if self._reads >= 100 and self._bad > self._max_bad_fraction * self._reads:
+                raise DataError(
+                    f"{self._bad} of {self._reads} images read were unreadable, more than "
+                    f"data.max_bad_fraction={self._max_bad_fraction}; fix or remove the files"
+                ) from error
+            return None
+
+
+class TfdsImageSource:
+    """Wraps a `tfds.data_source` and returns only the image feature of each record."""
+
+    def __init__(self, source: Any, image_key: str):
+        self._source = source
+        self._image_key = image_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self._source[index][self._image_key])
+
+
+def bundled_faces() -> np.ndarray:
+    """The 100 LFW face crops (25x25 grayscale) shipped with scikit-image, as uint8 RGB."""
+    from skimage import data as skimage_data  # heavy: loaded only for this source
+
+    faces = skimage_data.lfw_subset()[:100]  # the first 100 of the 200 are faces
+    faces = np.round(faces * 255.0).astype(np.uint8)
+    return np.repeat(faces[..., None], 3, axis=-1)
+
+
+def _image_size(path: str) -> tuple[int, int] | str:
+    """(height, width) as displayed (EXIF rotation applied), or why the header cannot be read."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)  # 5..8 rotate by 90 degrees
+            return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def scan_folder(paths: Sequence[str], data_config: ml_collections.ConfigDict) -> list[str]:
+    """Reads every header once: drops unreadable files (each logged with its reason, bounded
+    by max_bad_fraction) and fails on images too small for the configured crop, before any
+    training work."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(_image_size, paths))
+    sizes = [None if isinstance(result, str) else result for result in results]
+    bad = [p for p, size in zip(paths, sizes, strict=True) if size is None]
+    for path, result in zip(paths, results, strict=True):
+        if isinstance(result, str):
+            logging.warning("skipping unreadable image %s (%s)", path, result)
+    if bad:
+        logging.warning("skipping %d unreadable of %d files under %s", len(bad), len(paths),
+                        data_config.path)
+    if len(bad) > data_config.max_bad_fraction * len(paths):
+        raise DataError(
+            f"{len(bad)} of {len(paths)} files under data.path={data_config.path!r} are "
+            f"unreadable (e.g. {bad[0]}), more than data.max_bad_fraction="
+            f"{data_config.max_bad_fraction}; fix or remove them, or raise data.max_bad_fraction"
+        )
+    good = [(p, size) for p, size in zip(paths, sizes, strict=True) if size is not None]
+    for path, (height, width) in good:
+        try:
+            crop_image(np.empty((height, width, 0), np.uint8), data_config.crop,
+                       data_config.crop_size, tuple(data_config.crop_box))
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from error
+    return [p for p, _ in good]
+
+
+def list_image_files(path: str) -> list[str]:
+    """Sorted paths of every image file under `path`, recursively, following symlinked
+    folders (each real folder once, so a link loop ends); a folder that cannot be read is
+    reported and skipped."""
+    if not os.path.isdir(path):
+        raise DataError(f"data.path={path!r} is not a directory; point it at a folder of images")
+
+    def report(error: OSError) -> None:
+        logging.warning("cannot read folder %s (%s): its images are not used",
+                        error.filename, error.strerror)
+
+    files, visited = [], set()
+    for root, folders, names in os.walk(path, onerror=report, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a link back to a folder already scanned
+            folders[:] = []
+            continue
+        visited.add(real)
+        files += [os.path.join(root, name) for name in names
+                  if name.lower().endswith(IMAGE_EXTENSIONS)]
+    files.sort()
+    if not files:
+        raise DataError(
+            f"data.path={path!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files; "
+            "point data.path at a folder of images"
+        )
+    return files
+
+
+def _manual_download_message(builder: Any, data_config: ml_collections.ConfigDict) -> str:
+    files = sorted({info.filename for info in (builder.url_infos or {}).values() if info.filename})
+    lines = [
+        f"TFDS dataset {data_config.name!r} is not prepared in "
+        f"data.data_dir={data_config.data_dir or '~/tensorflow_datasets'!r} and could not be built.",
+    ]
+    if files:
+        lines.append("Download these files by hand and put them in one folder:")
+        lines += [f"  {name}" for name in files]
+        urls = sorted(builder.url_infos)
+        lines.append("(their sources are listed in TFDS's checksums for this dataset: "
+                     + ", ".join(urls[:2]) + (", ..." if len(urls) > 2 else "") + ")")
+    lines.append(
+        "then pass that folder as --config.data.manual_dir=/path/to/folder (TFDS builds the "
+        "dataset from it once), or prepare it elsewhere with `tfds build "
+        f"{data_config.name} --file_format=array_record` and set --config.data.data_dir."
+    )
+    return "\n".join(lines)
+
+
+class _DropTfdsWarnings(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return "tensorflow_datasets" not in record.pathname or record.levelno >= pylogging.ERROR
+
+
+@contextlib.contextmanager
+def _without_tfds_warnings() -> Iterator[None]:
+    """Hides TFDS's warnings for the body: its probing of folders that do not exist, which
+    a missing dataset's own message explains."""
+    handler, dropped = logging.get_absl_handler(), _DropTfdsWarnings()
+    handler.addFilter(dropped)
+    try:
+        yield
+    finally:
+        handler.removeFilter(dropped)
+
+
+def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
+    """Opens a TFDS dataset for random access, preparing it (download or manual_dir) if needed."""
+    console.import_tensorflow()  # TFDS decodes with it
+    import tensorflow_datasets as tfds
+
+    try:
+        with _without_tfds_warnings():  # it probes version folders that may not exist
+            builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+            prepared = builder.is_prepared()
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise DataError(
+            f"unknown TFDS dataset data.name={data_config.name!r}; use a name from "
+            "`tfds.list_builders()` or set data.source='folder'"
+        ) from error
+    def open_source() -> Any:
+        return tfds.data_source(
+            data_config.name, split=data_config.split, data_dir=data_config.data_dir or None,
+            download=False, builder_kwargs={"file_format": "array_record"},
+        )
+
+    if prepared:
+        try:
+            return TfdsImageSource(open_source(), data_config.image_key)
+        except Exception as error:
+            raise DataError(
+                f"could not open TFDS dataset {data_config.name!r} split {data_config.split!r} "
+                f"for random access ({error}); prepare it with file_format=array_record"
+            ) from error
+    try:  # a source TFDS can serve without a local build (e.g. under tfds.testing.mock_data)
+        with _without_tfds_warnings():
+            return TfdsImageSource(open_source(), data_config.image_key)
+    except Exception:
+        pass
+    manual_dir = data_config.manual_dir or None
+    if not (data_config.download or manual_dir):
+        raise DataError(_manual_download_message(builder, data_config))
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+        )
+        source = open_source()
+    except Exception as error:  # network, quota, missing or corrupt manual files
+        raise DataError(
+            _manual_download_message(builder, data_config) + f"\n(TFDS said: {error})"
+        ) from error
+    return TfdsImageSource(source, data_config.image_key)
+
+
+def _open_folder(data_config: ml_collections.ConfigDict) -> FolderSource:
+    paths = scan_folder(list_image_files(data_config.path), data_config)
+    return FolderSource(paths, data_config.max_bad_fraction)
+
+
+def _check_folder(data_config: ml_collections.ConfigDict) -> None:
+    if not data_config.path:
+        raise UserError("data.source='folder' needs data.path, the folder of images")
+
+
+def _open_tfds(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
+    source = tfds_source(data_config)
+    first = source[0]  # one decode: check the crop against the dataset's image size
+    crop_image(np.empty(first.shape[:2] + (0,), np.uint8), data_config.crop,
+               data_config.crop_size, tuple(data_config.crop_box))
+    return source
+
+
+def _check_tfds(data_config: ml_collections.ConfigDict) -> None:
+    if not data_config.name:
+        raise UserError("data.source='tfds' needs data.name, a TFDS dataset name")
+
+
+DATA_SOURCES.register("tfds", DataSource(open=_open_tfds, check=_check_tfds))
+DATA_SOURCES.register("folder", DataSource(open=_open_folder, check=_check_folder))
+DATA_SOURCES.register("bundled", DataSource(open=lambda data_config: ArraySource(bundled_faces())))
+
+
+def make_source(data_config: ml_collections.ConfigDict) -> Any:
+    """The random-access image source named by `data_config.source`."""
+    try:
+        source = DATA_SOURCES.get(data_config.source)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return source.open(data_config)
+
+
+def check_config(data_config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when `config.data` cannot work."""
+    source = DATA_SOURCES.get(data_config.source)
+    check_choice("data.crop", data_config.crop, CROPS)
+    if data_config.crop == "center" and data_config.crop_size <= 0:
+        raise UserError("data.crop='center' needs a positive data.crop_size")
+    source.check(data_config)
+
+
+def crop_image(image: np.ndarray, crop: str, crop_size: int, box: Sequence[int]) -> np.ndarray:
+    """Crops before resizing: ``none`` keeps all, ``center`` a centred square, ``box`` (top, left, h, w)."""
+    if crop == "none":
+        return image
+    height, width = image.shape[:2]
+    if crop == "center":
+        if crop_size > min(height, width):
+            raise DataError(
+                f"data.crop_size={crop_size} is larger than an image of {height}x{width}; "
+                "lower data.crop_size"
+            )
+        top, left = (height - crop_size) // 2, (width - crop_size) // 2
+        return image[top: top + crop_size, left: left + crop_size]
+    if crop == "box":
+        top, left, box_height, box_width = box
+        if top < 0 or left < 0 or top + box_height > height or left + box_width > width:
+            raise DataError(
+                f"data.crop_box={tuple(box)} (top, left, height, width) does not fit an image "
+                f"of {height}x{width}"
+            )
+        return image[top: top + box_height, left: left + box_width]
+    raise DataError(f"unknown data.crop {crop!r}; choose one of {CROPS}")

@@ -1,0 +1,113 @@
+"""The sampler compiled for a mesh: `SampleFn` runs a sampling engine plan
+(`samplers.reverse_plan`) on the network's parameters, the batch sharded over every device.
+
+The training loop, the sample command and `evaluate fid` all sample through here. What
+to sample with is one `samplers.SamplerSettings`, read from a config section (`sample` or
+`eval`) and command-line overrides.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ddpm_jax import ops, recipe, samplers
+from ddpm_jax.core.registry import check_choice
+from ddpm_jax.runtime import network, sharding
+from ddpm_jax.samplers import SamplerSettings
+
+WEIGHTS = ("ema", "params")
+
+
+def sampling_params(config: ml_collections.ConfigDict, state: Any, weights: str = "ema") -> Any:
+    """The weights samples come from: with `weights="ema"` the EMA when the run keeps one
+    (else the raw weights), with "params" the raw weights."""
+    check_choice("weights", weights, WEIGHTS)
+    return state.ema_params if weights == "ema" and config.ema_decay > 0 else state.params
+
+
+class SampleFn:
+    """`fn(params, rng, should_stop=None)` -> images [N, S, S, 3] in [-1, 1] (and snapshots
+    [K, N, S, S, 3] with `num_snapshots`), or None when `should_stop()` said to stop.
+
+    The reverse chain is one compiled program (a loop over steps) that runs the whole chain
+    in one call, or, given `should_stop`, a chunk of steps per call, checked in between: a
+    stop request then waits for one chunk (sized to take about `CHUNK_SECONDS`), not the
+    whole chain. Both run the same program, so they give the same images. The batch is
+    sharded over the mesh; N is `num_images` rounded up to a multiple of the device count.
+    """
+
+    CHUNK_SECONDS = 2.0
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 settings: SamplerSettings, *, num_images: int, num_snapshots: int = 0):
+        definition = network.graphdef(config)
+        schedule = recipe.schedule(config)
+        size = config.data.image_size
+        shape = (sharding.padded_to_devices(num_images, mesh), size, size, 3)
+        plan = samplers.reverse_plan(schedule, shape, settings, num_snapshots=num_snapshots,
+                                     **recipe.reverse_process(config))
+        self.num_steps = plan.num_steps
+        self.num_images = shape[0]
+        self._plan = plan
+        batch = sharding.batch_sharding(mesh)
+        stacked = sharding.stacked_batch_sharding(mesh)
+
+        def init(rng):
+            x, state, snapshots, rngs = samplers.reverse_init(plan, rng, batch)
+            return x, state, jax.lax.with_sharding_constraint(snapshots, stacked), rngs
+
+        def advance(params, carry, start, stop):
+            return samplers.reverse_steps(
+                plan, lambda x, t: network.apply(definition, params, x, t), schedule, carry,
+                start, stop)
+
+        options = ops.compiler_options(config)
+        self._init = jax.jit(init, in_shardings=sharding.replicated(mesh),
+                             compiler_options=options)
+        self._advance = jax.jit(advance, donate_argnums=(1,), compiler_options=options,
+                                in_shardings=(network.params_shardings(config, mesh), None,
+                                              None, None))
+
+    def __call__(self, params: Any, rng: jax.Array, should_stop: Callable[[], bool] | None = None,
+                 on_steps: Callable[[int], None] | None = None):
+        carry = self._init(rng)
+        if should_stop is None and on_steps is None:
+            carry = self._advance(params, carry, 0, self.num_steps)
+            return samplers.reverse_result(self._plan, carry)
+        done, chunk = 0, 1
+        while done < self.num_steps:
+            stop = min(done + chunk, self.num_steps)
+            started = time.perf_counter()
+            carry = jax.block_until_ready(self._advance(params, carry, done, stop))
+            elapsed = time.perf_counter() - started
+            if on_steps is not None:
+                on_steps(stop - done)
+            done = stop
+            if should_stop is not None and should_stop():
+                return None
+            # Double the chunk while a call takes under half the target; the first call
+            # compiles, so it never grows the chunk. Every process takes process 0's choice.
+            if chunk > 1 or done > 1:
+                chunk = _agreed(chunk * 2 if elapsed < self.CHUNK_SECONDS / 2 else chunk)
+        return samplers.reverse_result(self._plan, carry)
+
+
+def _agreed(value: int) -> int:
+    """`value` as process 0 has it (the same sequence of calls on every process)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   settings: SamplerSettings, *, num_images: int, num_snapshots: int = 0
+                   ) -> SampleFn:
+    """The sampler of `config`'s network with `settings` (see `SampleFn`)."""
+    return SampleFn(config, mesh, settings, num_images=num_images, num_snapshots=num_snapshots)

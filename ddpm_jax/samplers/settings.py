@@ -1,0 +1,76 @@
+"""The sampler a run chooses: which one, how many steps, which spacing and its knobs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.core.registry import check_choice
+from ddpm_jax.samplers.base import SAMPLERS, Sampler
+from ddpm_jax.samplers.spacing import SPACINGS
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """A sampler choice: `name` in `SAMPLERS`, `num_steps` (0: the sampler's default, all T
+    for DDPM and DDIM), `spacing` (in `SPACINGS`; "auto": the sampler's default) and
+    `options`, the sampler's knobs (missing ones take its defaults)."""
+
+    name: str = "ddpm"
+    num_steps: int = 0
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    spacing: str = "auto"
+
+    def __post_init__(self):
+        # The one place a sampler's knobs are resolved: given values, else its defaults.
+        object.__setattr__(self, "options", self.sampler.resolve_options(self.options))
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any],
+                    **overrides: Any) -> SamplerSettings:
+        """The settings of a config section (`sampler`, `num_steps`, `spacing` and the
+        sampler's option fields); `overrides` that are not None (command-line flags) replace
+        its values."""
+        values = {**dict(section), **{k: v for k, v in overrides.items() if v is not None}}
+        name = values["sampler"]
+        return cls(name=name, num_steps=values.get("num_steps") or 0, options=values,
+                   spacing=values.get("spacing") or "auto")
+
+    @property
+    def sampler(self) -> Sampler:
+        return SAMPLERS.get(self.name)
+
+    def describe(self) -> dict[str, Any]:
+        """For logs and JSON results (the step count and spacing as resolved)."""
+        sampler = self.sampler
+        return {"sampler": self.name, "num_steps": self.num_steps or sampler.default_steps,
+                "spacing": sampler.resolve_spacing(self.spacing),
+                **self.options}
+
+    def summary(self) -> str:
+        """These settings as a person reads them: `ddim, 100 steps, logsnr spacing, eta=0.0`."""
+        described = self.describe()
+        steps = described.pop("num_steps")
+        text = (f"{described.pop('sampler')}, {f'{steps} steps' if steps else 'every timestep'}, "
+                f"{described.pop('spacing')} spacing")
+        return ", ".join([text] + [f"{key}={value}" for key, value in described.items()])
+
+
+def check_section(section: Mapping[str, Any], prefix: str,
+                  alphas_cumprod: np.ndarray) -> np.ndarray:
+    """The timesteps the sampler a config section chooses visits; ValueError naming
+    `prefix`.* when it cannot run."""
+    check_choice(f"{prefix}.sampler", section.sampler, SAMPLERS.names())
+    settings = SamplerSettings.from_config(section)
+    spacing = settings.sampler.resolve_spacing(settings.spacing)
+    check_choice(f"{prefix}.spacing", spacing, SPACINGS.names())
+    try:
+        return settings.sampler.timesteps(alphas_cumprod, settings.num_steps, spacing)
+    except ValueError as error:
+        raise UserError(f"{prefix}.*: {error}") from error
+
+

@@ -1,0 +1,196 @@
+"""Validation of a config before any data is read or anything is compiled.
+
+Each part of the config is checked by the module that uses it (the mesh, the optimizer, the
+speed settings, the diffusion math, the samplers, the data source, the network); `validate`
+calls them in order, adds the checks of the loop's own fields (intervals, checkpoints, EMA,
+FID) and turns their errors into `ConfigError`. Every message names the config field to
+change and how.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from ddpm_jax import data_sources, image_utils, models, ops, recipe, samplers
+from ddpm_jax.core import schedules
+from ddpm_jax.core.errors import UserError
+from ddpm_jax.core.registry import check_choice
+from ddpm_jax.runtime import sharding
+from ddpm_jax.train import optimizer
+
+
+class ConfigError(UserError):
+    """A config that cannot train; raised before any expensive work."""
+
+
+def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _checked(check, *args) -> None:
+    """Runs a module's own config check, reporting its ValueError as a ConfigError."""
+    try:
+        check(*args)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    _checked(check_choice, field, value, choices)
+
+
+# Fields a checkpoint's arrays depend on: changing them makes the checkpoint unloadable.
+SHAPE_FIELDS = ("data.image_size",)
+# Fields that define what the network learned to output: resuming with others would train
+# and sample with a different meaning of the same weights.
+DIFFUSION_FIELDS = ("diffusion.prediction", "diffusion.schedule", "diffusion.num_timesteps",
+                    "diffusion.beta_start", "diffusion.beta_end")
+SHAPE_SECTIONS = ("model",)
+IGNORED_MODEL_FIELDS = ("dtype", "dropout")  # compute settings, not parameter shapes
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
+                     allow_diffusion_change: bool = False) -> None:
+    """Refuses to resume a checkpoint whose network differs from the one `config` builds, or
+    (unless `allow_diffusion_change`, a deliberate fine-tune) whose network learned another
+    target or noise schedule."""
+    current = config.to_dict()
+    differences = []
+    for section in SHAPE_SECTIONS:
+        for key in sorted(set(saved.get(section, {})) | set(current.get(section, {}))):
+            if key in IGNORED_MODEL_FIELDS:
+                continue
+            old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if _normalise(old) != _normalise(new):
+                differences.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
+    differences += _changed_fields(saved, current, SHAPE_FIELDS)
+    old, new = saved.get("diffusion", {}).get("variance"), current["diffusion"]["variance"]
+    if (old == "learned_range") != (new == "learned_range"):  # 6 output channels or 3
+        differences.append(f"diffusion.variance: checkpoint {old!r}, config {new!r}")
+    old_clip, new_clip = saved.get("grad_clip_norm", 0), current.get("grad_clip_norm", 0)
+    if (old_clip > 0) != (new_clip > 0):  # optax.chain with clipping or plain AdamW
+        differences.append(f"grad_clip_norm: checkpoint {old_clip!r}, config {new_clip!r} (clipping "
+                           "on or off is another optimizer state; any value > 0 resumes a "
+                           "clipped run)")
+    changed = _changed_fields(saved, current, DIFFUSION_FIELDS)
+    if changed and allow_diffusion_change and not differences:
+        logging.warning("fine-tuning with another diffusion (--allow_diffusion_change): %s",
+                        "; ".join(changed))
+        return
+    if differences or changed:
+        raise ConfigError(
+            "the workdir holds checkpoints of a different network or diffusion:\n  "
+            + "\n  ".join(differences + changed)
+            + "\nuse a new --workdir, or set these fields back to the checkpoint's values"
+            + ("; to fine-tune on purpose with the new diffusion settings, pass "
+               "--allow_diffusion_change" if changed and not differences else "")
+        )
+
+
+def _changed_fields(saved: dict, current: dict, fields: tuple[str, ...]) -> list[str]:
+    """`field: checkpoint X, config Y` for each of `fields` whose value differs."""
+    changed = []
+    for field in fields:
+        section, key = field.split(".")
+        old, new = saved.get(section, {}).get(key), current[section][key]
+        if _normalise(old) != _normalise(new):
+            changed.append(f"{field}: checkpoint {old!r}, config {new!r}")
+    return changed
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_workdir_writable(workdir: str) -> None:
+    """Creates `workdir` if needed and proves a file can be written there."""
+    for name in ("checkpoints", "samples"):
+        path = epath.Path(workdir) / name
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} is a file, where the run keeps its {name} folder; move "
+                              "it away or choose another --workdir")
+    try:
+        image_utils.check_writable(epath.Path(workdir) / ".write_probe")
+    except Exception as error:
+        raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); choose another folder") from error
+
+
+def _alphas_cumprod(config: ml_collections.ConfigDict) -> np.ndarray:
+    """abar_t of `config.diffusion` (float64), which the sampling sections' spacings read."""
+    d = config.diffusion
+    betas = schedules.make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    return np.exp(schedules.log_alphas_cumprod(betas))
+
+
+def _check_eval(config: ml_collections.ConfigDict) -> None:
+    """The FID section; only checked when FID during training is on."""
+    if config.eval_every_steps < 0:
+        raise ConfigError(f"eval_every_steps must be >= 0 (0: no FID), got {config.eval_every_steps}")
+    if config.eval_every_steps == 0:
+        return
+    e = config.eval
+    _positive(config, "eval.batch_size")
+    if not isinstance(e.num_samples, int) or e.num_samples < 2:
+        raise ConfigError(f"eval.num_samples must be >= 2 (a covariance needs two), got {e.num_samples}")
+    _checked(samplers.check_section, e, "eval", _alphas_cumprod(config))
+    for field in ("inception_weights", "reference_stats"):
+        path = e[field]
+        if path and not epath.Path(path).exists():
+            raise ConfigError(f"eval.{field}={path!r} does not exist; fix the path or set "
+                              "eval_every_steps=0 (see README, FID)")
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    device_count: int = 1,
+    process_count: int = 1,
+) -> None:
+    """Raises `ConfigError` naming the field to change if `config` cannot train."""
+    _positive(config, "num_train_steps", "batch_size", "log_every_steps", "save_every_steps",
+              "keep_checkpoints", "data.image_size", "sample.num_images",
+              "diffusion.num_timesteps")
+    _positive(config, "grad_accum_steps", "mesh.fsdp")
+    _checked(sharding.check_config, config, device_count, process_count)
+    _checked(optimizer.check_config, config)
+    _choice("on_nonfinite", config.on_nonfinite, ("stop", "skip"))
+    if not isinstance(config.sample_every_steps, int) or config.sample_every_steps < 0:
+        raise ConfigError("sample_every_steps must be an integer >= 0 (0: no sample grids), got "
+                          f"{config.sample_every_steps!r}")
+    if config.profile_steps < 0:
+        raise ConfigError(f"profile_steps must be >= 0 (0: no trace), got {config.profile_steps}")
+    if config.keep_every_steps < 0:
+        raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    _checked(ops.check_config, config)
+
+    _checked(recipe.check_config, config)
+    try:
+        steps = samplers.check_section(config.sample, "sample", _alphas_cumprod(config))
+        samplers.snapshot_slots(len(steps), config.sample.num_snapshots)
+    except ValueError as error:
+        raise ConfigError(f"sample.*: {error}") from error
+    _check_eval(config)
+
+    _checked(data_sources.check_config, config.data)
+
+    _checked(models.check_config, config)
+    if config.wandb.project:
+        # Loads clu's writers, hence TensorFlow (seconds to import): only when W&B is on, so
+        # that a run refused below (busy workdir, missing data) stops at once.
+        from ddpm_jax import wandb_writer
+
+        _checked(wandb_writer.check_config, config)
+
+    if workdir is not None:
+        check_workdir_writable(workdir)

@@ -1,0 +1,124 @@
+"""One training step (Ho et al., Algorithm 1), as a pure function of the state and a batch.
+
+Every example draws its own timestep, noise and dropout masks (`example_randomness`), so a
+step gives the same result however its batch is cut into devices, chunks or micro-batches.
+How the step is compiled, sharded and cut into micro-batches for a backend is the
+runtime's (`ddpm_jax.runtime.compile`); this file knows none of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ddpm_jax.core import diffusion, objectives
+from ddpm_jax.runtime import network
+from ddpm_jax.train.state import TrainState
+
+
+def images_to_model_space(batch: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return batch.astype(jnp.float32) / 127.5 - 1.0
+
+
+def ema_decay_at(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """`config.ema_decay`, ramped up over the first steps with `config.ema_warmup`."""
+    decay = jnp.asarray(config.ema_decay, jnp.float32)
+    if config.ema_warmup:
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
+def example_randomness(
+    rng: jax.Array, image_shape: tuple[int, ...], num_timesteps: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per example i of a batch: its timestep, its noise and its dropout key.
+
+    Each is drawn from `fold_in(rng, i)` alone (i the example's index in the global batch),
+    so an example gets the same draws however the batch is split over devices, chunks or
+    micro-batches.
+    """
+
+    def draw(key):
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        t = objectives.sample_timesteps(t_key, 1, num_timesteps)[0]
+        return t, jax.random.normal(noise_key, image_shape[1:], jnp.float32), dropout_key
+
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(image_shape[0]))
+    return jax.vmap(draw)(keys)
+
+
+def mean_gradient(grad_fn, params: Any, inputs: tuple, micro_batches: int):
+    """`grad_fn(params, *inputs)` -> ((loss, aux), grads), loss and aux scalars, averaged
+    over `micro_batches` sequential slices of the batch: the same value as one pass (to
+    float rounding), in less memory. Slice i takes rows i, i + micro_batches, ...: with the
+    batch split over devices in contiguous blocks, every device holds an equal share of
+    every slice."""
+    if micro_batches == 1:
+        return grad_fn(params, *inputs)
+
+    def micro(array, i):
+        array = array.reshape((array.shape[0] // micro_batches, micro_batches) + array.shape[1:])
+        return jax.lax.dynamic_index_in_dim(array, i, axis=1, keepdims=False)
+
+    # A loop, so that the slices run one after another and compile once.
+    def accumulate(total, i):
+        value = grad_fn(params, *(micro(array, i) for array in inputs))
+        return jax.tree.map(lambda a, b: a + b / micro_batches, total, value), None
+
+    zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+             jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(accumulate, zeros, jnp.arange(micro_batches))
+    return total
+
+
+def train_step(
+    state: TrainState,
+    batch: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    schedule: diffusion.Schedule,
+    micro_batches: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global uint8 batch; returns the new state and scalar metrics.
+
+    The loss is `objectives.loss_terms` at a random timestep per example; the gradient is
+    the mean over `micro_batches` sequential slices of the batch (`mean_gradient`).
+    """
+    x0 = images_to_model_space(batch)
+    t, noise, dropout_keys = example_randomness(
+        jax.random.fold_in(state.rng, state.step), x0.shape, schedule.num_timesteps)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    objective = objectives.Objective.of(config.diffusion)
+    learned = objective.variance == "learned_range"
+    use_dropout = config.model.dropout > 0
+
+    def loss_fn(params, x0, x_t, t, noise, dropout_keys):
+        output = network.apply(graphdef, params, x_t, t, dropout_keys if use_dropout else None)
+        loss, vlb = objectives.loss_terms(schedule, output, x0, x_t, t, noise, objective)
+        return jnp.mean(loss), (jnp.mean(vlb) if learned else jnp.zeros(()))
+
+    (loss, vlb), grads = mean_gradient(jax.value_and_grad(loss_fn, has_aux=True), state.params,
+                                       (x0, x_t, t, noise, dropout_keys), micro_batches)
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss or gradient never reaches the weights: the step keeps the old
+    # params, EMA and optimizer state (the loop then stops or goes on, by config.on_nonfinite).
+    # A conditional, not a select per leaf, which would make XLA copy every leaf it updates.
+    new_state = jax.lax.cond(
+        finite, lambda s: s.apply_gradients(grads, ema_decay_at(config, s.step)),
+        lambda s: s, state)
+    metrics = {
+        "loss": loss,
+        **({"vlb_bits_per_dim": vlb} if learned else {}),
+        "grad_norm": grad_norm,
+        "learning_rate": state.tx.learning_rate_at(state.step),
+        "nonfinite": (~finite).astype(jnp.int32),
+    }
+    return new_state.replace(step=state.step + 1), metrics
