@@ -34,6 +34,11 @@ def build(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
     return NETS[arch.layout](arch, layer_ops=layer_ops, rngs=rngs)
 
 
+def _legacy_block_paths(config: ml_collections.ConfigDict) -> dict[str, list[tuple]]:
+    arch = Architecture.from_config(config)
+    return LEGACY_BLOCK_PATHS[arch.layout](arch)
+
+
 def from_flat_params(params: dict, config: ml_collections.ConfigDict) -> dict:
     """Parameters saved before the nets were nested by level (`encoder[i]`, `middle[i]`,
     `decoder[i]`, the blocks in the order they run), moved to where each block is now."""
@@ -41,8 +46,7 @@ def from_flat_params(params: dict, config: ml_collections.ConfigDict) -> dict:
         return params
     nested = {key: value for key, value in params.items()
               if key not in ("encoder", "middle", "decoder")}
-    paths = LEGACY_BLOCK_PATHS[Architecture.from_config(config).layout](
-        Architecture.from_config(config))
+    paths = _legacy_block_paths(config)
     for section, blocks in paths.items():
         stored = params.get(section, {})
         for index, path in enumerate(blocks):
@@ -58,8 +62,7 @@ def to_flat_params(params: dict, config: ml_collections.ConfigDict) -> dict:
     """The inverse of `from_flat_params`: nested parameters in the old flat layout (the tree
     a checkpoint saved before the nesting holds, to restore it into)."""
     flat = dict(params)
-    paths = LEGACY_BLOCK_PATHS[Architecture.from_config(config).layout](
-        Architecture.from_config(config))
+    paths = _legacy_block_paths(config)
     for section, blocks in paths.items():
         flat[section] = {}
         for index, path in enumerate(blocks):
