@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from ddpm_jax import recipe
 from ddpm_jax.core import diffusion, objectives
 from ddpm_jax.runtime import network
 from ddpm_jax.train.state import TrainState
@@ -95,7 +96,7 @@ def train_step(
     t, noise, dropout_keys = example_randomness(
         jax.random.fold_in(state.rng, state.step), x0.shape, schedule.num_timesteps)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
-    objective = objectives.Objective.of(config.diffusion)
+    objective = recipe.objective(config)
     learned = objective.variance == "learned_range"
     use_dropout = config.model.dropout > 0
 
