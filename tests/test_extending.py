@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import data_sources, samplers, train
+from ddpm_jax import samplers, train
 from ddpm_jax.core import diffusion
 from ddpm_jax.core.schedules import BETA_SCHEDULES
 from ddpm_jax.data_sources import DATA_SOURCES, ArraySource, DataSource
@@ -73,36 +73,11 @@ def test_a_registered_schedule_and_sampler_run_through_sample(toys):
                                rtol=1e-6)
 
 
-def test_registered_entries_train_and_sample_by_name(toys):
+def test_registered_entries_and_an_evaluator_train_and_sample_by_name(toys, tmp_path):
+    """A registered data source, schedule and sampler train and sample by name; a registered
+    evaluator (README "Extending": a class and a registered factory) runs in the loop every
+    `every_steps` and at the end, and what it writes reaches TensorBoard."""
     SAMPLERS.register("toy_counting", counting_sampler(3))
-    config = micro_config()
-    config.data.source = "toy_gray"
-    config.diffusion.schedule, config.diffusion.num_timesteps = "toy_constant", 50
-    config.diffusion.beta_end = 0.05
-    config.sample.sampler, config.sample.num_steps = "toy_counting", 3
-    config.sample.scale = 2.0  # the toy sampler's knob, as a config field
-    config_checks.validate(config, device_count=4)
-    source = data_sources.make_source(config.data)
-    mesh = train.create_mesh(config)
-    state = train.create_train_state(config, mesh)
-    batch = np.stack([source[i] for i in range(config.batch_size)])
-    state, metrics = train.make_train_step(config, mesh)(state, train.global_batch(batch, mesh))
-    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
-    # The loop's sampler, built from config.sample as the loop builds it.
-    settings = SamplerSettings.from_config(config.sample)
-    assert settings.options == {"scale": 2.0}
-    images = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=4)(
-        state.params, jax.random.PRNGKey(0))
-    assert images.shape == (4, 8, 8, 3) and np.all(np.isfinite(images))
-    config.sample.sampler = "toy_missing"
-    with pytest.raises(config_checks.ConfigError, match="toy_counting"):
-        config_checks.validate(config, device_count=4)
-
-
-@pytest.mark.slow
-def test_a_registered_evaluator_runs_in_the_loop_at_its_steps(tmp_path):
-    """README "Extending": an evaluator is a class and a registered factory; the loop runs it
-    every `every_steps` and at the end, and what it writes reaches TensorBoard."""
     seen = []
 
     class WeightNorm(train.Evaluator):
@@ -115,13 +90,31 @@ def test_a_registered_evaluator_runs_in_the_loop_at_its_steps(tmp_path):
             self.run.writer.write_scalars(step, {"weight_norm": norm})
             return True
 
+    config = micro_config()
+    config.data.source = "toy_gray"
+    config.diffusion.schedule, config.diffusion.num_timesteps = "toy_constant", 50
+    config.diffusion.beta_end = 0.05
+    config.sample.sampler, config.sample.num_steps = "toy_counting", 3
+    config.sample.scale = 2.0  # the toy sampler's knob, as a config field
+    config.num_train_steps, config.sample_every_steps = 5, 0
+    config_checks.validate(config, device_count=4)
+    workdir = str(tmp_path / "run")
     train.EVALUATORS.register("toy_weight_norm", WeightNorm)
     try:
-        config = micro_config()
-        config.num_train_steps, config.sample_every_steps = 5, 0
-        workdir = str(tmp_path / "run")
-        train.train_and_evaluate(config, workdir)
+        state = train.train_and_evaluate(config, workdir)
     finally:
         train.EVALUATORS.unregister("toy_weight_norm")
+    assert int(state.step) == 5
     assert seen == [2, 4, 5]
     assert read_events(workdir)["weight_norm"] == [2, 4, 5]
+    assert "loss" in read_events(workdir)
+    # The loop's sampler, built from config.sample as the loop builds it.
+    settings = SamplerSettings.from_config(config.sample)
+    assert settings.options == {"scale": 2.0}
+    mesh = train.create_mesh(config)
+    images = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=4)(
+        state.params, jax.random.PRNGKey(0))
+    assert images.shape == (4, 8, 8, 3) and np.all(np.isfinite(images))
+    config.sample.sampler = "toy_missing"
+    with pytest.raises(config_checks.ConfigError, match="toy_counting"):
+        config_checks.validate(config, device_count=4)
