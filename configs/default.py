@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
     config.ema_decay = 0.9999  # EMA of the weights used for samples; 0 disables
     config.ema_warmup = False  # use min(ema_decay, (1 + step) / (10 + step))
+    # Class-conditional models (model.num_classes > 0): the fraction of examples trained with
+    # the null label instead of their own, so one net is also the unconditional model that
+    # classifier-free guidance needs (Ho & Salimans 2022 use 0.1 or 0.2).
+    config.label_dropout = 0.1
 
     # ---- logging, samples, checkpoints ---------------------------------------------
     config.log_every_steps = 100  # loss, learning rate, grad norm, steps/s, images/s
@@ -83,6 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_flip = True  # random horizontal flip per image
     data.num_workers = 0  # grain worker processes; 0 reads in the training process
     data.max_bad_fraction = 0.01  # unreadable files tolerated (skipped and logged) in a folder
+    # Class labels for a class-conditional model; "" trains unconditionally. "tfds": a class
+    # feature ("label" for cifar10) or binary attributes, each combination a class
+    # ("Male,Smiling" for celeb_a: 4 classes); "folder": "subfolder" (each immediate
+    # subfolder of data.path is a class, in sorted order). Set model.num_classes to match.
+    data.label = ""
 
     # ---- network ---------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
@@ -107,6 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.norm_eps = 1e-6  # GroupNorm epsilon
     model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision); params stay float32
     model.remat = False  # recompute residual blocks in the backward pass to save memory
+    # Classes of a class-conditional net (0: unconditional): a learned vector per class, and
+    # one for the null label, added to the time embedding (diffusers' num_class_embeds).
+    model.num_classes = 0
 
     # ---- diffusion -----------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -139,6 +151,12 @@ def get_config() -> ml_collections.ConfigDict:
     sample.spacing = "auto"
     sample.eta = 0.0  # DDIM noise scale (0 deterministic, 1 ~ DDPM)
     sample.num_snapshots = 0  # also log x_t at this many points along the chain
+    # Classifier-free guidance of a class-conditional model: output = uncond + scale * (cond
+    # - uncond) (1: the conditional model, 0: the unconditional one), only at timesteps in
+    # guidance_interval = (first, last) when given (Kynkaanniemi et al. 2024).
+    sample.guidance_scale = 1.0
+    sample.guidance_interval = ()
+    sample.max_class_rows = 10  # a conditional model's grid: one row per class, up to this many
 
     # ---- FID during training -------------------------------------------------------------
     # Every eval_every_steps (and at the last step), FID of eval.num_samples EMA samples
@@ -154,5 +172,10 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_steps = 100
     evaluation.spacing = "auto"
     evaluation.eta = 0.0
+    evaluation.guidance_scale = 1.0  # as sample.guidance_scale
+    evaluation.guidance_interval = ()
+    # A conditional model's FID samples: classes drawn "uniform" (balanced) or as "data"
+    # frequencies (the training set's).
+    evaluation.class_distribution = "uniform"
 
     return config

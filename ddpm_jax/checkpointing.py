@@ -314,3 +314,26 @@ def newest_readable(
             + "; ".join(f"step {step}: {error}" for step, error in failures)
             + "). They are left as they are; use another --workdir to start afresh")
     return None
+
+
+# A class-conditional run's classes, in label order: written at its start, read by a resume
+# (which must see the same classes) and by the commands that sample it (`--class_labels`).
+CLASSES_FILE = "classes.json"
+
+
+def saved_classes(workdir: str | epath.Path) -> list[str] | None:
+    """The class names saved with a run (None: none saved, an unconditional run)."""
+    path = absolute_path(str(workdir)) / CLASSES_FILE
+    if not path.exists():
+        return None
+    return list(json.loads(path.read_text())["classes"])
+
+
+def save_classes(workdir: epath.Path, names: list[str], counts: list[int] | None) -> None:
+    """Writes the run's classes (and their image counts, where known) on process 0."""
+    if jax.process_index() != 0:
+        return
+    text = json.dumps({"classes": list(names), "counts": counts}, indent=1)
+    temporary = workdir / f".{CLASSES_FILE}.tmp"
+    temporary.write_text(text)
+    temporary.rename(workdir / CLASSES_FILE)  # whole, or not at all

@@ -7,8 +7,10 @@ decoded images, with the checks that fail fast on missing or unusable data.
     as a person sees it (`to_rgb8`);
   * ``bundled``: the 100 LFW face crops that ship inside scikit-image (offline).
 
-A new source is one file that registers a `DataSource` in `DATA_SOURCES`. The pipeline that
-turns a source into batches is `input_pipeline.py`.
+With `data.label` set, a source also gives each image's class (`LABELS`): records are then
+`{"image": ..., "label": int}` and the source's `class_names` lists the classes, in label
+order. A new source is one file that registers a `DataSource` in `DATA_SOURCES`. The
+pipeline that turns a source into batches is `input_pipeline.py`.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class DataSource:
 
     open: `fn(data_config) -> source`, a random-access sequence (`len`, `[i]`) of uint8 images
         [H, W, C]; raises DataError, saying what to change, when the data cannot be read.
+        With `data_config.label` set, the records are `{"image", "label"}` and the source
+        has `class_names` (a source that has no labels raises DataError saying so).
     check: `fn(data_config)`, raising ValueError naming the field when the settings cannot
         work, before anything is read.
     """
@@ -153,17 +157,91 @@ class FolderSource:
 
 
 class TfdsImageSource:
-    """Wraps a `tfds.data_source` and returns only the image feature of each record."""
+    """Wraps a `tfds.data_source` and returns the image feature of each record, or with a
+    `label_of(record) -> int` the image and its class."""
 
-    def __init__(self, source: Any, image_key: str):
+    def __init__(self, source: Any, image_key: str,
+                 label_of: Callable[[dict], int] | None = None, class_names: Sequence[str] = ()):
         self._source = source
         self._image_key = image_key
+        self._label_of = label_of
+        self.class_names = tuple(class_names)
 
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        return np.asarray(self._source[index][self._image_key])
+    def __getitem__(self, index: int) -> np.ndarray | dict:
+        record = self._source[index]
+        image = np.asarray(record[self._image_key])
+        if self._label_of is None:
+            return image
+        return {"image": image, "label": np.int32(self._label_of(record))}
+
+
+class LabelledSource:
+    """Images of another source with a class per index: records `{"image", "label"}`."""
+
+    def __init__(self, images: Any, labels: np.ndarray, class_names: Sequence[str]):
+        self.images, self.labels = images, np.asarray(labels, np.int32)
+        self.class_names = tuple(class_names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def class_names(source: Any) -> tuple[str, ...]:
+    """The classes of a labelled source, in label order (empty: unlabelled)."""
+    return tuple(getattr(source, "class_names", ()))
+
+
+def image_of(record: np.ndarray | dict) -> np.ndarray:
+    """The image of a record, labelled or not."""
+    return record["image"] if isinstance(record, dict) else record
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def attribute_classes(attributes: Sequence[str]) -> list[str]:
+    """The classes of binary attributes, one per combination: class k has attribute i when
+    bit (n - 1 - i) of k is set (the first attribute is the most significant), named like
+    `Male, not Smiling`."""
+    count = len(attributes)
+    return [", ".join(name if (k >> (count - 1 - i)) & 1 else f"not {name}"
+                      for i, name in enumerate(attributes)) for k in range(2**count)]
+
+
+def attribute_label(values: Sequence[bool]) -> int:
+    """The class (`attribute_classes`) of one record's attribute values."""
+    label = 0
+    for value in values:
+        label = 2 * label + int(bool(value))
+    return label
+
+
+def _tfds_labels(features: Any, data_config: ml_collections.ConfigDict
+                 ) -> tuple[Callable[[dict], int], list[str]]:
+    """(label_of(record), class names) for `data.label` of a TFDS dataset: a class feature
+    (`label`), or comma-separated binary attributes (`Male,Smiling` of celeb_a)."""
+    wanted = data_config.label
+    feature = features[wanted] if wanted in features else None
+    if feature is not None and hasattr(feature, "names"):
+        return (lambda record: int(record[wanted])), list(feature.names)
+    attributes = [name.strip() for name in wanted.split(",")]
+    table = features["attributes"] if "attributes" in features else {}
+    if attributes and all(name in table for name in attributes):
+        return ((lambda record: attribute_label([record["attributes"][a] for a in attributes])),
+                attribute_classes(attributes))
+    choices = [key for key in features if hasattr(features[key], "names")]
+    attrs = sorted(table) if table else []
+    raise DataError(
+        f"data.label={wanted!r} is not a class feature of TFDS dataset {data_config.name!r}"
+        + (f" (its class features: {', '.join(choices)})" if choices else " (it has no class feature)")
+        + (f" nor a comma-separated list of its attributes ({', '.join(attrs)})" if attrs else "")
+    )
 
 
 def bundled_faces() -> np.ndarray:
@@ -304,7 +382,9 @@ def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
 
     if prepared:
         try:
-            return TfdsImageSource(open_source(), data_config.image_key)
+            return _tfds_image_source(open_source(), data_config)
+        except DataError:
+            raise
         except Exception as error:
             raise DataError(
                 f"could not open TFDS dataset {data_config.name!r} split {data_config.split!r} "
@@ -312,9 +392,11 @@ def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
             ) from error
     try:  # a source TFDS can serve without a local build (e.g. under tfds.testing.mock_data)
         with _without_tfds_warnings():
-            return TfdsImageSource(open_source(), data_config.image_key)
+            served = open_source()
     except Exception:
-        pass
+        served = None
+    if served is not None:
+        return _tfds_image_source(served, data_config)
     manual_dir = data_config.manual_dir or None
     if not (data_config.download or manual_dir):
         raise DataError(_manual_download_message(builder, data_config))
@@ -328,22 +410,65 @@ def tfds_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
         raise DataError(
             _manual_download_message(builder, data_config) + f"\n(TFDS said: {error})"
         ) from error
-    return TfdsImageSource(source, data_config.image_key)
+    return _tfds_image_source(source, data_config)
 
 
-def _open_folder(data_config: ml_collections.ConfigDict) -> FolderSource:
-    paths = scan_folder(list_image_files(data_config.path), data_config)
-    return FolderSource(paths, data_config.max_bad_fraction)
+def _tfds_image_source(source: Any, data_config: ml_collections.ConfigDict) -> TfdsImageSource:
+    """The opened TFDS source's images, with their classes when `data.label` asks."""
+    if not data_config.get("label"):
+        return TfdsImageSource(source, data_config.image_key)
+    label_of, names = _tfds_labels(source.dataset_info.features, data_config)
+    return TfdsImageSource(source, data_config.image_key, label_of, names)
+
+
+def _open_folder(data_config: ml_collections.ConfigDict) -> FolderSource | LabelledSource:
+    files = list_image_files(data_config.path)
+    if data_config.get("label"):
+        check_folder_classes(data_config.path, files)
+    paths = scan_folder(files, data_config)
+    source = FolderSource(paths, data_config.max_bad_fraction)
+    if not data_config.get("label"):
+        return source
+    names, labels = folder_classes(data_config.path, paths)
+    return LabelledSource(source, labels, names)
+
+
+def _class_folder(root: str, path: str) -> str:
+    """The immediate subfolder of `root` holding `path` ("" for a file in the root)."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    return parts[0] if len(parts) > 1 else ""
+
+
+def check_folder_classes(root: str, paths: Sequence[str]) -> None:
+    """Refuses a labelled folder with images directly in its root (they have no class)."""
+    loose = [p for p in paths if not _class_folder(root, p)]
+    if loose:
+        raise DataError(
+            f"data.label='subfolder': {len(loose)} images lie directly in data.path={root!r} "
+            f"(e.g. {os.path.basename(loose[0])}), so they have no class; move them into a "
+            "subfolder named after their class, or set data.label=''")
+
+
+def folder_classes(root: str, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(class names, label per path): each immediate subfolder of `root` is a class, in
+    sorted order (torchvision's ImageFolder), its images at any depth below it."""
+    folders = [_class_folder(root, p) for p in paths]
+    names = sorted(set(folders))
+    index = {name: i for i, name in enumerate(names)}
+    return names, np.array([index[f] for f in folders], np.int32)
 
 
 def _check_folder(data_config: ml_collections.ConfigDict) -> None:
     if not data_config.path:
         raise UserError("data.source='folder' needs data.path, the folder of images")
+    if data_config.get("label") not in ("", "subfolder"):
+        raise UserError(f"data.label={data_config.label!r}: an image folder's classes are its "
+                        "subfolders; set data.label='subfolder' (or '' for no labels)")
 
 
 def _open_tfds(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
     source = tfds_source(data_config)
-    first = source[0]  # one decode: check the crop against the dataset's image size
+    first = image_of(source[0])  # one decode: check the crop against the dataset's image size
     crop_image(np.empty(first.shape[:2] + (0,), np.uint8), data_config.crop,
                data_config.crop_size, tuple(data_config.crop_box))
     return source
@@ -356,7 +481,15 @@ def _check_tfds(data_config: ml_collections.ConfigDict) -> None:
 
 DATA_SOURCES.register("tfds", DataSource(open=_open_tfds, check=_check_tfds))
 DATA_SOURCES.register("folder", DataSource(open=_open_folder, check=_check_folder))
-DATA_SOURCES.register("bundled", DataSource(open=lambda data_config: ArraySource(bundled_faces())))
+DATA_SOURCES.register("bundled", DataSource(open=lambda data_config: ArraySource(bundled_faces()),
+                                            check=lambda data_config: _check_unlabelled(
+                                                data_config, "the bundled faces")))
+
+
+def _check_unlabelled(data_config: ml_collections.ConfigDict, what: str) -> None:
+    if data_config.get("label"):
+        raise UserError(f"data.label={data_config.label!r}: {what} have no classes; set "
+                        "data.label='' (or use a labelled source)")
 
 
 def make_source(data_config: ml_collections.ConfigDict) -> Any:
@@ -365,12 +498,19 @@ def make_source(data_config: ml_collections.ConfigDict) -> Any:
         source = DATA_SOURCES.get(data_config.source)
     except ValueError as error:
         raise DataError(str(error)) from None
-    return source.open(data_config)
+    opened = source.open(data_config)
+    if data_config.get("label") and not class_names(opened):
+        raise DataError(f"data.label={data_config.label!r}, but data.source="
+                        f"{data_config.source!r} gives no classes; set data.label=''")
+    return opened
 
 
 def check_config(data_config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when `config.data` cannot work."""
     source = DATA_SOURCES.get(data_config.source)
+    if not isinstance(data_config.get("label", ""), str):
+        raise UserError(f"data.label must be a string (a class feature, attributes such as "
+                        f"'Male,Smiling', or 'subfolder'), got {data_config.label!r}")
     check_choice("data.crop", data_config.crop, CROPS)
     if data_config.crop == "center" and data_config.crop_size <= 0:
         raise UserError("data.crop='center' needs a positive data.crop_size")

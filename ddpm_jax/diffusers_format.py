@@ -120,7 +120,8 @@ def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "resnet_time_scale_shift": "default",
         "add_attention": True,
         "class_embed_type": None,
-        "num_class_embeds": None,
+        # a class-conditional net's table: a row per class, and the null label's last
+        "num_class_embeds": m.num_classes + 1 if m.get("num_classes", 0) else None,
     }
 
 
@@ -217,8 +218,12 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
             ("upsample_type", ("conv",), "conv"), ("act_fn", ("silu",), "silu"),
             ("resnet_time_scale_shift", ("default",), "default"),
             ("add_attention", (True,), True), ("class_embed_type", (None,), None),
-            ("num_class_embeds", (None,), None), ("downsample_padding", (0, 1), 1)):
+            ("downsample_padding", (0, 1), 1)):
         _expect(unet, field, allowed, default)
+    class_rows = unet.get("num_class_embeds")
+    if class_rows is not None and (not _is_count(class_rows) or class_rows < 2):
+        raise UnsupportedError(f"unet config num_class_embeds={class_rows!r}: a class table "
+                               "needs at least 2 rows (a class and the null label), or null")
     size = _image_size(unet)
     widths = unet.get("block_out_channels", (224, 448, 672, 896))
     if not isinstance(widths, (list, tuple)) or not widths or not all(map(_is_count, widths)):
@@ -282,6 +287,8 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
         "time_embedding_freq_shift": float(unet.get("freq_shift", 0)),
         "time_embedding_cos_first": bool(unet.get("flip_sin_to_cos", True)),
         "downsample_padding": "same" if unet.get("downsample_padding", 1) == 0 else "symmetric",
+        # the last row of the class table is read as the null label (as ddpm-jax writes it)
+        "num_classes": class_rows - 1 if class_rows else 0,
     }
     return size, fields
 
@@ -328,6 +335,8 @@ def config_from_diffusers(unet: dict, scheduler: dict | None) -> ml_collections.
     config.data.source = "folder"
     config.data.name = ""
     config.model.update(model)
+    if config.model.num_classes:  # fine-tuning reads classes from the folder's subfolders
+        config.data.label = "subfolder"
     if scheduler is not None:
         config.diffusion.update(diffusion_config(scheduler))
     learned = config.diffusion.variance == "learned_range"

@@ -7,7 +7,9 @@ ours transposed to PyTorch's layout:
   * a conv kernel HWIO [kh, kw, in, out] is OIHW [out, in, kh, kw];
   * a dense kernel [in, out] is a Linear weight [out, in], and the residual blocks' 1x1
     shortcut a Conv2d weight [out, in, 1, 1];
-  * a norm's ``scale`` is its ``weight``.
+  * a norm's ``scale`` is its ``weight``;
+  * a class-conditional net's class table [rows, width] is diffusers' `class_embedding`
+    (an nn.Embedding, the same layout; its last row is the null label).
 
 Pure mapping (dicts and NumPy arrays); the configs are `diffusers_format.py`'s, reading
 and writing folders `convert.py`'s.
@@ -44,10 +46,15 @@ _MIDDLE = {"res1": ("mid_block.resnets.0", _RES_BLOCK),
            "res2": ("mid_block.resnets.1", _RES_BLOCK)}
 
 
+CLASS_EMBEDDING = "class_embedding.weight"
+
+
 def diffusers_name(path: tuple) -> str:
     """Our parameter path -> its diffusers state-dict name: the same tree, renamed level by
     level (`down[l].res[i]` is `down_blocks.l.resnets.i`, `up[j].attn[i]` is
     `up_blocks.j.attentions.i`, `mid.res1` is `mid_block.resnets.0`, ...)."""
+    if path[0] == "class_embedding":
+        return CLASS_EMBEDDING
     head, *inner, leaf = path
     leaf = _LEAF[leaf]
     if head in _TOP:
@@ -77,6 +84,8 @@ def weight_names(config: ml_collections.ConfigDict) -> dict[tuple, str]:
 
 
 def _to_torch_layout(array: np.ndarray, name: str) -> np.ndarray:
+    if name == CLASS_EMBEDDING:  # an embedding table is [rows, width] in both
+        return array
     if array.ndim == 4:  # HWIO -> OIHW
         return np.transpose(array, (3, 2, 0, 1))
     if array.ndim == 2:  # [in, out] -> [out, in] (a 1x1 Conv2d for the shortcut)
@@ -85,7 +94,9 @@ def _to_torch_layout(array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def _from_torch_layout(array: np.ndarray, ndim: int) -> np.ndarray:
+def _from_torch_layout(array: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    if name == CLASS_EMBEDDING:
+        return array
     if ndim == 4:
         return np.transpose(array, (2, 3, 1, 0))
     if ndim == 2:
@@ -133,7 +144,8 @@ def from_state_dict(state_dict: dict[str, np.ndarray],
 
     def convert(path, abstract):
         name = names[tuple(_key(e) for e in path)]
-        value = _from_torch_layout(np.asarray(state_dict[name], np.float32), abstract.ndim)
+        value = _from_torch_layout(np.asarray(state_dict[name], np.float32), abstract.ndim,
+                                   name)
         if value.shape != abstract.shape:
             raise UnsupportedError(f"{name}: shape {state_dict[name].shape} does not fit the "
                                    f"net of config.json (expected {abstract.shape} in ddpm-jax)")

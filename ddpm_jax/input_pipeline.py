@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax.data_sources import DataError, crop_image
+from ddpm_jax.data_sources import DataError, crop_image, image_of
 
 # ----------------------------------------------------------------------- preprocessing
 
@@ -53,8 +53,12 @@ class Preprocess:
     crop_box: tuple[int, ...] = (0, 0, 0, 0)
     random_flip: bool = False
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        image = to_rgb(image)
+    def __call__(self, record: np.ndarray | dict, rng: np.random.Generator
+                 ) -> np.ndarray | dict:
+        """The preprocessed image; of a labelled record, `{"image", "label"}` again."""
+        if isinstance(record, dict):
+            return {"image": self(record["image"], rng), "label": np.int32(record["label"])}
+        image = to_rgb(record)
         image = crop_image(image, self.crop, self.crop_size, self.crop_box)
         image = resize_image(image, self.image_size)
         flip = rng.random() < 0.5  # always drawn, so flips do not depend on the setting of others
@@ -89,7 +93,7 @@ def evaluation_images(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
 
     def read_one(index: int) -> np.ndarray:
-        return preprocess(source[int(order[index])], np.random.default_rng(0))
+        return preprocess(image_of(source[int(order[index])]), np.random.default_rng(0))
 
     def read(indices: Sequence[int]) -> np.ndarray:
         return np.stack(list(pool.map(read_one, indices)))
@@ -107,8 +111,9 @@ MAX_READ_THREADS = 16
 
 
 def batch_bytes(config: ml_collections.ConfigDict, process_count: int) -> int:
-    """Bytes of one of this process's uint8 batches."""
-    return config.batch_size // process_count * config.data.image_size ** 2 * 3
+    """Bytes of one of this process's batches (uint8 images, and int32 labels)."""
+    labels = 4 if config.data.get("label") else 0
+    return config.batch_size // process_count * (config.data.image_size ** 2 * 3 + labels)
 
 
 def prefetch_bytes(config: ml_collections.ConfigDict, process_count: int, prefetch_batches: int) -> int:
@@ -126,7 +131,8 @@ def create_dataset(
     start_example: int = 0,
     prefetch_batches: int = DEFAULT_PREFETCH_BATCHES,
 ) -> grain.IterDataset:
-    """Infinite iterator dataset of this process's uint8 batches [B / processes, S, S, 3].
+    """Infinite iterator dataset of this process's uint8 batches [B / processes, S, S, 3]
+    (of a labelled source: `{"image": that, "label": int32 [B / processes]}`).
 
     The data is one stream of examples (shuffled per epoch); global batch k holds examples
     `start_example + k*B` to `start_example + (k+1)*B - 1`. `start_example` skips into the

@@ -4,7 +4,9 @@ PATH is a ddpm-jax workdir (its newest checkpoint, or `step`) or a diffusers fol
 (`DDPMPipeline` or `UNet2DModel`). The model is the network alone, jitted:
 `model(x, t)` maps noisy images x (float32 [B, H, W, 3], NHWC) and integer timesteps t [B]
 to the network output (the noise, x0 or v, as `config.diffusion.prediction` says; with
-learned variances 6 channels, the prediction then the variance values).
+learned variances 6 channels, the prediction then the variance values). A class-
+conditional model also takes `class_labels` [B] (ints below `config.model.num_classes`;
+`model.null_label`, or None, for the unconditional model).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ddpm_jax.runtime import network
 
 
 class Model:
-    """The network of `config` with fixed weights: `model(x, t) -> output` (jitted).
+    """The network of `config` with fixed weights: `model(x, t, class_labels=None) -> output`
+    (jitted).
 
     `params` are the weights (a pure dict), `module()` the Flax NNX module built from them.
     """
@@ -32,9 +35,13 @@ class Model:
         self.config = config
         self.params = params
         self.graphdef = network.graphdef(config)
-        self._apply = jax.jit(lambda p, x, t: network.apply(self.graphdef, p, x, t))
+        self.num_classes = config.model.get("num_classes", 0)
+        self.null_label = self.num_classes  # the class embedding's last row
+        self._apply = jax.jit(lambda p, x, t, labels: network.apply(
+            self.graphdef, p, x, t, class_labels=labels))
 
-    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array,
+                 class_labels: jax.Array | None = None) -> jax.Array:
         size = self.config.data.image_size
         x, t = jnp.asarray(x, jnp.float32), jnp.asarray(t)
         if x.ndim != 4 or x.shape[1:] != (size, size, 3):
@@ -45,7 +52,19 @@ class Model:
         if t.shape != (x.shape[0],) or not jnp.issubdtype(t.dtype, jnp.integer):
             raise UserError(f"t must be integer timesteps [B] = [{x.shape[0]}], got "
                              f"{t.dtype} {t.shape}")
-        return self._apply(self.params, x, t.astype(jnp.int32))
+        if class_labels is not None:
+            if not self.num_classes:
+                raise UserError("class_labels given, but this model is unconditional "
+                                "(model.num_classes=0)")
+            class_labels = jnp.asarray(class_labels)
+            if class_labels.ndim == 0:
+                class_labels = jnp.full((x.shape[0],), class_labels)
+            if class_labels.shape != (x.shape[0],) or not jnp.issubdtype(class_labels.dtype,
+                                                                         jnp.integer):
+                raise UserError(f"class_labels must be integers [B] = [{x.shape[0]}], got "
+                                f"{class_labels.dtype} {class_labels.shape}")
+            class_labels = class_labels.astype(jnp.int32)
+        return self._apply(self.params, x, t.astype(jnp.int32), class_labels)
 
     def module(self) -> nnx.Module:
         """The network as a Flax NNX module holding these weights."""

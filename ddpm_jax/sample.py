@@ -7,6 +7,12 @@ far larger than what fits in device memory. `.png` writes one grid, `.npz` write
 images under the key `arr_0` (what the ADM evaluator reads); `--snapshots=K` also writes
 `<output>_denoising.png` (each sample at K points along the reverse chain). The same seed
 gives the same images.
+
+A class-conditional run samples the classes `--class_label=K` or `--class_labels=3,5,...`
+(class numbers or the names in the run's classes.json; image i gets the i-th, cycling), or
+with `--class_grid` a grid of one row of `--num_samples` images per class; unlabelled
+images get the null label (the unconditional model). `--guidance_scale` (default: the
+run's `sample.guidance_scale`) sets classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from absl import app, flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import cli, console, image_utils, runs
+from ddpm_jax import checkpointing, cli, console, image_utils, runs
 from ddpm_jax import progress as progress_bars
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.runtime import compiled_sampler
@@ -46,21 +52,54 @@ def define_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_integer("snapshots", 0, "Also write the denoising strip with this many points.",
                          lower_bound=0)
+    flags.DEFINE_integer("class_label", None, "Class of every image (class-conditional runs).")
+    flags.DEFINE_list("class_labels", None, "Classes, by number or name; image i gets the i-th "
+                      "(cycling).")
+    flags.DEFINE_bool("class_grid", False, "One row of --num_samples images per class.")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale: 1 the "
+                       "conditional model, 0 the unconditional one (default: the run's).")
     flags.mark_flags_as_required(["workdir", "output"])
+
+
+def class_numbers(labels: list[str], names: list[str] | None, num_classes: int) -> list[int]:
+    """Class numbers of `labels`, each a number or one of the run's class `names`."""
+    if not num_classes:
+        raise UserError("class labels were given, but the run is unconditional "
+                        "(model.num_classes=0)")
+    numbers = []
+    for label in labels:
+        label = str(label).strip()
+        if names and label in names:
+            numbers.append(names.index(label))
+        elif label.lstrip("-").isdigit() and 0 <= int(label) < num_classes:
+            numbers.append(int(label))
+        else:
+            raise UserError(f"unknown class {label!r}: use a number in [0, {num_classes - 1}]"
+                            + (f" or one of {', '.join(names)}" if names else ""))
+    return numbers
 
 
 def generate(
     workdir: str, num_samples: int, *, step: int | None = None, sampler: str | None = None,
     num_steps: int | None = None, eta: float | None = None, spacing: str | None = None,
     seed: int = 0, batch_size: int = 64, snapshots: int = 0, progress: bool = False,
+    class_labels: list[str] | None = None, guidance_scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 samples [N, S, S, 3] (and [N, K, S, S, 3] snapshots when `snapshots` > 0).
 
-    `sampler`, `num_steps`, `spacing` and `eta` default to the run's `config.sample`.
+    `sampler`, `num_steps`, `spacing`, `eta` and `guidance_scale` default to the run's
+    `config.sample`; image i of a class-conditional run has class `class_labels[i % len]`
+    (numbers or names; None: the null label).
     """
     config, params, step, mesh = runs.load_run(workdir, step)
     settings = SamplerSettings.from_config(config.sample, sampler=sampler, num_steps=num_steps,
-                                           eta=eta, spacing=spacing)
+                                           eta=eta, spacing=spacing,
+                                           guidance_scale=guidance_scale)
+    labels = None
+    if class_labels:
+        numbers = class_numbers(class_labels, checkpointing.saved_classes(workdir),
+                                config.model.num_classes)
+        labels = np.resize(np.asarray(numbers, np.int32), num_samples)
     batch_size = min(batch_size, num_samples)
     sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=batch_size,
                                         num_snapshots=snapshots)
@@ -72,8 +111,10 @@ def generate(
     with progress_bars.bar(total, "sampling", unit, progress) as bar:
         on_steps = bar.update if num_batches == 1 else None
         for index in range(num_batches):
+            batch_labels = (None if labels is None
+                            else labels[index * batch_size:(index + 1) * batch_size])
             outputs = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(seed), index),
-                                on_steps=on_steps)
+                                on_steps=on_steps, labels=batch_labels)
             final = outputs[0] if snapshots else outputs
             images.append(image_utils.to_uint8(multihost_utils.process_allgather(final,
                                                                                  tiled=True)))
@@ -86,11 +127,13 @@ def generate(
     return samples, (np.concatenate(strips)[:num_samples] if snapshots else None)
 
 
-def write(samples: np.ndarray, strips: np.ndarray | None, output: str) -> None:
-    """Writes a grid (.png) or an array file (.npz), plus the denoising strip if given."""
+def write(samples: np.ndarray, strips: np.ndarray | None, output: str,
+          num_columns: int | None = None) -> None:
+    """Writes a grid (.png, `num_columns` wide: default square) or an array file (.npz),
+    plus the denoising strip if given."""
     path = epath.Path(output)
     if path.suffix == ".png":
-        image_utils.save_png(image_utils.make_grid(samples), output)
+        image_utils.save_png(image_utils.make_grid(samples, num_columns), output)
     elif path.suffix == ".npz":
         buffer = io.BytesIO()
         np.savez(buffer, arr_0=samples)  # the key the ADM evaluator reads
@@ -110,14 +153,38 @@ def main(argv: list[str]) -> None:
         if not FLAGS.output.endswith((".png", ".npz")):
             raise UserError(f"--output must end in .png or .npz, got {FLAGS.output!r}")
         cli.check_output("output", FLAGS.output)
+        class_labels, num_samples, columns = _class_choice()
         samples, strips = generate(
-            FLAGS.workdir, FLAGS.num_samples, step=FLAGS.step, sampler=FLAGS.sampler,
+            FLAGS.workdir, num_samples, step=FLAGS.step, sampler=FLAGS.sampler,
             num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, snapshots=FLAGS.snapshots, progress=True,
+            class_labels=class_labels, guidance_scale=FLAGS.guidance_scale,
         )
         if jax.process_index() == 0:
-            write(samples, strips, FLAGS.output)
+            write(samples, strips, FLAGS.output, columns)
             logging.info("wrote %s", FLAGS.output)
+
+
+def _class_choice() -> tuple[list[str] | None, int, int | None]:
+    """(class labels, images, grid columns) the class flags ask for."""
+    chosen = [flag for flag, given in (("class_label", FLAGS.class_label is not None),
+                                       ("class_labels", bool(FLAGS.class_labels)),
+                                       ("class_grid", FLAGS.class_grid)) if given]
+    if len(chosen) > 1:
+        raise UserError(f"--{chosen[0]} and --{chosen[1]} cannot be combined; pass one")
+    if FLAGS.class_label is not None:
+        return [str(FLAGS.class_label)], FLAGS.num_samples, None
+    if FLAGS.class_labels:
+        return FLAGS.class_labels, FLAGS.num_samples, None
+    if FLAGS.class_grid:
+        config, _ = runs.run_config(FLAGS.workdir, FLAGS.step)
+        if not config.model.num_classes:
+            raise UserError("--class_grid needs a class-conditional run; this one is "
+                            "unconditional (model.num_classes=0)")
+        per_class = FLAGS.num_samples
+        labels = np.repeat(np.arange(config.model.num_classes), per_class)
+        return [str(k) for k in labels], len(labels), per_class
+    return None, FLAGS.num_samples, None
 
 
 if __name__ == "__main__":

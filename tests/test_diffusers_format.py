@@ -159,7 +159,12 @@ CIFAR10_UNET = {
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"num_class_embeds": 10}, "num_class_embeds"),
+    ({"num_class_embeds": 1}, "num_class_embeds=1: a class table needs at least 2 rows"),
+    ({"class_embed_type": "timestep", "num_class_embeds": None}, "class_embed_type='timestep'"),
+    ({"class_embed_type": "identity"}, "class_embed_type='identity'"),
+    ({"class_embed_type": "projection", "projection_class_embeddings_input_dim": 8},
+     "class_embed_type='projection'"),
+    ({"class_embed_type": "simple_projection"}, "class_embed_type='simple_projection'"),
     ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
     ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
                            "DownBlock2D"]}, "CrossAttnDownBlock2D"),
@@ -342,6 +347,36 @@ def test_load_model_checks_its_inputs(tmp_path):
         model(np.zeros((2, 16, 16, 3), np.float32), np.array([0.5, 1.0]))
 
 
+def conditional_config():
+    config = tiny_config()
+    config.model.num_classes, config.data.label = 3, "subfolder"
+    config.model.attention_resolutions = ()
+    return config
+
+
+def test_a_class_conditional_net_round_trips_through_a_safetensors_folder(tmp_path):
+    """Torch-free: written as diffusers' files, read back; the class table is diffusers'
+    `class_embedding` with num_class_embeds = classes + 1 (the null label last)."""
+    config = conditional_config()
+    params = network.random_params(config, seed=2)
+    convert.write_diffusers(config, params, str(tmp_path / "exported"))
+    unet = json.loads((tmp_path / "exported" / "unet" / "config.json").read_text())
+    assert unet["num_class_embeds"] == 4 and unet["class_embed_type"] is None
+    model, imported = loading.load_model(str(tmp_path / "exported"))
+    assert imported.model.num_classes == 3 and imported.data.label == "subfolder"
+    jax.tree.map(np.testing.assert_array_equal, model.params, params)
+    x = np.random.default_rng(0).standard_normal((4, 16, 16, 3)).astype(np.float32)
+    t, labels = np.array([3, 3, 3, 3]), np.array([0, 1, 2, model.null_label])
+    original = loading.Model(config, params)
+    # (the imported config is the paper recipe's, whose speed settings round differently)
+    np.testing.assert_allclose(model(x, t, labels), original(x, t, labels), rtol=1e-5, atol=1e-7)
+    # no labels: the null label's row (another compiled program: equal to float rounding)
+    np.testing.assert_allclose(model(x, t), original(x, t, labels[3:].repeat(4)), rtol=1e-5,
+                               atol=1e-7)
+    with pytest.raises(ValueError, match="unconditional"):
+        loading.Model(tiny_config(), network.random_params(tiny_config()))(x, t, labels)
+
+
 def test_pickled_weights_without_torch_say_what_to_install(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(CIFAR10_UNET))
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"not read")
@@ -405,3 +440,33 @@ def test_outputs_equal_diffusers_unet2dmodel_both_ways(tmp_path):
     pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "exported")
     images = pipeline(batch_size=1, num_inference_steps=3, output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_class_conditional_outputs_equal_diffusers_with_num_class_embeds_both_ways(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    config = conditional_config()
+    params = network.random_params(config, seed=3)
+    convert.write_diffusers(config, params, str(tmp_path / "exported"))
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported" / "unet").eval()
+    x = np.random.default_rng(1).standard_normal((4, 16, 16, 3)).astype(np.float32)
+    t, labels = np.array([0, 10, 500, 999]), np.array([2, 0, 1, 3])  # 3: the null label
+
+    def run(model):
+        with torch.no_grad():
+            out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                        class_labels=torch.from_numpy(labels)).sample
+        return out.numpy().transpose(0, 2, 3, 1)
+
+    config.conv_algorithm = "direct"
+    assert _relative_error(loading.Model(config, params)(x, t, labels), run(theirs)) <= 1e-5
+    # and from diffusers: a UNet2DModel of its own making, read by ddpm-jax
+    torch.manual_seed(0)
+    fresh = diffusers.UNet2DModel.from_config(theirs.config).eval()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fresh.save_pretrained(tmp_path / "fresh")
+    model, imported = loading.load_model(str(tmp_path / "fresh"))
+    imported.conv_algorithm = "direct"
+    assert _relative_error(loading.Model(imported, model.params)(x, t, labels), run(fresh)) <= 1e-5

@@ -1,5 +1,6 @@
 """A step's result does not depend on how its work is cut: devices, chunks, steps per call,
-micro-batches. Every example draws its own timestep, noise and dropout masks."""
+micro-batches. Every example draws its own timestep, noise, dropout masks and (class-
+conditional nets) label dropout."""
 
 import jax
 import numpy as np
@@ -18,7 +19,8 @@ def run(config, devices, steps_per_call=1):
     state = train.create_train_state(config, mesh)
     state = state.replace(params=network.perturbed(state.params, 0.05))
     rng = np.random.default_rng(0)
-    data = [rng.integers(0, 256, (config.batch_size, 8, 8, 3), dtype=np.uint8)
+    data = [{"image": rng.integers(0, 256, (config.batch_size, 8, 8, 3), dtype=np.uint8),
+             "label": rng.integers(0, config.model.num_classes, config.batch_size, dtype=np.int32)}
             for _ in range(STEPS)]
     step_fn = train.make_train_step(config, mesh, steps_per_call)
     for start in range(0, STEPS, steps_per_call):
@@ -39,6 +41,8 @@ def assert_params_close(got, want):
 def test_same_parameters_whatever_the_chunks_steps_per_call_and_micro_batches():
     config = micro_config()
     config.model.dropout = 0.3  # dropout on: its masks must not depend on the cut either
+    config.model.num_classes, config.data.label = 3, "subfolder"  # labels, half of them dropped
+    config.label_dropout = 0.5
     config.learning_rate, config.warmup_steps = 1e-4, 0
     one_device = jax.devices()[:1]  # all 8 examples on one device, so every chunk size splits
     config.compute_chunk_size, config.grad_accum_steps = -1, 1
@@ -50,8 +54,9 @@ def test_same_parameters_whatever_the_chunks_steps_per_call_and_micro_batches():
     config.compute_chunk_size, config.grad_accum_steps = -1, 1
     config.mesh.fsdp, config.mesh.fsdp_min_size = 2, 64
     assert_params_close(run(config, jax.devices()), reference)
-    # The comparison sees dropout: without it the parameters differ.
-    config.mesh.fsdp, config.model.dropout = 1, 0.0
+    # The comparison sees label dropout: without it the parameters differ. (That dropout's
+    # masks are per example: test_unet.py.)
+    config.mesh.fsdp, config.label_dropout = 1, 0.0
     without_dropout = run(config, one_device)
     assert not all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(
         jax.tree.leaves(without_dropout.params), jax.tree.leaves(reference.params), strict=True))

@@ -26,7 +26,8 @@ class Architecture:
     `norm_eps` the GroupNorm epsilon; `time_embedding_width` (0: `base_channels`),
     `time_embedding_freq_shift` and `time_embedding_cos_first` the sinusoidal embedding
     (`blocks.timestep_embedding`); `dtype` the compute dtype (parameters stay float32);
-    `remat` recomputes residual blocks in the backward pass. The defaults are Ho et al.'s
+    `remat` recomputes residual blocks in the backward pass; `num_classes` > 0 adds a class
+    embedding (`blocks.ClassEmbedding`, 0: unconditional). The defaults are Ho et al.'s
     CIFAR-10 net. Checked when made: a message names the config field to change.
     """
 
@@ -51,6 +52,7 @@ class Architecture:
     out_channels: int = 3
     dtype: str = "float32"
     remat: bool = False
+    num_classes: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))

@@ -18,7 +18,8 @@ class Network:
     """A registered network.
 
     build: `fn(config, rngs, layer_ops) -> module`; the module maps (x [B, H, W, 3],
-        t [B] int, *, dropout_keys=None) to the prediction [B, H, W, 3].
+        t [B] int, *, dropout_keys=None) to the prediction [B, H, W, 3], and a net that can
+        be class-conditional (`model.num_classes` > 0) also takes `class_labels` [B].
     check: `fn(config)`, raising UserError naming the field to change when `config.model`
         cannot be built for `config.data.image_size`; called before anything is compiled.
     from_legacy, to_legacy: optional `fn(params, config) -> params`: parameters of an older

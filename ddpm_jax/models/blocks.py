@@ -36,12 +36,37 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
     return embedding
 
 
-def embed_time(t: jax.Array, arch, dense1: nnx.Linear, dense2: nnx.Linear) -> jax.Array:
-    """The timestep embedding [B, 4 * base_channels] of a net (`arch`: its `Architecture`):
-    sinusoidal (`timestep_embedding`), then dense, SiLU, dense (Ho et al.)."""
+def embed_time(t: jax.Array, arch, dense1: nnx.Linear, dense2: nnx.Linear,
+               class_embedding: ClassEmbedding | None = None,
+               class_labels: jax.Array | None = None) -> jax.Array:
+    """The embedding [B, 4 * base_channels] every residual block takes (`arch`: the net's
+    `Architecture`): the timestep, sinusoidal (`timestep_embedding`), then dense, SiLU, dense
+    (Ho et al.); a class-conditional net adds its class's vector (diffusers' UNet2DModel with
+    `num_class_embeds`, ADM)."""
     temb = timestep_embedding(t, arch.temb_width, freq_shift=arch.time_embedding_freq_shift,
                               cos_first=arch.time_embedding_cos_first)
-    return dense2(nnx.silu(dense1(temb)))
+    temb = dense2(nnx.silu(dense1(temb)))
+    if class_embedding is not None:
+        temb = temb + class_embedding(class_labels, len(t))
+    elif class_labels is not None:
+        raise ValueError("class_labels given to an unconditional net (model.num_classes=0)")
+    return temb
+
+
+class ClassEmbedding(nnx.Module):
+    """A learned vector per class, and one more for the null label `num_classes` ("no
+    class": what classifier-free guidance's unconditional model is given)."""
+
+    def __init__(self, num_classes: int, features: int, layers: Layers):
+        self.num_classes = num_classes
+        self.embedding = layers.embed(num_classes + 1, features)
+
+    def __call__(self, class_labels: jax.Array | None, batch: int) -> jax.Array:
+        """[B, features]: the vectors of `class_labels` [B] (ints in [0, num_classes]; None:
+        the null label for every example)."""
+        if class_labels is None:
+            class_labels = jnp.full((batch,), self.num_classes, jnp.int32)
+        return self.embedding(class_labels)
 
 
 def dropout(x: jax.Array, rate: float, keys: jax.Array | None) -> jax.Array:
@@ -178,6 +203,12 @@ class Blocks:
         self.layers = layers
         self.temb_dim = 4 * arch.base_channels
         self.count = 0
+
+    def class_embedding(self) -> ClassEmbedding | None:
+        """The net's class embedding (None for an unconditional net)."""
+        if not self.arch.num_classes:
+            return None
+        return ClassEmbedding(self.arch.num_classes, self.temb_dim, self.layers)
 
     def _numbered(self, block: nnx.Module) -> nnx.Module:
         self.count += 1

@@ -49,10 +49,12 @@ class Middle(nnx.Module):
 
 
 class DDPMUNet(nnx.Module):
-    """`model(x [B,H,W,C], t [B] int, *, dropout_keys=None) -> [B,H,W,out_channels]`.
+    """`model(x [B,H,W,C], t [B] int, *, class_labels=None, dropout_keys=None) ->
+    [B,H,W,out_channels]`.
 
-    Pass `dropout_keys` (one PRNG key per example, [B]) when training; without them dropout
-    is off.
+    A class-conditional net (`num_classes` > 0) takes `class_labels` [B] (None: the null
+    label, the unconditional model). Pass `dropout_keys` (one PRNG key per example, [B])
+    when training; without them dropout is off.
     """
 
     def __init__(self, arch: Architecture, *, layer_ops: LayerOps | None = None,
@@ -63,6 +65,7 @@ class DDPMUNet(nnx.Module):
         self.arch = arch
         self.temb_dense1 = layers.dense(arch.temb_width, blocks.temb_dim)
         self.temb_dense2 = layers.dense(blocks.temb_dim, blocks.temb_dim)
+        self.class_embedding = blocks.class_embedding()
         self.conv_in = layers.conv(arch.in_channels, arch.base_channels)
 
         channels, skips = arch.base_channels, [arch.base_channels]
@@ -102,9 +105,10 @@ class DDPMUNet(nnx.Module):
         self.norm_out = layers.group_norm(channels, arch.norm_groups)
         self.conv_out = layers.conv(channels, arch.out_channels, zero=True)
 
-    def __call__(self, x: jax.Array, t: jax.Array, *,
+    def __call__(self, x: jax.Array, t: jax.Array, *, class_labels: jax.Array | None = None,
                  dropout_keys: jax.Array | None = None) -> jax.Array:
-        temb = embed_time(t, self.arch, self.temb_dense1, self.temb_dense2)
+        temb = embed_time(t, self.arch, self.temb_dense1, self.temb_dense2,
+                          self.class_embedding, class_labels)
 
         # Down: every output is kept for the up path.
         hs = [self.conv_in(x)]

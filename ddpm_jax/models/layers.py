@@ -101,6 +101,12 @@ class Layers:
             rngs=self.rngs,
         )
 
+    def embed(self, num_embeddings: int, features: int) -> nnx.Embed:
+        """A table of `num_embeddings` learned vectors (N(0, 1) at init, as torch's
+        nn.Embedding)."""
+        return nnx.Embed(num_embeddings, features, dtype=self.dtype,
+                         embedding_init=nnx.initializers.normal(1.0), rngs=self.rngs)
+
     def group_norm(self, channels: int, groups: int) -> nnx.GroupNorm:
         return self.ops.group_norm(channels, num_groups=groups, epsilon=self.norm_eps,
                                    dtype=self.dtype, rngs=self.rngs)

@@ -44,7 +44,8 @@ class Middle(nnx.Module):
 
 
 class MirrorUNet(nnx.Module):
-    """`model(x [B,H,W,C], t [B] int, *, dropout_keys=None) -> [B,H,W,out_channels]`."""
+    """`model(x [B,H,W,C], t [B] int, *, class_labels=None, dropout_keys=None) ->
+    [B,H,W,out_channels]` (`class_labels` as `ddpm.DDPMUNet`'s)."""
 
     def __init__(self, arch: Architecture, *, layer_ops: LayerOps | None = None,
                  rngs: nnx.Rngs):
@@ -55,6 +56,7 @@ class MirrorUNet(nnx.Module):
         self.arch = arch
         self.temb_dense1 = layers.dense(arch.temb_width, blocks.temb_dim)
         self.temb_dense2 = layers.dense(blocks.temb_dim, blocks.temb_dim)
+        self.class_embedding = blocks.class_embedding()
         self.conv_in = layers.conv(arch.in_channels, arch.base_channels)
 
         channels, down = arch.base_channels, []
@@ -93,9 +95,10 @@ class MirrorUNet(nnx.Module):
         self.res_out = blocks.res(channels + arch.base_channels, arch.base_channels)
         self.conv_out = layers.conv(arch.base_channels, arch.out_channels, zero=True)
 
-    def __call__(self, x: jax.Array, t: jax.Array, *,
+    def __call__(self, x: jax.Array, t: jax.Array, *, class_labels: jax.Array | None = None,
                  dropout_keys: jax.Array | None = None) -> jax.Array:
-        temb = embed_time(t, self.arch, self.temb_dense1, self.temb_dense2)
+        temb = embed_time(t, self.arch, self.temb_dense1, self.temb_dense2,
+                          self.class_embedding, class_labels)
 
         def res(block, h, skip=None):
             if skip is not None:

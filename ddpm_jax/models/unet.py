@@ -92,6 +92,10 @@ def check(config: ml_collections.ConfigDict) -> None:
     if not m.channel_mults:
         raise UserError("model.channel_mults must have at least one level, such as (1, 2, 2)")
     check_choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    num_classes = m.get("num_classes", 0)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise UserError(f"model.num_classes must be an integer >= 0 (0: unconditional), got "
+                        f"{num_classes!r}")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not m.norm_eps > 0:

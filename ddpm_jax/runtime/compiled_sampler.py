@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ddpm_jax import ops, recipe, samplers
+from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
 from ddpm_jax.runtime import network, sharding
 from ddpm_jax.samplers import SamplerSettings
@@ -33,8 +34,11 @@ def sampling_params(config: ml_collections.ConfigDict, state: Any, weights: str 
 
 
 class SampleFn:
-    """`fn(params, rng, should_stop=None)` -> images [N, S, S, 3] in [-1, 1] (and snapshots
-    [K, N, S, S, 3] with `num_snapshots`), or None when `should_stop()` said to stop.
+    """`fn(params, rng, should_stop=None, labels=None)` -> images [N, S, S, 3] in [-1, 1] (and
+    snapshots [K, N, S, S, 3] with `num_snapshots`), or None when `should_stop()` said to stop.
+
+    A class-conditional model samples image i of class `labels[i]` (fewer than N labels: the
+    rest get the null label; None: all do), guided as `settings.guidance` says.
 
     The reverse chain is one compiled program (a loop over steps) that runs the whole chain
     in one call, or, given `should_stop`, a chunk of steps per call, checked in between: a
@@ -56,6 +60,8 @@ class SampleFn:
         self.num_steps = plan.num_steps
         self.num_images = shape[0]
         self._plan = plan
+        self.num_classes = config.model.get("num_classes", 0)
+        check_guidance(settings, self.num_classes)
         batch = sharding.batch_sharding(mesh)
         stacked = sharding.stacked_batch_sharding(mesh)
 
@@ -63,29 +69,56 @@ class SampleFn:
             x, state, snapshots, rngs = samplers.reverse_init(plan, rng, batch)
             return x, state, jax.lax.with_sharding_constraint(snapshots, stacked), rngs
 
-        def advance(params, carry, start, stop):
-            return samplers.reverse_steps(
-                plan, lambda x, t: network.apply(definition, params, x, t), schedule, carry,
-                start, stop)
+        def advance(params, carry, start, stop, labels):
+            if labels is None:
+                denoise = lambda x, t: network.apply(definition, params, x, t)  # noqa: E731
+            else:
+                denoise = samplers.guided(
+                    lambda x, t, labels: network.apply(definition, params, x, t,
+                                                       class_labels=labels),
+                    labels, self.num_classes, settings.guidance)
+            return samplers.reverse_steps(plan, denoise, schedule, carry, start, stop)
 
         options = ops.compiler_options(config)
         self._init = jax.jit(init, in_shardings=sharding.replicated(mesh),
                              compiler_options=options)
         self._advance = jax.jit(advance, donate_argnums=(1,), compiler_options=options,
                                 in_shardings=(network.params_shardings(config, mesh), None,
-                                              None, None))
+                                              None, None, batch))
+        self._batch_sharding = batch
+
+    def padded_labels(self, labels: Any) -> jax.Array | None:
+        """`labels` as the sampler takes them: N int32, the null label after the given ones
+        (None for an unconditional model)."""
+        if not self.num_classes:
+            if labels is not None:
+                raise UserError("class labels were given, but the model is unconditional "
+                                "(model.num_classes=0)")
+            return None
+        given = np.asarray([] if labels is None else labels, np.int32).reshape(-1)
+        if len(given) > self.num_images:
+            raise UserError(f"{len(given)} class labels for {self.num_images} images")
+        if given.size and (given.min() < 0 or given.max() >= self.num_classes):
+            raise UserError(f"class labels must be in [0, {self.num_classes - 1}] (the model "
+                            f"has model.num_classes={self.num_classes}); got {sorted(set(given))}")
+        padded = np.full(self.num_images, self.num_classes, np.int32)
+        padded[:len(given)] = given
+        # every process holds all labels and places its own devices' share
+        return jax.make_array_from_callback(padded.shape, self._batch_sharding,
+                                            lambda index: padded[index])
 
     def __call__(self, params: Any, rng: jax.Array, should_stop: Callable[[], bool] | None = None,
-                 on_steps: Callable[[int], None] | None = None):
+                 on_steps: Callable[[int], None] | None = None, labels: Any = None):
+        labels = self.padded_labels(labels)
         carry = self._init(rng)
         if should_stop is None and on_steps is None:
-            carry = self._advance(params, carry, 0, self.num_steps)
+            carry = self._advance(params, carry, 0, self.num_steps, labels)
             return samplers.reverse_result(self._plan, carry)
         done, chunk = 0, 1
         while done < self.num_steps:
             stop = min(done + chunk, self.num_steps)
             started = time.perf_counter()
-            carry = jax.block_until_ready(self._advance(params, carry, done, stop))
+            carry = jax.block_until_ready(self._advance(params, carry, done, stop, labels))
             elapsed = time.perf_counter() - started
             if on_steps is not None:
                 on_steps(stop - done)
@@ -97,6 +130,21 @@ class SampleFn:
             if chunk > 1 or done > 1:
                 chunk = _agreed(chunk * 2 if elapsed < self.CHUNK_SECONDS / 2 else chunk)
         return samplers.reverse_result(self._plan, carry)
+
+
+def class_grid(num_classes: int, num_images: int, max_rows: int) -> tuple[np.ndarray, int]:
+    """(labels, columns) of a grid with one row per class: the first `max_rows` classes,
+    each in a row of about `num_images / rows` images (at least one)."""
+    rows = min(num_classes, max_rows)
+    columns = max(1, num_images // rows)
+    return np.repeat(np.arange(rows, dtype=np.int32), columns), columns
+
+
+def check_guidance(settings: SamplerSettings, num_classes: int) -> None:
+    """Refuses guidance for an unconditional model, before anything is compiled."""
+    if settings.guidance.active and not num_classes:
+        raise UserError(f"guidance_scale={settings.guidance.scale} needs a class-conditional "
+                        "model (model.num_classes > 0); this one is unconditional: use 1")
 
 
 def _agreed(value: int) -> int:

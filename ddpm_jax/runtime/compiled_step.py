@@ -52,15 +52,34 @@ def jit_step(step_fn: StepFn, config: ml_collections.ConfigDict, mesh: jax.shard
                    donate_argnums=(0,), compiler_options=ops.compiler_options(config))
 
 
-def global_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-    """Assembles the global sharded batch from each process's slice."""
-    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local_batch)
+def global_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Assembles the global sharded batch (an array, or a dict of them: images and labels)
+    from each process's slice."""
+    where = sharding.batch_sharding(mesh)
+    return jax.tree.map(lambda part: jax.make_array_from_process_local_data(where, part),
+                        local_batch)
 
 
-def global_batches(local_batches: list[np.ndarray], mesh: jax.sharding.Mesh) -> jax.Array:
+def global_batches(local_batches: list[Any], mesh: jax.sharding.Mesh) -> Any:
     """Several steps' batches, stacked [steps, batch, ...], from each process's slices."""
-    return jax.make_array_from_process_local_data(sharding.stacked_batch_sharding(mesh),
-                                                  np.stack(local_batches))
+    where = sharding.stacked_batch_sharding(mesh)
+    return jax.tree.map(lambda *parts: jax.make_array_from_process_local_data(
+        where, np.stack(parts)), *local_batches)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   steps: int = 1) -> Any:
+    """Shapes, dtypes and shardings of one call's global batch: uint8 images [B, S, S, 3]
+    and, with `data.label`, int32 labels [B] (a leading [steps] axis for several steps)."""
+    leading = (steps,) if steps > 1 else ()
+    where = sharding.stacked_batch_sharding(mesh) if steps > 1 else sharding.batch_sharding(mesh)
+    size = config.data.image_size
+    images = jax.ShapeDtypeStruct((*leading, config.batch_size, size, size, 3), jnp.uint8,
+                                  sharding=where)
+    if not config.data.get("label"):
+        return images
+    labels = jax.ShapeDtypeStruct((*leading, config.batch_size), jnp.int32, sharding=where)
+    return {"image": images, "label": labels}
 
 
 class StepFunctions:
@@ -83,11 +102,7 @@ class StepFunctions:
     def compiled(self, steps: int):
         """The step function running `steps` steps per call, compiled ahead of time."""
         if steps not in self._compiled:
-            image = (self.config.data.image_size,) * 2 + (3,)
-            shape, where = (self.config.batch_size, *image), sharding.batch_sharding(self.mesh)
-            if steps > 1:
-                shape, where = (steps, *shape), sharding.stacked_batch_sharding(self.mesh)
-            batch = jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=where)
+            batch = abstract_batch(self.config, self.mesh, steps)
             started = time.perf_counter()
             logging.info("compiling the train step (%d step%s per call)...", steps,
                          "s" if steps > 1 else "")

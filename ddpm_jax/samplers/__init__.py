@@ -4,7 +4,8 @@
 A sampler is one file that registers a `Sampler` in `SAMPLERS` (`base.py`); the engine
 (`engine.py`) runs any of them as one loop over its steps. Which timesteps it visits is a
 spacing (`spacing.py`), shared by every sampler. `SamplerSettings` (`settings.py`) is the
-choice a run makes, read from a config section (`sample` or `eval`). Samplers import only
+choice a run makes, read from a config section (`sample` or `eval`), with its
+classifier-free guidance (`guidance.py`), which any sampler takes. Samplers import only
 the core (`ddpm_jax.core`).
 """
 
@@ -22,9 +23,10 @@ from ddpm_jax.samplers.engine import (
     sampling_timesteps,
     snapshot_slots,
 )
+from ddpm_jax.samplers.guidance import Guidance, guided
 from ddpm_jax.samplers.settings import SamplerSettings, check_section
 from ddpm_jax.samplers.spacing import SPACINGS
 
-__all__ = ["SAMPLERS", "SPACINGS", "ReversePlan", "Sampler", "SamplerSettings", "check_section",
-           "no_state", "reverse_init", "reverse_plan", "reverse_result", "reverse_steps",
-           "sample", "sampling_timesteps", "snapshot_slots"]
+__all__ = ["SAMPLERS", "SPACINGS", "Guidance", "ReversePlan", "Sampler", "SamplerSettings",
+           "check_section", "guided", "no_state", "reverse_init", "reverse_plan",
+           "reverse_result", "reverse_steps", "sample", "sampling_timesteps", "snapshot_slots"]

@@ -11,19 +11,22 @@ import numpy as np
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
 from ddpm_jax.samplers.base import SAMPLERS, Sampler
+from ddpm_jax.samplers.guidance import Guidance
 from ddpm_jax.samplers.spacing import SPACINGS
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """A sampler choice: `name` in `SAMPLERS`, `num_steps` (0: the sampler's default, all T
-    for DDPM and DDIM), `spacing` (in `SPACINGS`; "auto": the sampler's default) and
-    `options`, the sampler's knobs (missing ones take its defaults)."""
+    for DDPM and DDIM), `spacing` (in `SPACINGS`; "auto": the sampler's default),
+    `options`, the sampler's knobs (missing ones take its defaults), and the classifier-free
+    `guidance` of a class-conditional model (`guidance.py`; scale 1: none)."""
 
     name: str = "ddpm"
     num_steps: int = 0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     spacing: str = "auto"
+    guidance: Guidance = Guidance()
 
     def __post_init__(self):
         # The one place a sampler's knobs are resolved: given values, else its defaults.
@@ -32,13 +35,15 @@ class SamplerSettings:
     @classmethod
     def from_config(cls, section: Mapping[str, Any],
                     **overrides: Any) -> SamplerSettings:
-        """The settings of a config section (`sampler`, `num_steps`, `spacing` and the
-        sampler's option fields); `overrides` that are not None (command-line flags) replace
-        its values."""
+        """The settings of a config section (`sampler`, `num_steps`, `spacing`, the
+        sampler's option fields, `guidance_scale` and `guidance_interval`); `overrides` that
+        are not None (command-line flags) replace its values."""
         values = {**dict(section), **{k: v for k, v in overrides.items() if v is not None}}
         name = values["sampler"]
+        guidance = Guidance(values.get("guidance_scale", 1.0),
+                            values.get("guidance_interval") or ())
         return cls(name=name, num_steps=values.get("num_steps") or 0, options=values,
-                   spacing=values.get("spacing") or "auto")
+                   spacing=values.get("spacing") or "auto", guidance=guidance)
 
     @property
     def sampler(self) -> Sampler:
@@ -49,7 +54,7 @@ class SamplerSettings:
         sampler = self.sampler
         return {"sampler": self.name, "num_steps": self.num_steps or sampler.default_steps,
                 "spacing": sampler.resolve_spacing(self.spacing),
-                **self.options}
+                **self.options, **(self.guidance.describe() if self.guidance.active else {})}
 
     def summary(self) -> str:
         """These settings as a person reads them: `ddim, 100 steps, logsnr spacing, eta=0.0`."""

@@ -148,6 +148,33 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
                               "eval_every_steps=0 (see README, FID)")
 
 
+def _check_classes(config: ml_collections.ConfigDict) -> None:
+    """Labels, classes and guidance agree: a class-conditional net needs labels, labels need
+    one, and guidance needs a class-conditional net."""
+    num_classes, label = config.model.num_classes, config.data.label
+    if label and not num_classes:
+        raise ConfigError(f"data.label={label!r} gives the data classes, but model.num_classes=0 "
+                          "(unconditional); set model.num_classes to the number of classes")
+    if num_classes and not label:
+        raise ConfigError(f"model.num_classes={num_classes} needs class labels: set data.label "
+                          "(see configs/default.py), or model.num_classes=0")
+    if not 0.0 <= config.label_dropout < 1.0:
+        raise ConfigError(f"label_dropout must be in [0, 1), got {config.label_dropout}")
+    for section in ("sample", "eval"):
+        settings = config[section]
+        try:
+            guidance = samplers.Guidance(settings.guidance_scale, settings.guidance_interval)
+        except ValueError as error:
+            raise ConfigError(f"{section}.{error}") from error
+        if guidance.active and not num_classes:
+            raise ConfigError(f"{section}.guidance_scale={guidance.scale} needs a class-"
+                              "conditional model (model.num_classes > 0); use 1")
+    _choice("eval.class_distribution", config.eval.class_distribution, ("uniform", "data"))
+    if not isinstance(config.sample.max_class_rows, int) or config.sample.max_class_rows < 1:
+        raise ConfigError(f"sample.max_class_rows must be a positive integer, got "
+                          f"{config.sample.max_class_rows!r}")
+
+
 def validate(
     config: ml_collections.ConfigDict,
     workdir: str | None = None,
@@ -185,6 +212,7 @@ def validate(
     _checked(data_sources.check_config, config.data)
 
     _checked(models.check_config, config)
+    _check_classes(config)
     if config.wandb.project:
         # Loads clu's writers, hence TensorFlow (seconds to import): only when W&B is on, so
         # that a run refused below (busy workdir, missing data) stops at once.

@@ -91,7 +91,8 @@ EVALUATORS: Registry[Callable[[Run], Evaluator | None]] = Registry("evaluator")
 
 
 class SampleGrid(Evaluator):
-    """A grid of samples to TensorBoard and workdir/samples (and the denoising strip)."""
+    """A grid of samples to TensorBoard and workdir/samples (and the denoising strip); of a
+    class-conditional model, one row per class (up to `sample.max_class_rows`)."""
 
     name = "sample grid"
 
@@ -100,22 +101,27 @@ class SampleGrid(Evaluator):
         c = run.config
         self.every_steps = c.sample_every_steps
         self.settings = SamplerSettings.from_config(c.sample)
+        self.count, self.labels, self.columns = c.sample.num_images, None, None
+        if c.model.num_classes:
+            self.labels, self.columns = compiled_sampler.class_grid(
+                c.model.num_classes, c.sample.num_images, c.sample.max_class_rows)
+            self.count = len(self.labels)
         self.sample_fn = compiled_sampler.make_sample_fn(c, run.mesh, self.settings,
-                                                num_images=c.sample.num_images,
-                                                num_snapshots=c.sample.num_snapshots)
+                                                         num_images=self.count,
+                                                         num_snapshots=c.sample.num_snapshots)
         self.rng = jax.random.PRNGKey(c.seed + 2)
 
     def evaluate(self, step: int, params: Any) -> bool:
-        count = self.run.config.sample.num_images
+        count = self.count
         logging.info("step %d: sampling %d images (%s)...", step, count, self.settings.summary())
         started = time.perf_counter()
         outputs = self.sample_fn(params, jax.random.fold_in(self.rng, step),
-                                 self.run.watcher.should_stop)
+                                 self.run.watcher.should_stop, labels=self.labels)
         if outputs is None:
             return False
         images, snapshots = outputs if isinstance(outputs, tuple) else (outputs, None)
         images = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:count]
-        grid = image_utils.make_grid(image_utils.to_uint8(images))
+        grid = image_utils.make_grid(image_utils.to_uint8(images), num_columns=self.columns)
         self.run.writer.write_images(step, {"samples": grid[None]})
         if snapshots is not None:
             snapshots = np.asarray(multihost_utils.process_allgather(snapshots, tiled=True))

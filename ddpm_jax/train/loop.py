@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import parameter_overview
 from etils import epath
@@ -165,6 +166,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
            source: Any, allow_diffusion_change: bool, holding: workdir_lock.Holding,
            watcher: preemption.PreemptionWatcher) -> TrainState:
     started = time.perf_counter()
+    check_classes(config, source, workdir_path)
     manager = checkpointing.make_manager(workdir_path / "checkpoints", config)
     mesh = sharding.create_mesh(config)
     logging.info("mesh: %s over %d processes", dict(mesh.shape), jax.process_count())
@@ -234,6 +236,36 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
         _log_lines(lambda: _summary(run.progress, scalars, started, initial_step,
                                     int(state.step)) + _where_things_are(workdir, workdir_path))
     return state
+
+
+def check_classes(config: ml_collections.ConfigDict, source: Any,
+                  workdir_path: epath.Path) -> None:
+    """A labelled run's classes: they must be `model.num_classes` many, and those saved with
+    the run when it resumes (the net's class rows mean these classes); logged, and saved
+    with the run."""
+    names = list(data_sources.class_names(source))
+    if not names:
+        return
+    if len(names) != config.model.num_classes:
+        raise config_checks.ConfigError(
+            f"data.label={config.data.label!r} gives {len(names)} classes, but "
+            f"model.num_classes={config.model.num_classes}; set model.num_classes={len(names)}")
+    saved = checkpointing.saved_classes(workdir_path)
+    if saved is not None and saved != names:
+        changed = [f"{i}: {old!r} -> {new!r}" for i, (old, new) in
+                   enumerate(zip(saved, names, strict=False)) if old != new]
+        if len(saved) != len(names):
+            changed.insert(0, f"{len(saved)} classes -> {len(names)}")
+        raise config_checks.ConfigError(
+            f"{workdir_path} was trained with other classes than data.label="
+            f"{config.data.label!r} gives ({', '.join(changed[:3])}"
+            f"{' ...' if len(changed) > 3 else ''}); use a new --workdir or the same data")
+    labels = getattr(source, "labels", None)
+    counts = np.bincount(labels, minlength=len(names)).tolist() if labels is not None else None
+    logging.info("%d classes (data.label=%r): %s", len(names), config.data.label, ", ".join(
+        f"{i} {name}" + (f" ({counts[i]} images)" if counts else "")
+        for i, name in enumerate(names)))
+    checkpointing.save_classes(workdir_path, names, counts)
 
 
 class _CountingBatches:

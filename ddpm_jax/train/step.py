@@ -54,6 +54,26 @@ def example_randomness(
     return jax.vmap(draw)(keys)
 
 
+def dropped_labels(rng: jax.Array, labels: jax.Array, rate: float, null_label: int
+                   ) -> jax.Array:
+    """`labels` with each replaced by the null label with probability `rate` (classifier-free
+    guidance's joint training of the conditional and unconditional model). Example i's
+    draw comes from `fold_in(fold_in(rng, i), 3)` alone, like its other draws
+    (`example_randomness`), so it does not depend on how the batch is split."""
+    if rate == 0.0:
+        return labels
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(labels.shape[0]))
+    drop = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, 3), rate))(keys)
+    return jnp.where(drop, null_label, labels)
+
+
+def split_batch(batch: jax.Array | dict) -> tuple[jax.Array, jax.Array | None]:
+    """(uint8 images, int32 labels or None) of a batch from the input pipeline."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    return batch, None
+
+
 def mean_gradient(grad_fn, params: Any, inputs: tuple, micro_batches: int):
     """`grad_fn(params, *inputs)` -> ((loss, aux), grads), loss and aux scalars, averaged
     over `micro_batches` sequential slices of the batch: the same value as one pass (to
@@ -87,26 +107,35 @@ def train_step(
     schedule: diffusion.Schedule,
     micro_batches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global uint8 batch; returns the new state and scalar metrics.
+    """One optimizer step on a global batch (uint8 images, or a dict of images and their
+    class labels); returns the new state and scalar metrics.
 
     The loss is `objectives.loss_terms` at a random timestep per example; the gradient is
-    the mean over `micro_batches` sequential slices of the batch (`mean_gradient`).
+    the mean over `micro_batches` sequential slices of the batch (`mean_gradient`). A
+    class-conditional net sees each example's label, or with probability
+    `config.label_dropout` the null label (`dropped_labels`).
     """
-    x0 = images_to_model_space(batch)
-    t, noise, dropout_keys = example_randomness(
-        jax.random.fold_in(state.rng, state.step), x0.shape, schedule.num_timesteps)
+    images, labels = split_batch(batch)
+    x0 = images_to_model_space(images)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    t, noise, dropout_keys = example_randomness(step_rng, x0.shape, schedule.num_timesteps)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
+    if labels is not None:
+        labels = dropped_labels(step_rng, labels, config.get("label_dropout", 0.0),
+                                config.model.num_classes)
     objective = recipe.objective(config)
     learned = objective.variance == "learned_range"
     use_dropout = config.model.dropout > 0
 
-    def loss_fn(params, x0, x_t, t, noise, dropout_keys):
-        output = network.apply(graphdef, params, x_t, t, dropout_keys if use_dropout else None)
+    def loss_fn(params, x0, x_t, t, noise, dropout_keys, labels=None):
+        output = network.apply(graphdef, params, x_t, t, dropout_keys if use_dropout else None,
+                               class_labels=labels)
         loss, vlb = objectives.loss_terms(schedule, output, x0, x_t, t, noise, objective)
         return jnp.mean(loss), (jnp.mean(vlb) if learned else jnp.zeros(()))
 
+    inputs = (x0, x_t, t, noise, dropout_keys) + ((labels,) if labels is not None else ())
     (loss, vlb), grads = mean_gradient(jax.value_and_grad(loss_fn, has_aux=True), state.params,
-                                       (x0, x_t, t, noise, dropout_keys), micro_batches)
+                                       inputs, micro_batches)
     grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite loss or gradient never reaches the weights: the step keeps the old
