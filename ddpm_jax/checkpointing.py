@@ -329,6 +329,12 @@ def saved_classes(workdir: str | epath.Path) -> list[str] | None:
     return list(json.loads(path.read_text())["classes"])
 
 
+def saved_class_counts(workdir: str | epath.Path) -> list[int] | None:
+    """The image count of each class saved with a run (None: not counted or not saved)."""
+    path = absolute_path(str(workdir)) / CLASSES_FILE
+    return json.loads(path.read_text()).get("counts") if path.exists() else None
+
+
 def save_classes(workdir: epath.Path, names: list[str], counts: list[int] | None) -> None:
     """Writes the run's classes (and their image counts, where known) on process 0."""
     if jax.process_index() != 0:

@@ -5,7 +5,9 @@ decoded images, with the checks that fail fast on missing or unusable data.
     `tfds.data_source` (ArrayRecord, random access);
   * ``folder``: every JPEG/PNG/WebP/BMP/TIFF image under `data.path`, recursively, decoded
     as a person sees it (`to_rgb8`);
-  * ``bundled``: the 100 LFW face crops that ship inside scikit-image (offline).
+  * ``bundled``: the 100 LFW face crops that ship inside scikit-image (offline);
+  * ``digits``: the 1,797 handwritten digits (8x8, labelled 0-9) that ship inside
+    scikit-learn (offline; `pip install -e ".[examples]"`).
 
 With `data.label` set, a source also gives each image's class (`LABELS`): records are then
 `{"image": ..., "label": int}` and the source's `class_names` lists the classes, in label
@@ -253,6 +255,31 @@ def bundled_faces() -> np.ndarray:
     return np.repeat(faces[..., None], 3, axis=-1)
 
 
+def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 RGB images [1797, 8, 8, 3], digit labels [1797]) of scikit-learn's bundled
+    handwritten digits (UCI; ink 0-16, drawn white on black)."""
+    try:
+        from sklearn import datasets  # an optional dependency: loaded only for this source
+    except ImportError as error:
+        raise DataError('data.source="digits" needs scikit-learn: pip install -e ".[examples]"'
+                        ) from error
+    digits = datasets.load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return np.repeat(images[..., None], 3, axis=-1), digits.target.astype(np.int32)
+
+
+def _open_digits(data_config: ml_collections.ConfigDict) -> ArraySource | LabelledSource:
+    images, labels = bundled_digits()
+    if not data_config.get("label"):
+        return ArraySource(images)
+    return LabelledSource(ArraySource(images), labels, [str(d) for d in range(10)])
+
+
+def _check_digits(data_config: ml_collections.ConfigDict) -> None:
+    if data_config.get("label") not in ("", "digit"):
+        raise UserError(f"data.label={data_config.label!r}: the digits' class is 'digit'")
+
+
 def _image_size(path: str) -> tuple[int, int] | str:
     """(height, width) as displayed (EXIF rotation applied), or why the header cannot be read."""
     try:
@@ -481,6 +508,7 @@ def _check_tfds(data_config: ml_collections.ConfigDict) -> None:
 
 DATA_SOURCES.register("tfds", DataSource(open=_open_tfds, check=_check_tfds))
 DATA_SOURCES.register("folder", DataSource(open=_open_folder, check=_check_folder))
+DATA_SOURCES.register("digits", DataSource(open=_open_digits, check=_check_digits))
 DATA_SOURCES.register("bundled", DataSource(open=lambda data_config: ArraySource(bundled_faces()),
                                             check=lambda data_config: _check_unlabelled(
                                                 data_config, "the bundled faces")))

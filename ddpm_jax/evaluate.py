@@ -12,7 +12,12 @@ Commands:
   ``--num_images`` samples (default the run's ``eval.num_samples``) are drawn from its
   newest checkpoint (or ``--step``) and go from the sampler to the Inception network
   without being stored. KID needs a statistics file written by ``fid-stats`` (it keeps a
-  feature subset); with another tool's file it is reported as null.
+  feature subset); with another tool's file it is reported as null. A class-conditional
+  run's samples are class-balanced (``--class_distribution=data``: the training data's
+  class frequencies) and guided with ``--guidance_scale`` (default ``eval.guidance_scale``);
+  ``--guidance_scales=1,1.5,2,3`` measures each scale in turn and writes the table
+  (``--json``) and a chart of FID and IS against the scale (``--plot``, default
+  WORKDIR/eval/guidance_sweep.png).
 * ``convert-weights --input=pt_inception-2015-12-05-6726825d.pth --output=inception.npz``:
   the standard PyTorch weight file as a NumPy file that loads without PyTorch.
 * ``nll --workdir=DIR [--step=N] [--num_images=N] [--split=S | --config=F]``: the negative
@@ -38,7 +43,18 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from ddpm_jax import cli, console, data_sources, fid, image_utils, inception, input_pipeline, recipe, runs
+from ddpm_jax import (
+    checkpointing,
+    cli,
+    console,
+    data_sources,
+    fid,
+    image_utils,
+    inception,
+    input_pipeline,
+    recipe,
+    runs,
+)
 from ddpm_jax import progress as progress_bars
 from ddpm_jax.core import likelihood
 from ddpm_jax.core.errors import UserError
@@ -71,6 +87,13 @@ def define_flags() -> None:
     flags.DEFINE_string("spacing", None, "fid on a workdir: timestep spacing (default eval.spacing).")
     flags.DEFINE_integer("seed", 0, "Sampling seed (fid on a workdir) or subset seed (fid-stats).")
     flags.DEFINE_string("json", None, "Also write the result as JSON here.")
+    flags.DEFINE_float("guidance_scale", None, "fid on a class-conditional workdir: guidance "
+                       "scale (default eval.guidance_scale).")
+    flags.DEFINE_list("guidance_scales", None, "fid on a class-conditional workdir: measure "
+                      "each of these scales; writes a table and a chart.")
+    flags.DEFINE_enum("class_distribution", None, ["uniform", "data"], "fid on a class-"
+                      "conditional workdir: balanced classes, or the data's frequencies.")
+    flags.DEFINE_string("plot", None, "fid with --guidance_scales: the chart (.png).")
     flags.DEFINE_string("workdir", None, "nll: the training run.")
     flags.DEFINE_string("split", None, "nll: the data split (default the run's data.split).")
 
@@ -136,7 +159,8 @@ def _load_npz_images(path: str) -> np.ndarray:
 def sample_fid(samples: str, reference: str, weights: str | None, *, num_images: int | None = None,
                batch_size: int = 100, step: int | None = None, sampler: str | None = None,
                num_steps: int | None = None, eta: float | None = None,
-               spacing: str | None = None, seed: int = 0) -> dict:
+               spacing: str | None = None, seed: int = 0, guidance_scale: float | None = None,
+               class_distribution: str | None = None) -> dict:
     """FID, Inception Score and KID (`fid.compare`) of a folder, an .npz or a workdir's
     samples against `reference` statistics."""
 
@@ -148,12 +172,17 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         weights = weights or e.inception_weights
         reference = reference or e.reference_stats
         _required(weights=weights, reference=reference)
+        if class_distribution:
+            e.class_distribution = class_distribution
         settings = SamplerSettings.from_config(e, sampler=sampler, num_steps=num_steps, eta=eta,
-                                               spacing=spacing)
+                                               spacing=spacing, guidance_scale=guidance_scale)
         sample_fid = fid.make_sample_fid_fn(
             config, mesh, settings, weights=weights, reference=reference,
-            num_samples=num_images or e.num_samples, batch_size=batch_size, progress=True)
+            num_samples=num_images or e.num_samples, batch_size=batch_size, progress=True,
+            class_counts=checkpointing.saved_class_counts(samples))
         result.update(step=step, seed=seed, **settings.describe())
+        if config.model.num_classes:
+            result["class_distribution"] = e.class_distribution
         scores = sample_fid(params, jax.random.PRNGKey(seed))
     else:
         _required(weights=weights, reference=reference)
@@ -171,6 +200,34 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         scores = {**fid.compare(image_scores, reference_stats), "num_images": image_scores.count}
     result.update(reference=reference, **scores)
     return result
+
+
+def guidance_sweep(samples: str, scales: list[float], plot: str | None = None,
+                   **kwargs) -> dict:
+    """`sample_fid` of a class-conditional workdir at each guidance scale (the same noise and
+    classes for each), as a table, and a chart of FID and IS against the scale at `plot`
+    (default WORKDIR/eval/guidance_sweep.png)."""
+    if not (epath.Path(samples) / "checkpoints").exists():
+        raise UserError("--guidance_scales needs --samples to be a training workdir")
+    plot = plot or str(checkpointing.absolute_path(samples) / "eval" / "guidance_sweep.png")
+    cli.check_output("plot", plot)
+    rows = []
+    for scale in scales:
+        logging.info("guidance scale %g (%d of %d)", scale, len(rows) + 1, len(scales))
+        rows.append(sample_fid(samples, guidance_scale=scale, **kwargs))
+    table = [{key: row.get(key) for key in ("guidance_scale", "fid", "inception_score", "kid")}
+             for row in rows]
+    for entry, scale in zip(table, scales, strict=True):
+        entry["guidance_scale"] = scale
+    chart = image_utils.line_chart(scales, {"FID": [r["fid"] for r in table],
+                                            "Inception Score": [r["inception_score"]
+                                                                for r in table]},
+                                   "guidance scale")
+    if jax.process_index() == 0:
+        image_utils.save_png(chart, plot)
+    first = rows[0]
+    return {"samples": samples, "step": first.get("step"), "num_images": first["num_images"],
+            "reference": first["reference"], "plot": plot, "sweep": table}
 
 
 def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: str | None = None,
@@ -267,16 +324,32 @@ def _run(command: str) -> dict:
         return fid_stats(config, FLAGS.output, weights, FLAGS.num_images or 0, FLAGS.batch_size,
                          FLAGS.seed)
     _required(samples=FLAGS.samples)
-    return sample_fid(FLAGS.samples, FLAGS.reference, FLAGS.weights, num_images=FLAGS.num_images,
-                      batch_size=FLAGS.batch_size, step=FLAGS.step, sampler=FLAGS.sampler,
-                      num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing,
-                      seed=FLAGS.seed)
+    common = dict(reference=FLAGS.reference, weights=FLAGS.weights, num_images=FLAGS.num_images,
+                  batch_size=FLAGS.batch_size, step=FLAGS.step, sampler=FLAGS.sampler,
+                  num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing,
+                  seed=FLAGS.seed, class_distribution=FLAGS.class_distribution)
+    if FLAGS.guidance_scales:
+        try:
+            scales = [float(scale) for scale in FLAGS.guidance_scales]
+        except ValueError:
+            raise UserError(f"--guidance_scales={','.join(FLAGS.guidance_scales)}: give numbers "
+                            "separated by commas, such as 1,1.5,2,3") from None
+        return guidance_sweep(FLAGS.samples, scales, FLAGS.plot, **common)
+    return sample_fid(FLAGS.samples, guidance_scale=FLAGS.guidance_scale, **common)
 
 
 def _report(result: dict) -> None:
     """Prints `result` (a line for people, then strict JSON) and writes the --json file."""
     if "fid" in result:
         print(f"{fid.describe(result)} ({result['num_images']} images vs {result['reference']})")
+    if "sweep" in result:
+        print(f"{result['num_images']} images per scale vs {result['reference']}; chart: "
+              f"{result['plot']}")
+        print("guidance scale |    FID | Inception Score | KID")
+        for row in result["sweep"]:
+            kid = "-" if row["kid"] is None else f"{row['kid']:.5f}"
+            print(f"{row['guidance_scale']:>14g} | {row['fid']:6.2f} | "
+                  f"{row['inception_score']:15.3f} | {kid}")
     if "bits_per_dim" in result:
         print(f"{result['bits_per_dim']:.4f} bits/dim over {result['num_images']} images "
               f"(prior {result['prior_bpd']:.4f}, KL terms {result['kl_terms_bpd']:.4f}, "

@@ -358,18 +358,22 @@ class InceptionFeatures:
         return scores
 
     def sample_statistics(self, sample_fn, params: Any, rng: jax.Array, count: int,
-                          progress: bool = False, should_stop: Callable[[], bool] | None = None
-                          ) -> ImageSetScores | None:
+                          progress: bool = False, should_stop: Callable[[], bool] | None = None,
+                          labels: np.ndarray | None = None) -> ImageSetScores | None:
         """Scores of `count` samples from `sample_fn(params, rng, should_stop) -> [-1, 1]
         images` (`sampling.SampleFn`); None when `should_stop()` asked to stop.
 
-        Batch i uses fold_in(rng, i); samples stay on device between sampler and Inception.
+        Batch i uses fold_in(rng, i), and of a class-conditional model the classes
+        `labels[i * B:(i + 1) * B]`; samples stay on device between sampler and Inception.
         """
         scores = ImageSetScores(count)
         batch_size = sample_fn.num_images
         with progress_bars.bar(count, "sampling + inception", "image", progress) as bar:
             for index in range(-(-count // batch_size)):
-                images = sample_fn(params, jax.random.fold_in(rng, index), should_stop)
+                batch_labels = (None if labels is None
+                                else labels[index * batch_size:(index + 1) * batch_size])
+                images = sample_fn(params, jax.random.fold_in(rng, index), should_stop,
+                                   labels=batch_labels)
                 # a stop that came during the batch's last chunk skips its Inception pass
                 if images is None or (should_stop is not None and should_stop()):
                     return None
@@ -424,25 +428,48 @@ def describe(result: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def class_labels(num_classes: int, count: int, distribution: str,
+                 counts: list[int] | None = None, seed: int = 0) -> np.ndarray:
+    """Classes of `count` samples of a class-conditional model: "uniform" (balanced: each
+    class count / num_classes times, to one), or "data" (drawn with the training set's class
+    frequencies, `counts`); in an order shuffled with `seed`, so every batch mixes classes."""
+    rng = np.random.default_rng(seed)
+    if distribution == "uniform":
+        return rng.permutation(np.arange(count) % num_classes).astype(np.int32)
+    if not counts:
+        raise UserError("eval.class_distribution='data' needs the class counts of the training "
+                        "data, which this run did not record (only image folders and in-memory "
+                        "sources are counted); use 'uniform'")
+    frequencies = np.asarray(counts, np.float64) / np.sum(counts)
+    return rng.choice(num_classes, size=count, p=frequencies).astype(np.int32)
+
+
 def make_sample_fid_fn(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, settings: SamplerSettings, *,
     weights: str, reference: str, num_samples: int, batch_size: int, progress: bool = False,
+    class_counts: list[int] | None = None,
 ):
     """`fn(params, rng, should_stop=None) -> scores` of `num_samples` samples against
     `reference` (`compare`'s FID, IS and KID, and `num_images`), or None when
-    `should_stop()` asked to stop.
+    `should_stop()` asked to stop. A class-conditional model's samples have the classes
+    `eval.class_distribution` says (`class_labels`; "data" reads `class_counts`).
 
     Loads the Inception weights and reference statistics at once (a wrong path fails before
     any sampling); samples go from the sampler to the Inception network on device.
     """
     reference_stats = load_reference(reference)
+    labels = None
+    if config.model.get("num_classes", 0):
+        labels = class_labels(config.model.num_classes, num_samples,
+                              config.eval.get("class_distribution", "uniform"), class_counts)
     features = InceptionFeatures(weights, mesh)
-    sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=min(batch_size, num_samples))
+    sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings,
+                                                num_images=min(batch_size, num_samples))
 
     def evaluate(params: Any, rng: jax.Array, should_stop: Callable[[], bool] | None = None
                  ) -> dict[str, Any] | None:
         scores = features.sample_statistics(sample_fn, params, rng, num_samples, progress,
-                                            should_stop)
+                                            should_stop, labels)
         if scores is None:
             return None
         return {**compare(scores, reference_stats), "num_images": scores.count}

@@ -8,12 +8,13 @@ import math
 import os
 import tempfile
 import uuid
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ddpm_jax.core.errors import UserError
 
@@ -116,3 +117,39 @@ def save_png(image: np.ndarray, path: str) -> None:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     write_atomically(path, buffer.getvalue())
+
+
+def line_chart(xs: Sequence[float], panels: dict[str, Sequence[float]], x_label: str,
+               width: int = 480, panel_height: int = 200) -> np.ndarray:
+    """A uint8 RGB chart [H, W, 3]: one panel per metric (name -> a value per x), each a
+    polyline with its points marked, the x values and the metric's range written on the
+    axes. For small tables (a metric against a setting) where a plotting library would be
+    a dependency for one picture."""
+    left, right, top, bottom = 64, 16, 24, 36
+    image = Image.new("RGB", (width, panel_height * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    x_min, x_max = min(xs), max(xs)
+    x_span = (x_max - x_min) or 1.0
+    for row, (name, values) in enumerate(panels.items()):
+        y0 = row * panel_height
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        span = (high - low) or 1.0
+        plot_w, plot_h = width - left - right, panel_height - top - bottom
+        draw.rectangle([left, y0 + top, left + plot_w, y0 + top + plot_h], outline="black")
+        draw.text((left, y0 + 4), name, fill="black")
+        draw.text((4, y0 + top), f"{high:.4g}", fill="black")
+        draw.text((4, y0 + top + plot_h - 10), f"{low:.4g}", fill="black")
+        points = []
+        for x, value in zip(xs, values, strict=True):
+            px = left + (x - x_min) / x_span * plot_w
+            draw.text((px - 8, y0 + top + plot_h + 4), f"{x:g}", fill="black")
+            if value is not None and math.isfinite(value):
+                points.append((px, y0 + top + plot_h - (value - low) / span * plot_h))
+        if len(points) > 1:
+            draw.line(points, fill=(30, 80, 200), width=2)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(30, 80, 200))
+        draw.text((left + plot_w - 8 * len(x_label), y0 + panel_height - 14), x_label,
+                  fill="black")
+    return np.asarray(image)

@@ -58,6 +58,33 @@ def test_folder_subfolders_are_classes_in_sorted_order_and_batches_carry_them(tm
     np.testing.assert_array_equal(nearest, batch["label"])
 
 
+def test_labelled_streams_resume_at_any_example_and_the_digits_carry_their_digit(tmp_path):
+    """Labels travel with their images through shuffling and the skip to `start_example`."""
+    write_class_folders(tmp_path)
+    config = labelled_config(tmp_path)
+    config.batch_size = 4
+    source = data_sources.make_source(config.data)
+
+    def batches(start, count):
+        stream = iter(input_pipeline.create_dataset(config, source, process_index=0,
+                                                    process_count=1, start_example=start))
+        return [next(stream) for _ in range(count)]
+
+    whole, resumed = batches(0, 9), batches(20, 4)  # 24 images: resumed crosses an epoch
+    for got, want in zip(resumed, whole[5:], strict=True):
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+    config.data.source, config.data.label = "digits", "digit"
+    digits = data_sources.make_source(config.data)
+    assert len(digits) == 1797 and digits.class_names == tuple("0123456789")
+    from sklearn import datasets
+    reference = datasets.load_digits()
+    for index in (0, 500, 1796):
+        assert digits[index]["label"] == reference.target[index]
+        np.testing.assert_array_equal(digits[index]["image"][..., 0],
+                                      np.round(reference.images[index] * 255 / 16))
+
+
 def test_loose_images_in_a_labelled_root_are_refused_in_one_line(tmp_path):
     write_class_folders(tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")

@@ -8,7 +8,8 @@ from clu import parameter_overview
 from ddpm_jax.runtime import network
 from ddpm_jax.train import config_checks
 
-CONFIGS = ["quickstart", "celeba", "cifar10", "celebahq256", "celeba64"]
+CONFIGS = ["quickstart", "celeba", "cifar10", "celebahq256", "celeba64", "cifar10_cond",
+           "celeba64_attributes", "digits"]
 
 
 def load(name):
@@ -60,6 +61,16 @@ def celeba64_reference_count():
 def test_published_parameter_counts_within_half_a_percent(name, expected):
     count = parameter_overview.count_parameters(network.abstract_params(load(name)))
     assert abs(count / expected - 1) < 0.005, (name, count, expected)
+
+
+def test_conditional_configs_add_only_the_class_table_to_their_nets():
+    """The class-conditional configs: the unconditional net plus one row per class and one for
+    the null label, each as wide as the time embedding (4 x base channels)."""
+    for name, base_name, classes in (("cifar10_cond", "cifar10", 10),
+                                     ("celeba64_attributes", "celeba64", 4)):
+        count = parameter_overview.count_parameters(network.abstract_params(load(name)))
+        base = parameter_overview.count_parameters(network.abstract_params(load(base_name)))
+        assert count - base == (classes + 1) * 4 * 128, name
 
 
 def test_seed_net_scales_like_the_reference_at_other_widths():

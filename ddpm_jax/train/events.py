@@ -153,7 +153,8 @@ class FIDEvaluator(Evaluator):
         self.settings = SamplerSettings.from_config(e)
         self.sample_fid = fid.make_sample_fid_fn(
             c, run.mesh, self.settings, weights=e.inception_weights, reference=e.reference_stats,
-            num_samples=e.num_samples, batch_size=e.batch_size)
+            num_samples=e.num_samples, batch_size=e.batch_size,
+            class_counts=checkpointing.saved_class_counts(run.workdir))
         self.rng = jax.random.PRNGKey(c.seed + 3)
 
     def evaluate(self, step: int, params: Any) -> bool:

@@ -263,7 +263,7 @@ def check_classes(config: ml_collections.ConfigDict, source: Any,
     labels = getattr(source, "labels", None)
     counts = np.bincount(labels, minlength=len(names)).tolist() if labels is not None else None
     logging.info("%d classes (data.label=%r): %s", len(names), config.data.label, ", ".join(
-        f"{i} {name}" + (f" ({counts[i]} images)" if counts else "")
+        f"{i}: {name!r}" + (f" ({counts[i]} images)" if counts else "")
         for i, name in enumerate(names)))
     checkpointing.save_classes(workdir_path, names, counts)
 
