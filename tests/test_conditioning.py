@@ -4,6 +4,8 @@ class is which colour."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,12 +13,13 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import data_sources, input_pipeline, train
+from ddpm_jax import data_sources, evaluate, fid, inception, input_pipeline, sample, train
 from ddpm_jax.runtime import compiled_sampler, network
 from ddpm_jax.samplers import SamplerSettings
 from ddpm_jax.train import config_checks
 from ddpm_jax.train.step import dropped_labels
-from tests.helpers import micro_config
+from tests.helpers import ROOT, command_env, micro_config
+from tests.test_fid import synthetic_state_dict
 
 COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 40)}  # sorted names
 
@@ -199,6 +202,36 @@ def test_a_conditional_net_learns_which_class_is_which_colour_and_guidance_picks
     print(f"colour matches the class: {guided:.0%} guided, {unconditional:.0%} at scale 0")
     assert guided >= 0.9
     assert unconditional < 0.6
+
+    # `evaluate fid --guidance_scales`: a row per scale and a chart in the workdir.
+    weights = str(tmp_path / "inception.npz")
+    inception.save_npz(synthetic_state_dict(), weights, source="synthetic")
+    stats = fid.FeatureStatistics()
+    stats.update(np.random.default_rng(6).uniform(size=(8, inception.FEATURE_DIM)))
+    fid.save_statistics(str(tmp_path / "stats.npz"), stats)
+    result = evaluate.guidance_sweep(str(workdir), [1.0, 3.0], reference=str(tmp_path / "stats.npz"),
+                                     weights=weights, num_images=6, batch_size=6,
+                                     class_distribution="data", num_steps=2)
+    assert [row["guidance_scale"] for row in result["sweep"]] == [1.0, 3.0]
+    assert all(np.isfinite(row["fid"]) and row["fid"] > 0 for row in result["sweep"])
+    assert result["sweep"][0]["fid"] != result["sweep"][1]["fid"]  # guidance changed samples
+    assert str(result["plot"]).startswith(str(workdir))
+    chart = np.asarray(Image.open(result["plot"]))
+    assert chart.shape[0] == 400 and (chart < 128).any()
+
+    # The sample command: a grid of one row of 2 per class, guided; classes by name.
+    grid_png = tmp_path / "grid.png"
+    command = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.sample", f"--workdir={workdir}", "--num_steps=2",
+         "--class_grid", "--num_samples=2", "--guidance_scale=2", f"--output={grid_png}"],
+        cwd=ROOT, env=command_env(), capture_output=True, text=True, timeout=300)
+    assert command.returncode == 0, command.stderr[-3000:]
+    assert np.asarray(Image.open(grid_png)).shape == (3 * 10 + 2, 2 * 10 + 2, 3)  # 3 classes
+    images, _ = sample.generate(str(workdir), 5, class_labels=["red", "0"], num_steps=2,
+                                guidance_scale=2.0, batch_size=4)
+    assert images.shape == (5, 8, 8, 3)
+    with pytest.raises(ValueError, match="unknown class 'purple'.*blue, green, red"):
+        sample.generate(str(workdir), 2, class_labels=["purple"])
 
     # A resume with other classes is refused before any work.
     (tmp_path / "data" / "red").rename(tmp_path / "data" / "yellow")

@@ -606,36 +606,3 @@ def test_fid_class_labels_are_balanced_or_follow_the_data():
     assert abs((data == 0).mean() - 0.75) < 0.02
     with pytest.raises(ValueError, match="uniform"):
         fid.class_labels(2, 10, "data", counts=None)
-
-
-@pytest.mark.slow
-def test_guidance_sweep_and_class_choices_of_a_conditional_run(weights_file, tmp_path):
-    """`evaluate fid --guidance_scales` on a class-conditional workdir writes a row per scale
-    and a chart; the sample command's class choices reach the sampler."""
-    from ddpm_jax import sample
-    from tests.test_conditioning import labelled_config, write_class_folders
-
-    write_class_folders(tmp_path / "data")
-    config = labelled_config(tmp_path / "data")
-    config.num_train_steps, config.sample_every_steps = 2, 0
-    config.eval.num_steps, config.eval.batch_size = 2, 4
-    workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir))
-    stats = fid.FeatureStatistics()
-    stats.update(np.random.default_rng(6).uniform(size=(8, inception.FEATURE_DIM)))
-    fid.save_statistics(str(tmp_path / "stats.npz"), stats)
-
-    result = evaluate.guidance_sweep(str(workdir), [1.0, 3.0], reference=str(tmp_path / "stats.npz"),
-                                     weights=weights_file, num_images=6, batch_size=4,
-                                     class_distribution="data")
-    assert [row["guidance_scale"] for row in result["sweep"]] == [1.0, 3.0]
-    assert all(np.isfinite(row["fid"]) for row in result["sweep"])
-    chart = np.asarray(Image.open(result["plot"]))
-    assert chart.shape[0] == 400 and (chart < 128).any()
-    assert str(result["plot"]).startswith(str(workdir))
-
-    images, _ = sample.generate(str(workdir), 5, class_labels=["red", "0"], guidance_scale=2.0,
-                                batch_size=4)
-    assert images.shape == (5, 8, 8, 3)
-    with pytest.raises(ValueError, match="unknown class 'purple'.*blue, green, red"):
-        sample.generate(str(workdir), 2, class_labels=["purple"])
