@@ -370,10 +370,9 @@ class InceptionFeatures:
         batch_size = sample_fn.num_images
         with progress_bars.bar(count, "sampling + inception", "image", progress) as bar:
             for index in range(-(-count // batch_size)):
-                batch_labels = (None if labels is None
-                                else labels[index * batch_size:(index + 1) * batch_size])
-                images = sample_fn(params, jax.random.fold_in(rng, index), should_stop,
-                                   labels=batch_labels)
+                classes = ({} if labels is None else
+                           {"labels": labels[index * batch_size:(index + 1) * batch_size]})
+                images = sample_fn(params, jax.random.fold_in(rng, index), should_stop, **classes)
                 # a stop that came during the batch's last chunk skips its Inception pass
                 if images is None or (should_stop is not None and should_stop()):
                     return None

@@ -169,7 +169,7 @@ def test_the_class_embedding_conditions_the_net_and_unconditional_trees_are_unch
 
 @pytest.mark.slow
 def test_a_conditional_net_learns_which_class_is_which_colour_and_guidance_picks_it(tmp_path):
-    """A few hundred CPU steps on images whose class decides their colour: guided samples of
+    """Three hundred CPU steps on images whose class decides their colour: guided samples of
     each class have its colour in >= 90% of cases; at scale 0 (the unconditional model) the
     requested class does not decide the colour."""
     write_class_folders(tmp_path / "data", per_class=16)
