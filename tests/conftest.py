@@ -43,8 +43,3 @@ from tests.helpers import tiny_config  # noqa: E402
 def config():
     return tiny_config()
 
-
-def pytest_collection_modifyitems(config, items):
-    """The cases marked `slow` run first (otherwise in file order): spread over workers by
-    pytest-xdist, a long case left to the end keeps one worker busy while the others idle."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

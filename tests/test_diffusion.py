@@ -219,7 +219,7 @@ def test_samplers_with_the_oracle_denoiser_match_exact_moments(sampler, num_step
     s = diffusion.make_schedule("linear", T)
     mu, sigma = 0.3, 0.5
     run = jax.jit(lambda rng: samplers.sample(
-        diffusion.optimal_gaussian_eps(s, mu, sigma), s, (8192, 8), rng, sampler=sampler,
+        diffusion.optimal_gaussian_eps(s, mu, sigma), s, (4096, 8), rng, sampler=sampler,
         num_steps=num_steps, eta=eta, variance=variance, clip_x0=False, spacing=spacing))
     x = np.asarray(run(jax.random.PRNGKey(3)))
     steps = samplers.sampling_timesteps(s, sampler, num_steps, spacing)
