@@ -215,10 +215,9 @@ def guidance_sweep(samples: str, scales: list[float], plot: str | None = None,
     for scale in scales:
         logging.info("guidance scale %g (%d of %d)", scale, len(rows) + 1, len(scales))
         rows.append(sample_fid(samples, guidance_scale=scale, **kwargs))
-    table = [{key: row.get(key) for key in ("guidance_scale", "fid", "inception_score", "kid")}
-             for row in rows]
-    for entry, scale in zip(table, scales, strict=True):
-        entry["guidance_scale"] = scale
+    table = [{"guidance_scale": scale, **{key: row.get(key) for key in
+                                          ("fid", "inception_score", "kid")}}
+             for scale, row in zip(scales, rows, strict=True)]
     chart = image_utils.line_chart(scales, {"FID": [r["fid"] for r in table],
                                             "Inception Score": [r["inception_score"]
                                                                 for r in table]},

@@ -427,22 +427,6 @@ def describe(result: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def class_labels(num_classes: int, count: int, distribution: str,
-                 counts: list[int] | None = None, seed: int = 0) -> np.ndarray:
-    """Classes of `count` samples of a class-conditional model: "uniform" (balanced: each
-    class count / num_classes times, to one), or "data" (drawn with the training set's class
-    frequencies, `counts`); in an order shuffled with `seed`, so every batch mixes classes."""
-    rng = np.random.default_rng(seed)
-    if distribution == "uniform":
-        return rng.permutation(np.arange(count) % num_classes).astype(np.int32)
-    if not counts:
-        raise UserError("eval.class_distribution='data' needs the class counts of the training "
-                        "data, which this run did not record (only image folders and in-memory "
-                        "sources are counted); use 'uniform'")
-    frequencies = np.asarray(counts, np.float64) / np.sum(counts)
-    return rng.choice(num_classes, size=count, p=frequencies).astype(np.int32)
-
-
 def make_sample_fid_fn(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, settings: SamplerSettings, *,
     weights: str, reference: str, num_samples: int, batch_size: int, progress: bool = False,
@@ -459,8 +443,9 @@ def make_sample_fid_fn(
     reference_stats = load_reference(reference)
     labels = None
     if config.model.get("num_classes", 0):
-        labels = class_labels(config.model.num_classes, num_samples,
-                              config.eval.get("class_distribution", "uniform"), class_counts)
+        labels = compiled_sampler.class_labels(config.model.num_classes, num_samples,
+                                               config.eval.get("class_distribution", "uniform"),
+                                               class_counts)
     features = InceptionFeatures(weights, mesh)
     sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings,
                                                 num_images=min(batch_size, num_samples))

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import data_sources, evaluate, fid, inception, input_pipeline, sample, train
+from ddpm_jax import data_sources, evaluate, fid, inception, input_pipeline, sample, tfds_data, train
 from ddpm_jax.runtime import compiled_sampler, network
 from ddpm_jax.samplers import SamplerSettings
 from ddpm_jax.train import config_checks
@@ -100,9 +100,9 @@ def test_loose_images_in_a_labelled_root_are_refused_in_one_line(tmp_path):
 
 
 def test_tfds_class_feature_and_celeba_attribute_combinations():
-    assert data_sources.attribute_classes(["Male", "Smiling"]) == [
+    assert tfds_data.attribute_classes(["Male", "Smiling"]) == [
         "not Male, not Smiling", "not Male, Smiling", "Male, not Smiling", "Male, Smiling"]
-    assert data_sources.attribute_label([True, False]) == 2
+    assert tfds_data.attribute_label([True, False]) == 2
     config = micro_config()
     config.data.source, config.data.name, config.data.label = "tfds", "celeb_a", "Male,Smiling"
     with tfds.testing.mock_data(num_examples=6):

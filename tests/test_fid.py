@@ -14,6 +14,7 @@ import scipy.linalg
 from PIL import Image
 
 from ddpm_jax import evaluate, fid, inception, train
+from ddpm_jax.runtime import compiled_sampler
 from ddpm_jax.train import config_checks
 from tests.helpers import ROOT, command_env, micro_config
 
@@ -599,10 +600,10 @@ def test_features_of_model_space_samples_equal_those_of_their_pngs(weights_file)
 
 
 def test_fid_class_labels_are_balanced_or_follow_the_data():
-    uniform = fid.class_labels(3, 10, "uniform", seed=1)
+    uniform = compiled_sampler.class_labels(3, 10, "uniform", seed=1)
     assert sorted(np.bincount(uniform, minlength=3).tolist()) == [3, 3, 4]
     assert not np.array_equal(uniform, np.sort(uniform))  # shuffled: batches mix classes
-    data = fid.class_labels(2, 20_000, "data", counts=[300, 100])
+    data = compiled_sampler.class_labels(2, 20_000, "data", counts=[300, 100])
     assert abs((data == 0).mean() - 0.75) < 0.02
     with pytest.raises(ValueError, match="uniform"):
-        fid.class_labels(2, 10, "data", counts=None)
+        compiled_sampler.class_labels(2, 10, "data", counts=None)

@@ -14,3 +14,7 @@ class UserError(ValueError):
 
 class MissingError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist, or does not hold what it should."""
+
+
+class DataError(UserError):
+    """Raised before training when the configured data cannot be read."""

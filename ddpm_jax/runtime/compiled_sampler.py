@@ -140,6 +140,22 @@ def class_grid(num_classes: int, num_images: int, max_rows: int) -> tuple[np.nda
     return np.repeat(np.arange(rows, dtype=np.int32), columns), columns
 
 
+def class_labels(num_classes: int, count: int, distribution: str,
+                 counts: list[int] | None = None, seed: int = 0) -> np.ndarray:
+    """Classes of `count` samples of a class-conditional model: "uniform" (balanced: each
+    class count / num_classes times, to one), or "data" (drawn with the training set's class
+    frequencies, `counts`); in an order shuffled with `seed`, so every batch mixes classes."""
+    rng = np.random.default_rng(seed)
+    if distribution == "uniform":
+        return rng.permutation(np.arange(count) % num_classes).astype(np.int32)
+    if not counts:
+        raise UserError("eval.class_distribution='data' needs the class counts of the training "
+                        "data, which this run did not record (only image folders and in-memory "
+                        "sources are counted); use 'uniform'")
+    frequencies = np.asarray(counts, np.float64) / np.sum(counts)
+    return rng.choice(num_classes, size=count, p=frequencies).astype(np.int32)
+
+
 def check_guidance(settings: SamplerSettings, num_classes: int) -> None:
     """Refuses guidance for an unconditional model, before anything is compiled."""
     if settings.guidance.active and not num_classes:
