@@ -68,22 +68,38 @@ def diffusers_unet(config):
 
 
 class TorchSide:
-    """The PyTorch user's train step, forward and DDIM loop."""
+    """The PyTorch user's train step, forward and DDIM loop.
 
-    def __init__(self, config, seed: int, steps_per_call: int):
+    On a GPU (`device="cuda"`): the batch copied from pinned host memory as a data loader
+    does, autocast to bfloat16 where the config computes in it (AMP: float32 weights, as
+    Accelerate's `mixed_precision="bf16"`), fused AdamW, cuDNN's autotuner on, and with
+    `compile_mode` the net under `torch.compile`.
+    """
+
+    def __init__(self, config, seed: int, steps_per_call: int, device: str = "cpu",
+                 compile_mode: str | None = None):
         import torch
 
         torch.manual_seed(seed)
         self.config = config
         self.steps_per_call = steps_per_call
-        self.unet = diffusers_unet(config)
+        self.device = torch.device(device)
+        self.autocast = config.model.dtype == "bfloat16"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            # float32 convolutions and products in TF32, as XLA's default precision on a GPU
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.unet = diffusers_unet(config).to(self.device)
+        self.model = torch.compile(self.unet, mode=compile_mode) if compile_mode else self.unet
         self.ema = [p.detach().clone() for p in self.unet.parameters()]
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay,
+                                           fused=self.device.type == "cuda")
         d = config.diffusion  # linear betas, as configs/cifar10.py
         alphas_cumprod = np.cumprod(1 - np.linspace(d.beta_start, d.beta_end, d.num_timesteps))
-        self.sqrt_ab = torch.from_numpy(np.sqrt(alphas_cumprod).astype(np.float32))
-        self.sqrt_1m_ab = torch.from_numpy(np.sqrt(1 - alphas_cumprod).astype(np.float32))
+        self.sqrt_ab, self.sqrt_1m_ab = (
+            torch.from_numpy(table.astype(np.float32)).to(self.device)
+            for table in (np.sqrt(alphas_cumprod), np.sqrt(1 - alphas_cumprod)))
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.unet.parameters())
@@ -93,37 +109,44 @@ class TorchSide:
         import torch
 
         arrays = case_inputs(kind, batch, self.config.data.image_size)
-        return [torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, 3, 1))) if a.ndim == 4
-                else torch.from_numpy(a) for a in arrays]
+        tensors = [torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, 3, 1))) if a.ndim == 4
+                   else torch.from_numpy(a) for a in arrays]
+        if self.device.type == "cuda":  # train batches come from host memory every step
+            return [t.pin_memory() if kind == "train" else t.to(self.device) for t in tensors]
+        return tensors
 
     def train_step(self, images) -> float:
-        """`steps_per_call` train steps on the same images (new noise and timesteps each)."""
-        return [self._train_step(images) for _ in range(self.steps_per_call)][-1]
+        """`steps_per_call` train steps on the same images (new noise and timesteps each);
+        waits for the device once, at the end, as a loop that logs the last loss does."""
+        losses = [self._train_step(images) for _ in range(self.steps_per_call)]
+        return float(losses[-1])
 
-    def _train_step(self, images) -> float:
+    def _train_step(self, images):
         import torch
         import torch.nn.functional as F
 
         self.unet.train()
-        x0 = images.float() / 127.5 - 1
-        t = torch.randint(0, len(self.sqrt_ab), (x0.shape[0],))
+        x0 = images.to(self.device, non_blocking=True).float() / 127.5 - 1
+        t = torch.randint(0, len(self.sqrt_ab), (x0.shape[0],), device=self.device)
         noise = torch.randn_like(x0)
         x_t = self.sqrt_ab[t, None, None, None] * x0 + self.sqrt_1m_ab[t, None, None, None] * noise
-        loss = F.mse_loss(self.unet(x_t, t).sample, noise)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            prediction = self.model(x_t, t).sample
+        loss = F.mse_loss(prediction.float(), noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip_norm)
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, list(self.unet.parameters()), 1 - self.config.ema_decay)
-        return float(loss.detach())
+        return loss.detach()
 
     def forward(self, x, t):
         import torch
 
         self.unet.eval()
         with torch.inference_mode():
-            return self.unet(x, t).sample
+            return self.model(x, t).sample
 
     def ddim(self, batch: int, num_steps: int):
         import torch
@@ -150,7 +173,7 @@ class TorchSide:
 class JaxSide:
     """ddpm-jax's own train step, forward and sampler, as training and sampling run them."""
 
-    def __init__(self, config, seed: int, steps_per_call: int):
+    def __init__(self, config, seed: int, steps_per_call: int, pipelined_calls: int = 1):
         import jax
 
         from ddpm_jax import ops, train
@@ -159,6 +182,7 @@ class JaxSide:
         config.seed = seed
         self.config = config
         self.steps_per_call = steps_per_call or train.steps_per_dispatch(config)
+        self.pipelined_calls = pipelined_calls
         self.mesh = train.create_mesh(config)
         self.state = train.create_train_state(config, self.mesh)
         self.step_fns = {}
@@ -178,16 +202,22 @@ class JaxSide:
         arrays = case_inputs(kind, batch, self.config.data.image_size)
         return [a if kind == "train" else jnp.asarray(a) for a in arrays]
 
-    def train_step(self, images: np.ndarray) -> float:
-        """`steps_per_call` train steps on the same images, in one call as training runs them."""
+    def step_functions(self, batch: int):
+        """The train step as training compiles it for this batch size."""
         from ddpm_jax import train
 
-        batch = images.shape[0]
-        if batch not in self.step_fns:  # the step as training compiles it for this batch size
+        if batch not in self.step_fns:
             config = self.config.copy_and_resolve_references()
             config.batch_size, config.steps_per_dispatch = batch, self.steps_per_call
             self.step_fns[batch] = train.step_functions(config, self.mesh)
-        self.state, metrics = self.step_fns[batch](self.state, [images] * self.steps_per_call)
+        return self.step_fns[batch]
+
+    def train_step(self, images: np.ndarray) -> float:
+        """`pipelined_calls` calls of `steps_per_call` train steps on the same images, each
+        call as training runs them; waits once, at the end (the loop keeps calls in flight)."""
+        step_fns = self.step_functions(images.shape[0])
+        for _ in range(self.pipelined_calls):
+            self.state, metrics = step_fns(self.state, [images] * self.steps_per_call)
         return float(np.asarray(metrics["loss"]).ravel()[-1])
 
     def forward(self, x, t):
@@ -238,13 +268,17 @@ def worker(side: str, seed: int, steps_per_call: int, connection) -> None:
 
 
 class Side:
-    """Parent-side handle of a worker process, started with `environ` updates."""
+    """Parent-side handle of a worker process, started with `environ` updates.
 
-    def __init__(self, side: str, seed: int, steps_per_call: int = 0,
-                 environ: dict[str, str] | None = None):
+    The worker, `target(*args, connection)`, first sends (parameter count, steps per call);
+    with `handshake` the constructor waits for that, else the caller receives it.
+    """
+
+    def __init__(self, *args, environ: dict[str, str] | None = None, target=None,
+                 handshake: bool = True):
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=worker, args=(side, seed, steps_per_call, child),
+        self.process = context.Process(target=target or worker, args=(*args, child),
                                        daemon=True)
         saved = dict(os.environ)
         os.environ.update(environ or {})
@@ -253,15 +287,24 @@ class Side:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        self.parameter_count, self.steps_per_call = self.connection.recv()
+        self.parameter_count = self.steps_per_call = None
+        if handshake:
+            self.parameter_count, self.steps_per_call = self.connection.recv()
 
-    def call(self, case: str, settle_s: float = 0.0) -> float:
+    def request(self, message, settle_s: float = 0.0):
+        """Sends one request after `settle_s` idle seconds; returns the worker's answer."""
         time.sleep(settle_s)
-        self.connection.send(case)
+        self.connection.send(message)
         return self.connection.recv()
 
+    def call(self, case: str, settle_s: float = 0.0) -> float:
+        return self.request(case, settle_s)
+
     def close(self) -> None:
-        self.connection.send(None)
+        try:
+            self.connection.send(None)
+        except OSError:  # the worker has already gone
+            pass
         self.process.join(timeout=60)
 
 
@@ -326,8 +369,8 @@ def main() -> None:
         parser.error(f"unknown --cases {unknown}; choose from {','.join(CASES)}")
 
     environ = HUGE_PAGES_ENV if args.huge_pages else {}
-    jax_side = Side("jax", args.seed, args.steps_per_call, environ)
-    torch_side = Side("torch", args.seed, jax_side.steps_per_call, environ)
+    jax_side = Side("jax", args.seed, args.steps_per_call, environ=environ)
+    torch_side = Side("torch", args.seed, jax_side.steps_per_call, environ=environ)
     assert jax_side.parameter_count == torch_side.parameter_count, (
         jax_side.parameter_count, torch_side.parameter_count)
     print(f"parameters: {jax_side.parameter_count:,} on both sides", flush=True)

@@ -160,14 +160,17 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
                batch_size: int = 100, step: int | None = None, sampler: str | None = None,
                num_steps: int | None = None, eta: float | None = None,
                spacing: str | None = None, seed: int = 0, guidance_scale: float | None = None,
-               class_distribution: str | None = None) -> dict:
+               class_distribution: str | None = None, run: tuple | None = None,
+               features: fid.InceptionFeatures | None = None) -> dict:
     """FID, Inception Score and KID (`fid.compare`) of a folder, an .npz or a workdir's
-    samples against `reference` statistics."""
+    samples against `reference` statistics. `run` (`runs.load_run`'s result) and `features`
+    (the Inception of `weights`) spare loading them again when one workdir is scored
+    several times."""
 
     path = epath.Path(samples)
     result: dict = {"samples": samples}
     if (path / "checkpoints").exists():
-        config, params, step, mesh = runs.load_run(samples, step)
+        config, params, step, mesh = run or runs.load_run(samples, step)
         e = config.eval
         weights = weights or e.inception_weights
         reference = reference or e.reference_stats
@@ -177,7 +180,7 @@ def sample_fid(samples: str, reference: str, weights: str | None, *, num_images:
         settings = SamplerSettings.from_config(e, sampler=sampler, num_steps=num_steps, eta=eta,
                                                spacing=spacing, guidance_scale=guidance_scale)
         sample_fid = fid.make_sample_fid_fn(
-            config, mesh, settings, weights=weights, reference=reference,
+            config, mesh, settings, weights=features or weights, reference=reference,
             num_samples=num_images or e.num_samples, batch_size=batch_size, progress=True,
             class_counts=checkpointing.saved_class_counts(samples))
         result.update(step=step, seed=seed, **settings.describe())
@@ -211,10 +214,15 @@ def guidance_sweep(samples: str, scales: list[float], plot: str | None = None,
         raise UserError("--guidance_scales needs --samples to be a training workdir")
     plot = plot or str(checkpointing.absolute_path(samples) / "eval" / "guidance_sweep.png")
     cli.check_output("plot", plot)
+    run = runs.load_run(samples, kwargs.pop("step", None))  # once, for every scale
+    weights = kwargs.pop("weights", None) or run[0].eval.inception_weights
+    _required(weights=weights, reference=kwargs.get("reference") or run[0].eval.reference_stats)
+    features = fid.InceptionFeatures(weights, run[3])
     rows = []
     for scale in scales:
         logging.info("guidance scale %g (%d of %d)", scale, len(rows) + 1, len(scales))
-        rows.append(sample_fid(samples, guidance_scale=scale, **kwargs))
+        rows.append(sample_fid(samples, guidance_scale=scale, weights=weights, run=run,
+                               features=features, **kwargs))
     table = [{"guidance_scale": scale, **{key: row.get(key) for key in
                                           ("fid", "inception_score", "kid")}}
              for scale, row in zip(scales, rows, strict=True)]

@@ -429,16 +429,16 @@ def describe(result: dict[str, Any]) -> str:
 
 def make_sample_fid_fn(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, settings: SamplerSettings, *,
-    weights: str, reference: str, num_samples: int, batch_size: int, progress: bool = False,
-    class_counts: list[int] | None = None,
+    weights: str | InceptionFeatures, reference: str, num_samples: int, batch_size: int,
+    progress: bool = False, class_counts: list[int] | None = None,
 ):
     """`fn(params, rng, should_stop=None) -> scores` of `num_samples` samples against
     `reference` (`compare`'s FID, IS and KID, and `num_images`), or None when
     `should_stop()` asked to stop. A class-conditional model's samples have the classes
     `eval.class_distribution` says (`class_labels`; "data" reads `class_counts`).
 
-    Loads the Inception weights and reference statistics at once (a wrong path fails before
-    any sampling); samples go from the sampler to the Inception network on device.
+    Loads the Inception (`weights`: a path, or loaded) and reference statistics first (a
+    wrong path fails before any sampling); samples go to the Inception network on device.
     """
     reference_stats = load_reference(reference)
     labels = None
@@ -446,7 +446,7 @@ def make_sample_fid_fn(
         labels = compiled_sampler.class_labels(config.model.num_classes, num_samples,
                                                config.eval.get("class_distribution", "uniform"),
                                                class_counts)
-    features = InceptionFeatures(weights, mesh)
+    features = weights if isinstance(weights, InceptionFeatures) else InceptionFeatures(weights, mesh)
     sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings,
                                                 num_images=min(batch_size, num_samples))
 

@@ -56,3 +56,34 @@ def test_train_throughput_counts_flops_in_a_cpu_child_as_in_process(tmp_path):
     np.testing.assert_allclose(row["executed_gflop_per_step"], executed / 1e9, rtol=1e-9)
     np.testing.assert_allclose(
         row["utilisation"], network / row["step_s"] / (row["peak_tflop_s"] * 1e12), rtol=1e-9)
+
+
+def test_trace_summary_counts_busy_and_idle_device_time(tmp_path):
+    """A hand-made Perfetto trace: two steps on one GPU stream, with overlapping kernels on
+    a second stream; busy time is the union of the intervals, idle the rest of the span."""
+    import gzip
+
+    from benchmarks import trace_summary
+
+    assert trace_summary.busy_time([(0, 4), (2, 6), (10, 11), (10.5, 10.7)]) == 7
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+              {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name",
+               "args": {"name": "Stream #7(Compute)"}}]
+    kernels = [(0, 10, "conv", 7), (5, 10, "fusion", 8), (30, 2, "fusion", 7),
+               (50, 10, "conv", 7), (80, 20, "fusion", 7)]  # span 100, busy 15 + 2 + 10 + 20
+    events += [{"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name}
+               for ts, dur, name, tid in kernels]
+    events.append({"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 90, "name": "Execute"})
+    trace = tmp_path / "plugins" / "profile" / "run" / "perfetto_trace.json.gz"
+    trace.parent.mkdir(parents=True)
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = trace_summary.summarise(tmp_path, steps=2)
+    gpu, host = summary["processes"]
+    assert gpu["process"] == "/device:GPU:0" and host["process"] == "/host:CPU"
+    assert gpu["span_us_per_step"] == 50 and gpu["busy_us_per_step"] == 23.5
+    assert gpu["idle_us_per_step"] == 26.5 and gpu["events_per_step"] == 2.5
+    assert gpu["top"][0] == {"name": "fusion", "count_per_step": 1.5, "us_per_step": 16}
+    assert gpu["threads"]["Stream #7(Compute)"]["events_per_step"] == 2
+    assert "span_us_per_step" not in host and host["top"][0]["us_per_step"] == 45

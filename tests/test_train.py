@@ -273,8 +273,8 @@ def test_loss_and_in_loop_sampler_honour_the_prediction_target():
         sample_fn = compiled_sampler.make_sample_fn(config, mesh, SamplerSettings("ddim", 5, {"eta": 0.0}),
                                             num_images=4)
         finals[prediction] = np.asarray(sample_fn(state.params, jax.random.PRNGKey(0)))
-        _, metrics = train.make_train_step(config, mesh)(state, train.global_batch(batch, mesh))
-        if prediction == "x0":
+        if prediction == "x0":  # the loss of the other targets is noise-dependent
+            _, metrics = train.make_train_step(config, mesh)(state, train.global_batch(batch, mesh))
             assert float(metrics["loss"]) == pytest.approx(x0**2, rel=1e-5)
     np.testing.assert_array_equal(finals["x0"], 0.0)
     assert np.abs(finals["eps"]).mean() > 0.1 and np.abs(finals["v"]).mean() > 0.1
