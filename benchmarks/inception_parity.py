@@ -190,7 +190,7 @@ def main() -> None:
     import jax
     from flax import nnx
 
-    from ddpm_jax import fid, inception
+    from ddpm_jax import fid_math, inception
 
     model = TorchFIDInception().eval()
     randomise(model, args.seed)
@@ -207,7 +207,7 @@ def main() -> None:
         with torch.no_grad():
             reference = model(images).double().numpy()
         ours = np.asarray(jax_features(state, images), np.float64)
-        stats_ref, stats_ours = fid.FeatureStatistics(), fid.FeatureStatistics()
+        stats_ref, stats_ours = fid_math.FeatureStatistics(), fid_math.FeatureStatistics()
         stats_ref.update(reference)
         stats_ours.update(ours)
         rows.append({
@@ -215,7 +215,7 @@ def main() -> None:
             "feature_scale": float(np.abs(reference).mean()),
             "max_abs_diff": float(np.abs(ours - reference).max()),
             "max_rel_diff": float(np.abs(ours - reference).max() / np.abs(reference).max()),
-            "fid_between_sides": fid.frechet_distance(stats_ours.mean(), stats_ours.covariance(),
+            "fid_between_sides": fid_math.frechet_distance(stats_ours.mean(), stats_ours.covariance(),
                                                       stats_ref.mean(), stats_ref.covariance()),
         })
     report("FID Inception: JAX vs independent PyTorch build, same random weights", rows, args.json)

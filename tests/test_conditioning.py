@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import data_sources, evaluate, fid, inception, input_pipeline, sample, tfds_data, train
+from ddpm_jax import data_sources, evaluate, fid, fid_math, inception, input_pipeline, sample, tfds_data, train
 from ddpm_jax.runtime import compiled_sampler, network
 from ddpm_jax.samplers import SamplerSettings
 from ddpm_jax.train import config_checks
@@ -206,7 +206,7 @@ def test_a_conditional_net_learns_which_class_is_which_colour_and_guidance_picks
     # `evaluate fid --guidance_scales`: a row per scale and a chart in the workdir.
     weights = str(tmp_path / "inception.npz")
     inception.save_npz(synthetic_state_dict(), weights, source="synthetic")
-    stats = fid.FeatureStatistics()
+    stats = fid_math.FeatureStatistics()
     stats.update(np.random.default_rng(6).uniform(size=(8, inception.FEATURE_DIM)))
     fid.save_statistics(str(tmp_path / "stats.npz"), stats)
     result = evaluate.guidance_sweep(str(workdir), [1.0, 3.0], reference=str(tmp_path / "stats.npz"),

@@ -13,7 +13,7 @@ import pytest
 import scipy.linalg
 from PIL import Image
 
-from ddpm_jax import evaluate, fid, inception, train
+from ddpm_jax import evaluate, fid, fid_math, inception, train
 from ddpm_jax.runtime import compiled_sampler
 from ddpm_jax.train import config_checks
 from tests.helpers import ROOT, command_env, micro_config
@@ -41,7 +41,7 @@ def test_frechet_distance_matches_float64_reference():
     rng = np.random.default_rng(0)
     a = gaussian_features(rng, 2000, 128)
     b = gaussian_features(rng, 2000, 128, shift=0.3, scale=1.5)
-    ours = fid.frechet_distance(*moments(a), *moments(b))
+    ours = fid_math.frechet_distance(*moments(a), *moments(b))
     reference = reference_frechet(*moments(a), *moments(b))
     assert ours > 1.0
     assert abs(ours - reference) <= 1e-6 * abs(reference)
@@ -50,9 +50,9 @@ def test_frechet_distance_matches_float64_reference():
 def test_a_set_against_itself_is_zero_and_a_mean_shift_adds_its_squared_norm():
     rng = np.random.default_rng(1)
     mu, sigma = moments(gaussian_features(rng, 1000, 64))
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    assert abs(fid_math.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
     direction = rng.normal(size=64)
-    values = [fid.frechet_distance(mu, sigma, mu + d * direction, sigma) for d in (0.1, 0.5, 1, 2)]
+    values = [fid_math.frechet_distance(mu, sigma, mu + d * direction, sigma) for d in (0.1, 0.5, 1, 2)]
     # Same covariance: FID is exactly the squared distance of the means, growing with it.
     np.testing.assert_allclose(values, [(d ** 2) * direction @ direction for d in (0.1, 0.5, 1, 2)],
                                rtol=1e-7)
@@ -62,7 +62,7 @@ def test_a_set_against_itself_is_zero_and_a_mean_shift_adds_its_squared_norm():
 def test_streamed_statistics_equal_numpy_mean_and_cov():
     rng = np.random.default_rng(2)
     features = gaussian_features(rng, 301, 16, shift=5.0).astype(np.float32)
-    stats = fid.FeatureStatistics(16)
+    stats = fid_math.FeatureStatistics(16)
     for start, stop in ((0, 7), (7, 200), (200, 301)):
         stats.update(features[start:stop])
     np.testing.assert_allclose(stats.mean(), features.astype(np.float64).mean(0), rtol=1e-12)
@@ -72,7 +72,7 @@ def test_streamed_statistics_equal_numpy_mean_and_cov():
 
 def test_statistics_files_round_trip_and_foreign_files_load(tmp_path):
     rng = np.random.default_rng(3)
-    stats = fid.FeatureStatistics()
+    stats = fid_math.FeatureStatistics()
     stats.update(rng.normal(size=(10, inception.FEATURE_DIM)))
     fid.save_statistics(str(tmp_path / "ours.npz"), stats, dataset="faces", image_size=32)
     mu, sigma, metadata = fid.load_statistics(str(tmp_path / "ours.npz"))
@@ -82,9 +82,9 @@ def test_statistics_files_round_trip_and_foreign_files_load(tmp_path):
     np.savez(tmp_path / "pytorch_fid_style.npz", mu=mu.astype(np.float32), sigma=sigma)
     assert fid.load_statistics(str(tmp_path / "pytorch_fid_style.npz"))[0].dtype == np.float64
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(fid.FIDError, match="2048-d"):
+    with pytest.raises(fid_math.FIDError, match="2048-d"):
         fid.load_statistics(str(tmp_path / "small.npz"))
-    with pytest.raises(fid.FIDError, match="fid-stats"):
+    with pytest.raises(fid_math.FIDError, match="fid-stats"):
         fid.load_statistics(str(tmp_path / "missing.npz"))
 
 
@@ -97,18 +97,18 @@ def test_reference_statistics_with_nan_or_inf_are_refused(tmp_path, damage, matc
     mu, sigma = np.zeros(dim), np.eye(dim)
     damage(mu, sigma)
     np.savez(tmp_path / "bad.npz", mu=mu, sigma=sigma)
-    with pytest.raises(fid.FIDError, match=match):
+    with pytest.raises(fid_math.FIDError, match=match):
         fid.load_reference(str(tmp_path / "bad.npz"))
     # and the distance itself refuses non-finite statistics rather than returning nan
-    with pytest.raises(fid.FIDError, match="NaN or infinite"):
-        fid.frechet_distance(np.zeros(dim), np.eye(dim), mu, sigma)
+    with pytest.raises(fid_math.FIDError, match="NaN or infinite"):
+        fid_math.frechet_distance(np.zeros(dim), np.eye(dim), mu, sigma)
 
 
 def test_statistics_of_fewer_than_two_images_are_refused(tmp_path):
     dim = inception.FEATURE_DIM
     np.savez(tmp_path / "empty.npz", mu=np.zeros(dim), sigma=np.zeros((dim, dim)),
              num_images=np.array("0"))
-    with pytest.raises(fid.FIDError, match="statistics of 0 images; a covariance needs at least 2"):
+    with pytest.raises(fid_math.FIDError, match="statistics of 0 images; a covariance needs at least 2"):
         fid.load_reference(str(tmp_path / "empty.npz"))
 
 
@@ -169,14 +169,14 @@ def test_inception_score_closed_forms():
     classes = 1008
     # Each image certain of one class, 20 classes equally often in every split: IS = 20.
     one_hot = np.eye(classes)[np.arange(1000) % 20]
-    assert fid.inception_score(one_hot) == pytest.approx((20.0, 0.0), abs=1e-9)
+    assert fid_math.inception_score(one_hot) == pytest.approx((20.0, 0.0), abs=1e-9)
     # Uncertain images (uniform), or all certain of the same class: IS = 1, its minimum.
-    assert fid.inception_score(np.full((1000, classes), 1 / classes)) == pytest.approx((1.0, 0.0))
-    assert fid.inception_score(np.eye(classes)[np.zeros(1000, int)]) == pytest.approx((1.0, 0.0))
+    assert fid_math.inception_score(np.full((1000, classes), 1 / classes)) == pytest.approx((1.0, 0.0))
+    assert fid_math.inception_score(np.eye(classes)[np.zeros(1000, int)]) == pytest.approx((1.0, 0.0))
     # Splits that differ: split k holds classes 0..k equally often (2520 images each, a
     # multiple of 1..10), so IS_k = k + 1.
     per_split = [np.eye(10)[np.arange(2520) % (k + 1)] for k in range(10)]
-    mean, std = fid.inception_score(np.concatenate(per_split))
+    mean, std = fid_math.inception_score(np.concatenate(per_split))
     assert mean == pytest.approx(5.5) and std == pytest.approx(np.std(np.arange(1, 11)))
 
 
@@ -184,8 +184,8 @@ def test_streamed_inception_score_equals_the_original_code():
     rng = np.random.default_rng(8)
     logits = rng.normal(0, 4, size=(1003, 1008)) * rng.uniform(0, 1, size=(1003, 1))
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(fid.class_probabilities(logits + 3.0), probabilities, rtol=1e-9)
-    sums = fid.InceptionScoreSums(1003)  # splits of 100 and 101 images
+    np.testing.assert_allclose(fid_math.class_probabilities(logits + 3.0), probabilities, rtol=1e-9)
+    sums = fid_math.InceptionScoreSums(1003)  # splits of 100 and 101 images
     for start, stop in ((0, 7), (7, 450), (450, 1003)):  # batches across split boundaries
         sums.update(probabilities[start:stop])
     mean, std = sums.score()
@@ -203,17 +203,17 @@ def test_kid_is_the_unbiased_polynomial_mmd_over_subsets():
     pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
     unbiased = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / len(pairs)
                 - 2 * np.mean([k(a, b) for a in x for b in y]))
-    assert fid.polynomial_mmd_squared(x, y) == pytest.approx(unbiased, rel=1e-5)
+    assert fid_math.polynomial_mmd_squared(x, y) == pytest.approx(unbiased, rel=1e-5)
     # Every feature of X equal to a and of Y to b: each subset's MMD is k(a,a)+k(b,b)-2k(a,b).
     a, b = rng.normal(size=2048), rng.normal(size=2048)
-    mean, std, size = fid.kernel_inception_distance(np.tile(a, (50, 1)), np.tile(b, (60, 1)),
+    mean, std, size = fid_math.kernel_inception_distance(np.tile(a, (50, 1)), np.tile(b, (60, 1)),
                                                     num_subsets=5, subset_size=40)
     closed = ((a @ a / 2048 + 1) ** 3 + (b @ b / 2048 + 1) ** 3 - 2 * (a @ b / 2048 + 1) ** 3)
     assert size == 40 and mean == pytest.approx(closed, rel=1e-4) and std < 1e-4 * abs(closed)
     # Two draws of one distribution score ~0, of two distributions clearly above.
-    same = fid.kernel_inception_distance(rng.normal(size=(400, 64)), rng.normal(size=(400, 64)),
+    same = fid_math.kernel_inception_distance(rng.normal(size=(400, 64)), rng.normal(size=(400, 64)),
                                          num_subsets=20, subset_size=200)[0]
-    apart = fid.kernel_inception_distance(rng.normal(size=(400, 64)),
+    apart = fid_math.kernel_inception_distance(rng.normal(size=(400, 64)),
                                           rng.normal(0.3, 1.0, size=(400, 64)),
                                           num_subsets=20, subset_size=200)[0]
     assert abs(same) < 0.1 * apart
@@ -221,13 +221,13 @@ def test_kid_is_the_unbiased_polynomial_mmd_over_subsets():
 
 def test_the_kid_subset_keeps_the_chosen_features_of_a_stream():
     features = np.random.default_rng(10).normal(size=(503, 4)).astype(np.float32)
-    subset = fid.FeatureSubset(503, keep=50, seed=3)
+    subset = fid_math.FeatureSubset(503, keep=50, seed=3)
     for start, stop in ((0, 100), (100, 101), (101, 503)):
         subset.update(features[start:stop])
     kept = subset.features()
     chosen = np.sort(np.random.default_rng(3).choice(503, 50, replace=False))
     np.testing.assert_array_equal(kept, features[chosen])
-    everything = fid.FeatureSubset(20, keep=50)
+    everything = fid_math.FeatureSubset(20, keep=50)
     everything.update(features[:20])
     np.testing.assert_array_equal(everything.features(), features[:20])
 
@@ -520,7 +520,7 @@ def test_fid_under_50000_samples_warns_that_it_is_not_comparable(monkeypatch):
     monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
     rng = np.random.default_rng(0)
     mu, sigma = np.zeros(16), np.eye(16)  # the warning depends on the count alone
-    stats = fid.FeatureStatistics(16)
+    stats = fid_math.FeatureStatistics(16)
     stats.update(rng.normal(size=(3000, 16)))
     fid.distance_to(stats, mu, sigma)
     assert len(warnings) == 1 and "FID over 3000 samples" in warnings[0]
@@ -533,7 +533,7 @@ def test_fid_under_50000_samples_warns_that_it_is_not_comparable(monkeypatch):
 
 def test_evaluate_rejects_bad_sample_files(weights_file, tmp_path):
     np.savez(tmp_path / "floats.npz", images=np.zeros((4, 8, 8, 3), np.float32))
-    stats = fid.FeatureStatistics()
+    stats = fid_math.FeatureStatistics()
     stats.update(np.random.default_rng(0).normal(size=(3, inception.FEATURE_DIM)))
     fid.save_statistics(str(tmp_path / "stats.npz"), stats)
     with pytest.raises(ValueError, match="uint8 images"):
@@ -555,7 +555,7 @@ def read_scalars(workdir, tag):
 
 @pytest.mark.slow
 def test_fid_during_training_is_logged_and_checked_up_front(weights_file, tmp_path):
-    stats = fid.FeatureStatistics()
+    stats = fid_math.FeatureStatistics()
     stats.update(np.random.default_rng(6).uniform(size=(8, inception.FEATURE_DIM)))
     fid.save_statistics(str(tmp_path / "stats.npz"), stats)
     config = micro_config()
