@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import logging as pylogging
 import os
 import re
@@ -62,8 +63,18 @@ def quiet_library_logs(verbosity: int = 0) -> None:
 _quiet = False  # set by quiet_library_logs
 
 
+def tensorflow_installed() -> bool:
+    """Whether TensorFlow (the `tfds` extra) can be imported, without importing it."""
+    if "tensorflow" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
 def import_tensorflow() -> None:
-    """Imports TensorFlow where a part needs it (clu's TensorBoard writer, TFDS). In a quieted
+    """Imports TensorFlow where a part needs it (TFDS, to build a data set). In a quieted
     command, the C++ start-up lines it prints straight to stderr (oneDNN, CPU features),
     which TF_CPP_MIN_LOG_LEVEL no longer reaches, are hidden; if the import fails, what it
     printed is shown with the error."""

@@ -1,8 +1,4 @@
-"""The run's TensorBoard (and W&B) writer, whose failures stop the run with one line.
-
-clu's writers load TensorFlow (slow to import), which the train step, the sampler, the other
-commands and the benchmarks do not need: `open_writer` is called once training starts.
-"""
+"""The run's TensorBoard (and W&B) writer, whose failures stop the run with one line."""
 
 from __future__ import annotations
 
@@ -13,7 +9,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from ddpm_jax import console
+from ddpm_jax import console, metric_writers, wandb_writer
 from ddpm_jax.core.errors import UserError
 
 
@@ -22,8 +18,8 @@ class LogWriteError(UserError, RuntimeError):
 
 
 def write_error(workdir_path: epath.Path, error: BaseException) -> LogWriteError:
-    """The one-line error of a failed TensorBoard write (clu's asynchronous writer reports
-    the cause of an earlier write at the next call, chained)."""
+    """The one-line error of a failed TensorBoard write (the asynchronous writer reports the
+    cause of an earlier write at the next call, chained)."""
     cause = error.__cause__ or error.__context__ or error
     return LogWriteError(
         f"could not write the TensorBoard logs in {workdir_path}: "
@@ -55,12 +51,6 @@ def open_writer(config: ml_collections.ConfigDict, workdir_path: epath.Path
                 ) -> tuple[CheckedWriter, Any]:
     """(the run's checked writer, its W&B run or None): TensorBoard files in the workdir on
     process 0 (the others only log), plus W&B where `config.wandb.project` is set."""
-    # Heavy: clu's writers import TensorFlow, which the commands and benchmarks that never
-    # log do not need.
-    from clu import metric_writers
-
-    from ddpm_jax import wandb_writer  # imports clu's writers, hence TensorFlow
-
     writer = metric_writers.create_default_writer(
         str(workdir_path), just_logging=jax.process_index() > 0)
     wandb_run = None

@@ -97,7 +97,22 @@ def _manual_download_message(builder: Any, data_config: ml_collections.ConfigDic
         "dataset from it once), or prepare it elsewhere with `tfds build "
         f"{data_config.name} --file_format=array_record` and set --config.data.data_dir."
     )
+    if not console.tensorflow_installed():
+        lines.append(BUILD_NEEDS_TENSORFLOW)
     return "\n".join(lines)
+
+
+BUILD_NEEDS_TENSORFLOW = ('TFDS builds data sets with TensorFlow, which is not installed: '
+                          'pip install -e ".[tfds]" (reading a prepared data set needs none)')
+
+
+def _import_tensorflow_to_build(data_config: ml_collections.ConfigDict) -> None:
+    """Loads TensorFlow, which TFDS builds data sets with; its absence is a DataError."""
+    try:
+        console.import_tensorflow()
+    except ImportError as error:
+        raise DataError(f"TFDS dataset {data_config.name!r} is not prepared yet. "
+                        + BUILD_NEEDS_TENSORFLOW) from error
 
 
 class _DropTfdsWarnings(pylogging.Filter):
@@ -119,8 +134,7 @@ def _without_tfds_warnings() -> Iterator[None]:
 
 def open_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
     """Opens a TFDS dataset for random access, preparing it (download or manual_dir) if needed."""
-    console.import_tensorflow()  # TFDS decodes with it
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # reads prepared data sets without TensorFlow
 
     try:
         with _without_tfds_warnings():  # it probes version folders that may not exist
@@ -157,6 +171,7 @@ def open_source(data_config: ml_collections.ConfigDict) -> TfdsImageSource:
     manual_dir = data_config.manual_dir or None
     if not (data_config.download or manual_dir):
         raise DataError(_manual_download_message(builder, data_config))
+    _import_tensorflow_to_build(data_config)
     try:
         builder.download_and_prepare(
             file_format="array_record",

@@ -1,4 +1,4 @@
-"""Weights & Biases as a clu metric writer: every scalar and image TensorBoard gets, mirrored.
+"""Weights & Biases as a metric writer: every scalar and image TensorBoard gets, mirrored.
 
 Optional (`pip install -e ".[wandb]"`); on when `config.wandb.project` is set. The run id is
 kept in `WORKDIR/wandb_run_id`, so a restarted training run (preemption, resume) goes on
@@ -15,11 +15,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import console
+from ddpm_jax import metric_writers
 from ddpm_jax.core.errors import UserError
-
-console.import_tensorflow()  # clu's writers load it: quietly, in a command
-from clu import metric_writers  # noqa: E402
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -68,22 +65,11 @@ class WandbWriter(metric_writers.MetricWriter):
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         self._run.log(dict(texts), step=step)
 
-    def write_summaries(self, step: int, values: Mapping[str, Any],
-                        metadata: Mapping[str, Any] | None = None) -> None:
-        del metadata
-        self._run.log({key: np.asarray(value) for key, value in values.items()}, step=step)
-
     def write_histograms(self, step: int, arrays: Mapping[str, Any],
                          num_buckets: Mapping[str, int] | None = None) -> None:
         del num_buckets
         self._run.log({key: self._wandb.Histogram(np.asarray(value))
                        for key, value in arrays.items()}, step=step)
-
-    def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
-        del step, videos  # the loop logs none
-
-    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
-        del step, audios, sample_rate  # the loop logs none
 
     def flush(self) -> None:
         pass  # W&B sends in the background

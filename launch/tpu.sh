@@ -69,7 +69,7 @@ fi
 
 install="set -e; if [ ! -d ddpm-jax ]; then git clone $repo ddpm-jax; fi; cd ddpm-jax; \
 git fetch -q origin; git checkout -q $ref; python3 -m venv .venv; . .venv/bin/activate; \
-pip install -q -U pip; pip install -q -e . 'jax[tpu]'"
+pip install -q -U pip; pip install -q -e '.[tfds]' 'jax[tpu]'"
 run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command="$install"
 
 train_cmd="cd ddpm-jax && . .venv/bin/activate && python -m ddpm_jax.main --config=$config --workdir=$workdir"

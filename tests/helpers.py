@@ -180,13 +180,59 @@ def run_train_steps(config, mesh, batches, weight_noise=0.0, metric="loss"):
     return state, losses
 
 
-def read_events(workdir):
-    """Tag -> list of steps, from every TensorBoard event file under workdir."""
-    import tensorflow as tf
+def event_accumulator(logdir):
+    """TensorBoard's own reader of the event files in `logdir`, loaded with everything in
+    them. It reads through TensorBoard's TensorFlow-free file layer, as on a machine without
+    TensorFlow (where TensorFlow is installed TensorBoard would import it, seconds)."""
+    import sys
+    import types
 
-    tags = {}
-    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                tags.setdefault(value.tag, []).append(event.step)
-    return {tag: sorted(steps) for tag, steps in tags.items()}
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.backend.event_processing import event_accumulator as accumulator
+
+    reader = accumulator.EventAccumulator(str(logdir), size_guidance={accumulator.TENSORS: 0})
+    reader.Reload()
+    return reader
+
+
+def read_events(workdir):
+    """Tag -> sorted steps, from the TensorBoard event files in workdir."""
+    reader = event_accumulator(workdir)
+    return {tag: sorted(event.step for event in reader.Tensors(tag))
+            for tag in reader.Tags()["tensors"]}
+
+
+def read_scalars(workdir, tag):
+    """(step, value) of one scalar tag in the TensorBoard event files in workdir."""
+    from tensorboard.util import tensor_util
+
+    reader = event_accumulator(workdir)
+    if tag not in reader.Tags()["tensors"]:
+        return []
+    return sorted((event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+                  for event in reader.Tensors(tag))
+
+
+class _WithoutTensorFlow:
+    """An import finder that finds what another finds, except TensorFlow."""
+
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            return None
+        return self.finder.find_spec(name, path, target)
+
+
+def without_tensorflow(monkeypatch):
+    """For the test, the process is as if TensorFlow were not installed: `import tensorflow`
+    fails and `importlib.util.find_spec("tensorflow")` is None."""
+    import sys
+
+    from etils.epath import gpath
+
+    for name in [name for name in sys.modules if name.partition(".")[0] == "tensorflow"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_WithoutTensorFlow(finder) for finder in sys.meta_path])
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # cached by etils

@@ -1,7 +1,6 @@
 """FID: the Frechet distance, feature statistics, the Inception network and its weight file,
 the evaluate command end to end, and FID during training."""
 
-import glob
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from PIL import Image
 from ddpm_jax import evaluate, fid, fid_math, inception, train
 from ddpm_jax.runtime import compiled_sampler
 from ddpm_jax.train import config_checks
-from tests.helpers import ROOT, command_env, micro_config
+from tests.helpers import ROOT, command_env, micro_config, read_scalars
 
 # ------------------------------------------------------------------ the Frechet distance
 
@@ -538,19 +537,6 @@ def test_evaluate_rejects_bad_sample_files(weights_file, tmp_path):
     fid.save_statistics(str(tmp_path / "stats.npz"), stats)
     with pytest.raises(ValueError, match="uint8 images"):
         evaluate.sample_fid(str(tmp_path / "floats.npz"), str(tmp_path / "stats.npz"), weights_file)
-
-
-def read_scalars(workdir, tag):
-    """(step, value) of one scalar tag in the TensorBoard event files under workdir."""
-    import tensorflow as tf
-
-    found = []
-    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    found.append((event.step, float(tf.make_ndarray(value.tensor))))
-    return sorted(found)
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import data_sources, input_pipeline
-from tests.helpers import tiny_config
+from ddpm_jax import data_sources, input_pipeline, tfds_data
+from tests.helpers import tiny_config, without_tensorflow
 
 
 def take(iterator, n):
@@ -209,6 +209,20 @@ def test_unprepared_celeba_names_the_files_for_manual_dir(tmp_path):
         assert name in message
 
 
+def test_without_tensorflow_an_unprepared_dataset_says_to_install_it_before_any_build(
+        tmp_path, monkeypatch):
+    without_tensorflow(monkeypatch)
+    config = celeba_data_config(tmp_path)
+    with pytest.raises(data_sources.DataError, match="manual_dir") as info:
+        data_sources.make_source(config.data)
+    assert str(info.value).splitlines()[-1] == tfds_data.BUILD_NEEDS_TENSORFLOW
+    assert 'pip install -e ".[tfds]"' in tfds_data.BUILD_NEEDS_TENSORFLOW
+    config.data.manual_dir = str(tmp_path)  # would build: refused before TFDS starts
+    with pytest.raises(data_sources.DataError,
+                       match=r"'celeb_a' is not prepared yet\. TFDS builds data sets with TensorFlow"):
+        data_sources.make_source(config.data)
+
+
 def test_unknown_tfds_name_is_a_clear_error(tmp_path):
     config = celeba_data_config(tmp_path)
     config.data.name = "no_such_dataset_xyz"
@@ -399,3 +413,12 @@ def test_each_skipped_file_is_logged_with_its_reason(tmp_path, monkeypatch):
     data_sources.make_source(folder_config(tmp_path, max_bad_fraction=0.2).data)
     corrupt = [w for w in warnings if "corrupt.jpg" in w]
     assert len(corrupt) == 1 and "UnidentifiedImageError" in corrupt[0]
+
+
+def test_a_remote_workdir_without_tensorflow_names_the_extra_to_install(monkeypatch):
+    from ddpm_jax.train import config_checks
+
+    without_tensorflow(monkeypatch)
+    with pytest.raises(config_checks.ConfigError,
+                       match=r"gs://bucket/run.* not writable .*: pip install -e \"\.\[tfds\]\"$"):
+        config_checks.check_workdir_writable("gs://bucket/run")

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import data_sources, image_utils, models, ops, recipe, samplers
+from ddpm_jax import console, data_sources, image_utils, models, ops, recipe, samplers, wandb_writer
 from ddpm_jax.core import schedules
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
@@ -112,15 +112,21 @@ def _normalise(value):
 
 def check_workdir_writable(workdir: str) -> None:
     """Creates `workdir` if needed and proves a file can be written there."""
-    for name in ("checkpoints", "samples"):
-        path = epath.Path(workdir) / name
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{path} is a file, where the run keeps its {name} folder; move "
-                              "it away or choose another --workdir")
     try:
+        for name in ("checkpoints", "samples"):
+            path = epath.Path(workdir) / name
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"{path} is a file, where the run keeps its {name} folder; "
+                                  "move it away or choose another --workdir")
         image_utils.check_writable(epath.Path(workdir) / ".write_probe")
+    except ConfigError:
+        raise
     except Exception as error:
-        raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); choose another folder") from error
+        fix = "choose another folder"
+        if "://" in workdir and not console.tensorflow_installed():
+            fix = ('remote workdirs are reached through TensorFlow\'s file system: '
+                   'pip install -e ".[tfds]"')
+        raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); {fix}") from error
 
 
 def _alphas_cumprod(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -213,12 +219,7 @@ def validate(
 
     _checked(models.check_config, config)
     _check_classes(config)
-    if config.wandb.project:
-        # Loads clu's writers, hence TensorFlow (seconds to import): only when W&B is on, so
-        # that a run refused below (busy workdir, missing data) stops at once.
-        from ddpm_jax import wandb_writer
-
-        _checked(wandb_writer.check_config, config)
+    _checked(wandb_writer.check_config, config)
 
     if workdir is not None:
         check_workdir_writable(workdir)

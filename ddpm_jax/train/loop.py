@@ -23,7 +23,6 @@ from etils import epath
 
 from ddpm_jax import (
     checkpointing,
-    console,
     data_sources,
     input_pipeline,
     metric_logs,
@@ -186,8 +185,6 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
     batches = iter(input_pipeline.create_dataset(
         config, source, process_index=jax.process_index(), process_count=jax.process_count(),
         start_example=examples, prefetch_batches=prefetch))
-    # clu's writers need TensorFlow: loaded before the memory check, which counts it.
-    console.import_tensorflow()
     if config.check_memory:  # compiles the step training uses: no extra work
         step_fns.check_memory(host_memory_parts(config, prefetch, step_fns.per_call))
     if state is None:
