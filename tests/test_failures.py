@@ -351,7 +351,6 @@ def test_weights_with_nan_are_refused_by_the_readers(saved_run, tmp_path):
 def test_a_full_disk_stops_the_run_with_one_message_and_leaves_no_partial_files(tmp_path):
     """With a 48 KiB limit on file size, and (where the kernel gives a mount namespace of
     its own) on a 400 KiB tmpfs: either way the first checkpoint cannot be written."""
-    import resource
 
     def check(result, cause, saving=True):
         assert result.returncode == 1, result.stderr[-3000:]
@@ -370,9 +369,16 @@ def test_a_full_disk_stops_the_run_with_one_message_and_leaves_no_partial_files(
     argv, env = command("ddpm_jax.main", *train_args(workdir, "--config.num_train_steps=6",
                                                      "--config.save_every_steps=2",
                                                      "--config.sample_every_steps=0"))
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000))  # noqa: E731
-    check(subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                         preexec_fn=limit), "a file is too large")
+    # The command under a 48 kB file size limit, set in the child itself (a preexec_fn would
+    # fork this multithreaded process, which JAX warns against).
+    limited = [sys.executable, "-c",
+               "import resource, runpy, sys; "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000)); "
+               "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', "
+               "alter_sys=True)", *argv[2:]]
+    assert argv[1] == "-m"
+    check(subprocess.run(limited, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300),
+          "a file is too large")
     assert leftovers(workdir) == []
     assert not (workdir / "run.lock").exists()
 
