@@ -69,10 +69,11 @@ def test_quickstart_entry_point_trains_profiles_caches_resumes_and_ends_with_a_s
     # --verbosity=1 brings the libraries' INFO lines back.
     events = glob.glob(os.path.join(ROOT, workdir, "events.out.tfevents.*"))
     result = run_main("--config=configs/quickstart.py", f"--workdir={workdir}", *MICRO_FLAGS,
-                      "--config.num_train_steps=4", "--verbosity=1")
+                      "--config.num_train_steps=4", "--config.profile_steps=8", "--verbosity=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (f"{workdir} has already finished: its newest checkpoint is step 4 of "
             "num_train_steps=4") in result.stderr
+    assert "profile_steps=8: nothing traced, as no step is left to train" in result.stderr
     assert "compiling" not in result.stderr and f"checkpoints: {absolute}/checkpoints" in result.stderr
     assert glob.glob(os.path.join(ROOT, workdir, "events.out.tfevents.*")) == events
     assert library_info_lines(result.stderr) != []

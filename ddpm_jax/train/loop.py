@@ -176,6 +176,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
             f"{workdir} has already finished: its newest checkpoint is step {int(state.step)} "
             f"of num_train_steps={config.num_train_steps}; nothing to train (pass "
             f"--config.num_train_steps=N, N > {int(state.step)}, to train longer)",
+            *([f"profile_steps={config.profile_steps}: nothing traced, as no step is left to "
+               "train"] if config.profile_steps else []),
             *_where_things_are(workdir, workdir_path)])
         return state
     run = events.Run(config, str(workdir_path), mesh, None, None, watcher, holding, manager)
