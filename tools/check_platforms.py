@@ -88,7 +88,8 @@ def resolve(reqs: list[str], tags: list[str], python: str, find_links: str) -> d
             return {"ok": False, "error": (lines or result.stderr.splitlines() or ["?"])[0]}
         with open(report) as file:
             installed = json.load(file)["install"]
-    versions = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in installed}
+    versions = {item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"]
+                for item in installed}
     return {"ok": True, "versions": {name: versions[name] for name in SHOWN if name in versions},
             "packages": len(versions)}
 
@@ -107,7 +108,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels,
                         "promise"], check=True)
         for python in args.python.split(","):
-            for target in platforms(args.macos.split(",")):
+            for target in platforms([version for version in args.macos.split(",") if version]):
                 outcome = resolve(for_target(reqs, target["env"], python), target["tags"], python,
                                   wheels)
                 rows.append({"python": python, "platform": target["name"], **outcome})
