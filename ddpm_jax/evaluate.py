@@ -38,6 +38,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
@@ -238,9 +239,12 @@ def guidance_sweep(samples: str, scales: list[float], plot: str | None = None,
 
 
 def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: str | None = None,
-        data_config=None, batch_size: int = 100, seed: int = 0, progress: bool = False) -> dict:
+        data_config=None, batch_size: int = 100, seed: int = 0, progress: bool = False,
+        timesteps_per_call: int = 50) -> dict:
     """Bits/dim of a run's data under its checkpoint `step` (default the newest): the mean
-    over `num_images` images (0: all) of the bound and of its terms."""
+    over `num_images` images (0: all) of the bound and of its terms. Each batch's T terms
+    are computed `timesteps_per_call` timesteps per compiled call, so the progress bar moves
+    (and estimates the time left) within a batch; the terms are those of one call over all T."""
 
     config, params, step, mesh = runs.load_run(workdir, step)
     data = (data_config or config).data.copy_and_resolve_references()
@@ -249,19 +253,27 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
     if data.image_size != config.data.image_size:
         raise UserError(f"the data config's image_size {data.image_size} is not the run's "
                          f"{config.data.image_size}")
+    if timesteps_per_call < 1:
+        raise UserError(f"timesteps_per_call must be >= 1, got {timesteps_per_call}")
     source = data_sources.make_source(data)
     count, read = input_pipeline.evaluation_images(data, source, num_images, seed)
     batch = sharding.padded_to_devices(min(batch_size, count), mesh)
     definition, schedule = network.graphdef(config), recipe.schedule(config)
     images_sharding = sharding.batch_sharding(mesh)
+    num_timesteps = schedule.num_timesteps
+    chunk = min(timesteps_per_call, num_timesteps)
 
     @jax.jit
-    def batch_bpd(params, images, rng):
-        x0 = images_to_model_space(images)
-        return likelihood.bits_per_dim(
-            lambda x, t: network.apply(definition, params, x, t), schedule, x0, rng,
-            **recipe.reverse_process(config))
+    def chunk_terms(params, images, keys, timesteps):
+        return likelihood.vb_terms(
+            lambda x, t: network.apply(definition, params, x, t), schedule,
+            images_to_model_space(images), timesteps, keys, **recipe.reverse_process(config))
 
+    @jax.jit
+    def batch_bound(images, terms):
+        return likelihood.bound(terms, likelihood.prior_bpd(schedule, images_to_model_space(images)))
+
+    term_keys = jax.jit(likelihood.term_keys, static_argnums=1)
     sums = None
     with progress_bars.bar(count, "nll", "image", progress) as bar:
         for index in range(-(-count // batch)):
@@ -269,11 +281,18 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
             images = read(np.resize(rows, batch))  # the last batch padded with its own rows
             images = jax.make_array_from_callback(images.shape, images_sharding,
                                                   lambda where, images=images: images[where])
-            out = jax.device_get(batch_bpd(params, images, jax.random.fold_in(
-                jax.random.PRNGKey(seed), index)))
+            keys = term_keys(jax.random.fold_in(jax.random.PRNGKey(seed), index), num_timesteps)
+            terms = []
+            for start in range(0, num_timesteps, chunk):
+                # The last chunk repeats its last timestep to the common length (one program).
+                timesteps = np.minimum(np.arange(start, start + chunk), num_timesteps - 1)
+                done = min(chunk, num_timesteps - start)
+                terms.append(chunk_terms(params, images, keys[timesteps],
+                                         timesteps.astype(np.int32))[:done])
+                bar.update(len(rows) * done / num_timesteps)
+            out = jax.device_get(batch_bound(images, jnp.concatenate(terms)))
             kept = {key: value[..., :len(rows)].sum(axis=-1) for key, value in out.items()}
             sums = kept if sums is None else {k: sums[k] + kept[k] for k in sums}
-            bar.update(len(rows))
     means = {key: value / count for key, value in sums.items()}
     return {"workdir": workdir, "step": step, "num_images": count, "split": data.split,
             "bits_per_dim": float(means["total"]), "prior_bpd": float(means["prior"]),

@@ -84,8 +84,12 @@ def evaluation_images(
 
     The images are the dataset as training sees it (RGB, `data.crop`, bicubic resize to
     `data.image_size`) without random flips; all records in order, or a random subset of
-    `num_images` drawn with `seed`. Reads decode on 16 threads.
+    `num_images` drawn with `seed` (more than the data holds is a DataError). Reads decode on
+    16 threads.
     """
+    if num_images > len(source):
+        raise DataError(f"num_images={num_images} is more than the {len(source)} images of the "
+                        f"data: pass --num_images={len(source)}, or 0 for all of them")
     preprocess = dataclasses.replace(preprocess_from_config(data_config), random_flip=False)
     order = np.arange(len(source))
     if 0 < num_images < len(source):

@@ -173,9 +173,11 @@ def test_min_snr_weighting_scales_each_examples_loss():
 
 
 @pytest.mark.slow
-def test_learned_variances_with_min_snr_train_sample_and_give_a_bound(tmp_path):
+def test_learned_variances_with_min_snr_train_sample_and_give_a_bound(tmp_path, monkeypatch):
     """A tiny net with learned variances and min-SNR weighting: the L_vlb term falls, the
-    loss falls, and the saved run samples (all T and respaced) and has a bound."""
+    loss falls, and the saved run samples (all T and respaced) and has a bound, the same
+    whether its T terms are computed in one call or a chunk of timesteps at a time, with
+    the progress bar moving after each chunk."""
     from ddpm_jax import checkpointing
 
     config = learned_config()
@@ -214,3 +216,33 @@ def test_learned_variances_with_min_snr_train_sample_and_give_a_bound(tmp_path):
     assert result["bits_per_dim"] > 0 and len(result["terms_bpd"]) == 20
     assert result["bits_per_dim"] == pytest.approx(
         result["prior_bpd"] + result["kl_terms_bpd"] + result["decoder_bpd"], rel=1e-5)
+    # One scan over all T for the same images and noise: the reference the chunks must give.
+    from ddpm_jax import data_sources, input_pipeline
+
+    source = data_sources.make_source(run_config.data)
+    images = input_pipeline.evaluation_images(run_config.data, source, 4)[1](np.arange(4))
+    reference = jax.jit(lambda params, x: likelihood.bits_per_dim(
+        lambda x, t: network.apply(definition, params, x, t), schedule, x,
+        jax.random.fold_in(jax.random.PRNGKey(0), 0), **recipe.reverse_process(run_config)))(
+        state.ema_params, jnp.asarray(images, jnp.float32) / 127.5 - 1)
+    assert result["bits_per_dim"] == pytest.approx(float(jnp.mean(reference["total"])), rel=1e-6)
+    np.testing.assert_allclose(result["terms_bpd"], jnp.mean(reference["terms"], axis=1), rtol=1e-6)
+    updates = []
+
+    class Bar:
+        update = updates.append
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(evaluate.progress_bars, "bar", lambda *args, **kwargs: Bar())
+    chunked = evaluate.nll(str(tmp_path), num_images=4, batch_size=4, timesteps_per_call=6)
+    assert chunked == result  # 6, 6, 6 and 2 timesteps per call: every number bitwise
+    assert updates == pytest.approx([4 * 6 / 20] * 3 + [4 * 2 / 20])
+    size = len(source)
+    with pytest.raises(data_sources.DataError, match=rf"num_images={size + 1} is more than the "
+                       rf"{size} images of the data: pass --num_images={size}, or 0 for all"):
+        evaluate.nll(str(tmp_path), num_images=size + 1)

@@ -8,7 +8,7 @@
 Each term is averaged over dimensions and divided by log 2, so the total is bits/dim for
 data scaled to [-1, 1]. Timesteps here are 0-based, as everywhere in ddpm-jax: the network's
 t = 0 is the paper's t = 1, whose term is the decoder. Pure functions; `bits_per_dim` runs
-the whole sum over t as one `lax.scan` for one batch.
+the whole sum over t as one `lax.scan` for one batch, `vb_terms` any chunk of it.
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ def vb_term_bpd(schedule: diffusion.Schedule, network_output: jax.Array, x0: jax
     return jnp.where(t == 0, decoder, kl)
 
 
-def bits_per_dim(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
-                 schedule: diffusion.Schedule, x0: jax.Array, rng: jax.Array, *,
-                 prediction: str, variance: str, clip_x0: bool) -> dict[str, jax.Array]:
-    """The bound for a batch x0 (in [-1, 1], 8-bit values), one `lax.scan` over all T:
-    per example `total`, `prior`, `decoder` (t = 0) and `terms` [T, B] (L_{t-1} at each t),
-    each in bits/dim. Each t draws its own noise from `rng`."""
+def vb_terms(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
+             schedule: diffusion.Schedule, x0: jax.Array, timesteps: jax.Array, keys: jax.Array,
+             *, prediction: str, variance: str, clip_x0: bool) -> jax.Array:
+    """L_{t-1} in bits/dim [len(timesteps), B] for a batch x0 at each of `timesteps`, the
+    noise of each drawn from its row of `keys`: one `lax.scan`. The terms of all T timesteps
+    may be computed a chunk at a time (to show progress): each term is the same."""
 
     def term(carry, inputs):
         t, key = inputs
@@ -93,9 +93,28 @@ def bits_per_dim(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
                             t_batch, prediction=prediction, variance=variance, clip_x0=clip_x0)
         return carry, value
 
-    steps = jnp.arange(schedule.num_timesteps, dtype=jnp.int32)
-    keys = jax.random.split(rng, schedule.num_timesteps)
-    _, terms = jax.lax.scan(term, None, (steps, keys))
-    prior = prior_bpd(schedule, x0)
+    _, terms = jax.lax.scan(term, None, (timesteps, keys))
+    return terms
+
+
+def term_keys(rng: jax.Array, num_timesteps: int) -> jax.Array:
+    """The key of each timestep's noise in the bound of one batch."""
+    return jax.random.split(rng, num_timesteps)
+
+
+def bound(terms: jax.Array, prior: jax.Array) -> dict[str, jax.Array]:
+    """The bound from all T terms [T, B] and the prior term [B]: per example `total`,
+    `prior`, `decoder` (t = 0) and `terms`, each in bits/dim."""
     return {"total": jnp.sum(terms, axis=0) + prior, "prior": prior, "decoder": terms[0],
             "terms": terms}
+
+
+def bits_per_dim(denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                 schedule: diffusion.Schedule, x0: jax.Array, rng: jax.Array, *,
+                 prediction: str, variance: str, clip_x0: bool) -> dict[str, jax.Array]:
+    """The bound for a batch x0 (in [-1, 1], 8-bit values), one `lax.scan` over all T:
+    `bound`'s per-example terms in bits/dim. Each t draws its own noise from `rng`."""
+    steps = jnp.arange(schedule.num_timesteps, dtype=jnp.int32)
+    terms = vb_terms(denoise_fn, schedule, x0, steps, term_keys(rng, schedule.num_timesteps),
+                     prediction=prediction, variance=variance, clip_x0=clip_x0)
+    return bound(terms, prior_bpd(schedule, x0))
