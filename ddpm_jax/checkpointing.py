@@ -55,6 +55,13 @@ def _write_small_arrays_whole() -> None:
         absl_logger.setLevel(level)
 
 
+class _DropReadOnlyNotice(pylogging.Filter):
+    """Drops Orbax's warning that a manager opened read-only is read-only."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
 def make_manager(
     directory: epath.Path, config: ml_collections.ConfigDict | None = None
 ) -> ocp.CheckpointManager:
@@ -64,10 +71,14 @@ def make_manager(
     save that a running training job is writing.
     """
     _write_small_arrays_whole()
-    if config is None:
-        return ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-        )
+    if config is None:  # a reader: Orbax's notices that it will not write are dropped
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        notice = _DropReadOnlyNotice()
+        logging.get_absl_logger().addFilter(notice)
+        try:
+            return ocp.CheckpointManager(directory, options=options)
+        finally:
+            logging.get_absl_logger().removeFilter(notice)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints,
         keep_period=config.keep_every_steps or None,  # permanent steps beside the rolling ones

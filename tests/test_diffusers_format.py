@@ -6,6 +6,7 @@ The comparison with diffusers itself runs where torch and diffusers are installe
 
 import importlib.util
 import json
+import logging
 import sys
 
 import jax
@@ -194,7 +195,7 @@ def test_import_refuses_what_the_unet_cannot_represent(change, match):
 
 
 @pytest.mark.slow
-def test_from_diffusers_then_sample_then_fine_tune_on_an_image_folder(tmp_path):
+def test_from_diffusers_then_sample_then_fine_tune_on_an_image_folder(tmp_path, caplog):
     """A random-weight pipeline folder in diffusers' layout through the whole path."""
     config = micro_config()
     config.diffusion.variance = "fixed_small"
@@ -215,7 +216,9 @@ def test_from_diffusers_then_sample_then_fine_tune_on_an_image_folder(tmp_path):
     assert f"--config={workdir}/config.py" in commands
     with pytest.raises(ValueError, match="already holds checkpoints"):
         convert.from_diffusers(str(pipeline), str(workdir))
-    loaded, run_config = loading.load_model(str(workdir))
+    with caplog.at_level(logging.WARNING):
+        loaded, run_config = loading.load_model(str(workdir))
+    assert [record.getMessage() for record in caplog.records] == []  # no library warnings
     jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
     assert run_config.diffusion.variance == "fixed_small"
     images, _ = sample.generate(str(workdir), 2, sampler="ddim", num_steps=2)
