@@ -287,8 +287,8 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
                 # The last chunk repeats its last timestep to the common length (one program).
                 timesteps = np.minimum(np.arange(start, start + chunk), num_timesteps - 1)
                 done = min(chunk, num_timesteps - start)
-                terms.append(chunk_terms(params, images, keys[timesteps],
-                                         timesteps.astype(np.int32))[:done])
+                chunk_out = chunk_terms(params, images, keys[timesteps], timesteps.astype(np.int32))
+                terms.append(chunk_out.block_until_ready()[:done])  # the bar counts work done
                 bar.update(len(rows) * done / num_timesteps)
             out = jax.device_get(batch_bound(images, jnp.concatenate(terms)))
             kept = {key: value[..., :len(rows)].sum(axis=-1) for key, value in out.items()}
