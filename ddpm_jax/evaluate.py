@@ -245,7 +245,8 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
     over `num_images` images (0: all) of the bound and of its terms. Each batch's T terms
     are computed `timesteps_per_call` timesteps per compiled call, so the progress bar moves
     (and estimates the time left) within a batch; the terms are those of one call over all T."""
-
+    if timesteps_per_call < 1:
+        raise UserError(f"timesteps_per_call must be >= 1, got {timesteps_per_call}")
     config, params, step, mesh = runs.load_run(workdir, step)
     data = (data_config or config).data.copy_and_resolve_references()
     if split:
@@ -253,8 +254,6 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
     if data.image_size != config.data.image_size:
         raise UserError(f"the data config's image_size {data.image_size} is not the run's "
                          f"{config.data.image_size}")
-    if timesteps_per_call < 1:
-        raise UserError(f"timesteps_per_call must be >= 1, got {timesteps_per_call}")
     source = data_sources.make_source(data)
     count, read = input_pipeline.evaluation_images(data, source, num_images, seed)
     batch = sharding.padded_to_devices(min(batch_size, count), mesh)

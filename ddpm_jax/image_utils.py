@@ -112,11 +112,16 @@ def check_writable(path: str | epath.Path) -> None:
     probe.unlink()
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    """Writes a uint8 HWC image to a local or gs:// path (`write_atomically`)."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 HW or HWC image (1 channel as HW) encoded as PNG."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    write_atomically(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    """Writes a uint8 HWC image to a local or gs:// path (`write_atomically`)."""
+    write_atomically(path, png_bytes(image))
 
 
 def line_chart(xs: Sequence[float], panels: dict[str, Sequence[float]], x_label: str,

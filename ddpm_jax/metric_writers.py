@@ -11,7 +11,6 @@ stand in for any of them) and write TensorBoard's own TF2 summary format with th
 from __future__ import annotations
 
 import abc
-import io
 import itertools
 import os
 import socket
@@ -23,7 +22,6 @@ import numpy as np
 from absl import logging
 from clu import asynclib
 from etils import epath
-from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.histogram import summary_v2 as histogram_summary
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
@@ -32,6 +30,8 @@ from tensorboard.plugins.scalar import summary_v2 as scalar_summary
 from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
+
+from ddpm_jax import image_utils
 
 # Remote files (gs://) are flushed at most this often: each flush uploads the file again.
 REMOTE_FLUSH_SECONDS = 60.0
@@ -75,11 +75,7 @@ def _png(image: np.ndarray) -> bytes:
     """PNG bytes of one HWC image (1, 3 or 4 channels)."""
     if image.dtype != np.uint8:
         image = np.round(np.clip(image.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    if image.shape[-1] == 1:
-        image = image[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image_utils.png_bytes(image[..., 0] if image.shape[-1] == 1 else image)
 
 
 def image_value(tag: str, images: Any) -> summary_pb2.Summary.Value:
