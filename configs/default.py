@@ -122,6 +122,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- diffusion -----------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
+    # "ddpm": the discrete schedule below, the net predicting `prediction` at integer
+    # timesteps (Ho et al.). "edm": Karras et al. 2022's continuous noise levels sigma and
+    # preconditioning (the net sees c_in x and ln(sigma) / 4 and its output makes D(x; sigma)
+    # = c_skip x + c_out F); schedule, beta_*, num_timesteps and prediction then play no part,
+    # the EDM fields at the end of this section do, and sampling takes heun, euler or
+    # dpm_solver++.
+    diffusion.formulation = "ddpm"
     diffusion.schedule = "linear"  # registered beta schedule: "linear", "cosine" or "quadratic"
     diffusion.num_timesteps = 1000
     diffusion.beta_start = 1e-4
@@ -138,18 +145,36 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.variance = "fixed_large"
     diffusion.vlb_weight = 0.001  # lambda of the hybrid loss (learned_range only)
     diffusion.clip_x0 = True  # clip the predicted x0 to [-1, 1] while sampling
+    # formulation="edm" only (EDM's values): the data's std, the noise levels a model is
+    # sampled between, and the training sigmas, ln(sigma) ~ N(p_mean, p_std^2).
+    diffusion.sigma_data = 0.5
+    diffusion.sigma_min = 0.002
+    diffusion.sigma_max = 80.0
+    diffusion.p_mean = -1.2
+    diffusion.p_std = 1.2
 
     # ---- sampling during training -----------------------------------------------------
     # A sampling section names a sampler, its steps, its timestep spacing and one field per
     # knob of a registered sampler (DDIM: eta); `eval` below has the same shape.
     config.sample = sample = ml_collections.ConfigDict()
     sample.num_images = 16  # images in each logged grid
-    sample.sampler = "ddpm"  # registered sampler: "ddpm", "ddim" or "dpm_solver++"
-    sample.num_steps = 0  # network calls; 0: the sampler's default (all T; dpm_solver++: 20)
-    # Timesteps visited (ddpm_jax/samplers/spacing.py): "linspace", "leading", "trailing",
-    # "logsnr", or "auto" for the sampler's own default.
+    # registered sampler: "ddpm", "ddim", "dpm_solver++", "heun" or "euler"
+    sample.sampler = "ddpm"
+    # network calls; 0: the sampler's default (all T; dpm_solver++: 20; heun, euler: 35)
+    sample.num_steps = 0
+    # Noise levels visited (ddpm_jax/samplers/spacing.py): "linspace", "leading", "trailing",
+    # "logsnr", "karras", or "auto" for the sampler's own default.
     sample.spacing = "auto"
     sample.eta = 0.0  # DDIM noise scale (0 deterministic, 1 ~ DDPM)
+    # The karras spacing: rho, and the sigma range (0: the model's own).
+    sample.rho = 7.0
+    sample.sigma_min = 0.0
+    sample.sigma_max = 0.0
+    # heun and euler: EDM's stochastic churn (Algorithm 2); s_churn = 0 is deterministic.
+    sample.s_churn = 0.0
+    sample.s_tmin = 0.0
+    sample.s_tmax = float("inf")
+    sample.s_noise = 1.0
     sample.num_snapshots = 0  # also log x_t at this many points along the chain
     # Classifier-free guidance of a class-conditional model: output = uncond + scale * (cond
     # - uncond) (1: the conditional model, 0: the unconditional one), only at timesteps in
@@ -172,6 +197,8 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_steps = 100
     evaluation.spacing = "auto"
     evaluation.eta = 0.0
+    for field in ("rho", "sigma_min", "sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise"):
+        evaluation[field] = sample[field]  # as in `sample`
     evaluation.guidance_scale = 1.0  # as sample.guidance_scale
     evaluation.guidance_interval = ()
     # A conditional model's FID samples: classes drawn "uniform" (balanced) or as "data"

@@ -267,6 +267,7 @@ def to_diffusers(workdir: str, output: str, step: int | None = None,
     """Exports checkpoint `step` of the run in `workdir` as a `DDPMPipeline` folder."""
 
     config, _ = runs.run_config(workdir, step)
+    recipe.refuse_edm(config, "convert to-diffusers (a DDPMPipeline's scheduler)")
     diffusers_format.check_exportable(config)  # before restoring anything
     # `step` None: the newest checkpoint whose weights read, as `sample` takes
     config, params, step, _ = runs.load_run(workdir, step, weights)

@@ -247,6 +247,7 @@ def nll(workdir: str, *, step: int | None = None, num_images: int = 0, split: st
     (and estimates the time left) within a batch; the terms are those of one call over all T."""
     if timesteps_per_call < 1:
         raise UserError(f"timesteps_per_call must be >= 1, got {timesteps_per_call}")
+    recipe.refuse_edm(runs.run_config(workdir, step)[0], "evaluate nll (the variational bound)")
     config, params, step, mesh = runs.load_run(workdir, step)
     data = (data_config or config).data.copy_and_resolve_references()
     if split:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-from ddpm_jax.core import diffusion, objectives, schedules
+from ddpm_jax.core import diffusion, edm, objectives, schedules
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
 
@@ -27,6 +28,35 @@ def objective(config: ml_collections.ConfigDict) -> objectives.Objective:
     return objectives.Objective.of(config.diffusion)
 
 
+def is_edm(config: ml_collections.ConfigDict) -> bool:
+    """Whether the net is trained with EDM's preconditioning and continuous noise levels."""
+    return config.diffusion.get("formulation", "ddpm") == "edm"
+
+
+def edm_settings(config: ml_collections.ConfigDict) -> edm.EDMSettings:
+    """EDM's settings in `config.diffusion` (its defaults for fields a run lacks)."""
+    defaults = edm.EDMSettings()._asdict()
+    return edm.EDMSettings(**{key: float(config.diffusion.get(key, value))
+                              for key, value in defaults.items()})
+
+
+def preconditioning(config: ml_collections.ConfigDict) -> edm.Preconditioning:
+    """The net as a denoiser in sigma (`core/edm.py`): on the discrete schedule, or EDM's."""
+    if is_edm(config):
+        return edm.EDMPreconditioning(edm_settings(config))
+    d = config.diffusion
+    betas = schedules.make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+    return edm.DiscretePreconditioning(np.exp(schedules.log_alphas_cumprod(betas)), d.prediction)
+
+
+def refuse_edm(config: ml_collections.ConfigDict, what: str) -> None:
+    """Raises UserError when `config` is an EDM-formulation run, which `what` cannot take."""
+    if is_edm(config):
+        raise UserError(f"{what} needs a model of the discrete DDPM schedule (its timesteps and "
+                        "posterior); this run was trained with diffusion.formulation='edm', "
+                        "which has continuous noise levels")
+
+
 def reverse_process(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """How the network's output is read when sampling (`prediction`, `variance`, `clip_x0`):
     keyword arguments of `samplers.reverse_plan` and `likelihood.bits_per_dim`."""
@@ -37,6 +67,9 @@ def reverse_process(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises UserError naming the field when `config.diffusion` cannot train or sample."""
     d = config.diffusion
+    check_choice("diffusion.formulation", d.formulation, edm.FORMULATIONS)
+    if d.formulation == "edm":
+        _check_edm(d)
     for field, value, choices in (("prediction", d.prediction, diffusion.PREDICTIONS),
                                   ("loss", d.loss, objectives.LOSSES),
                                   ("variance", d.variance, diffusion.VARIANCES),
@@ -55,3 +88,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         schedules.make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
     except ValueError as error:
         raise UserError(f"diffusion.*: {error}") from error
+
+
+def _check_edm(d: ml_collections.ConfigDict) -> None:
+    """EDM's own fields, and the DDPM options it has no use for."""
+    for field, value, wanted in (("loss", d.loss, "mse"), ("loss_weighting", d.loss_weighting,
+                                                           "none")):
+        if value != wanted:
+            raise UserError(f"diffusion.formulation='edm' trains with EDM's weighted MSE; "
+                            f"diffusion.{field}={value!r} does not apply: set it to {wanted!r}")
+    if d.variance == "learned_range":
+        raise UserError("diffusion.variance='learned_range' learns the variance of the discrete "
+                        "chain's steps, which diffusion.formulation='edm' does not have; use "
+                        "'fixed_large' (unused by EDM's samplers)")
+    if not 0 < d.sigma_min < d.sigma_max:
+        raise UserError(f"diffusion.sigma_min={d.sigma_min} and diffusion.sigma_max="
+                        f"{d.sigma_max} must satisfy 0 < sigma_min < sigma_max (EDM: 0.002, 80)")
+    if not d.sigma_data > 0 or not d.p_std > 0:
+        raise UserError(f"diffusion.sigma_data={d.sigma_data} and diffusion.p_std={d.p_std} "
+                        "must be positive (EDM: 0.5 and 1.2)")

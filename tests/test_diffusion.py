@@ -303,7 +303,7 @@ def test_sampling_run_is_one_program_with_one_dispatch():
 def test_sampler_argument_errors_and_spacings():
     s = diffusion.make_schedule("linear", T)
     with pytest.raises(ValueError, match="unknown sampler"):
-        samplers.sampling_timesteps(s, "euler", 50)
+        samplers.sampling_timesteps(s, "leapfrog", 50)
     with pytest.raises(ValueError, match="unknown spacing"):
         samplers.sampling_timesteps(s, "ddim", 50, "cubic")
     with pytest.raises(ValueError, match="num_steps must be in"):

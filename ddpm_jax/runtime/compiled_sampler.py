@@ -56,12 +56,16 @@ class SampleFn:
         size = config.data.image_size
         shape = (sharding.padded_to_devices(num_images, mesh), size, size, 3)
         plan = samplers.reverse_plan(schedule, shape, settings, num_snapshots=num_snapshots,
+                                     preconditioning=recipe.preconditioning(config),
                                      **recipe.reverse_process(config))
         self.num_steps = plan.num_steps
         self.num_images = shape[0]
         self._plan = plan
         self.num_classes = config.model.get("num_classes", 0)
         check_guidance(settings, self.num_classes)
+        if recipe.is_edm(config) and settings.guidance.interval:
+            raise UserError("guidance_interval is in timesteps of the discrete schedule; a "
+                            "model trained with diffusion.formulation='edm' has none")
         batch = sharding.batch_sharding(mesh)
         stacked = sharding.stacked_batch_sharding(mesh)
 

@@ -11,22 +11,25 @@ the core (`ddpm_jax.core`).
 
 from __future__ import annotations
 
-from ddpm_jax.samplers import ddim, ddpm, dpm_solver  # noqa: F401  (register the built-ins)
+from ddpm_jax.samplers import ddim, ddpm, dpm_solver, edm  # noqa: F401  (register the built-ins)
 from ddpm_jax.samplers.base import SAMPLERS, Sampler, no_state
 from ddpm_jax.samplers.engine import (
     ReversePlan,
+    check_section,
     reverse_init,
     reverse_plan,
     reverse_result,
     reverse_steps,
     sample,
+    sampling_sigmas,
     sampling_timesteps,
     snapshot_slots,
 )
 from ddpm_jax.samplers.guidance import Guidance, guided
-from ddpm_jax.samplers.settings import SamplerSettings, check_section
+from ddpm_jax.samplers.settings import SamplerSettings
 from ddpm_jax.samplers.spacing import SPACINGS
 
 __all__ = ["SAMPLERS", "SPACINGS", "Guidance", "ReversePlan", "Sampler", "SamplerSettings",
            "check_section", "guided", "no_state", "reverse_init", "reverse_plan",
-           "reverse_result", "reverse_steps", "sample", "sampling_timesteps", "snapshot_slots"]
+           "reverse_result", "reverse_steps", "sample", "sampling_sigmas", "sampling_timesteps",
+           "snapshot_slots"]

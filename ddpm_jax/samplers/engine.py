@@ -1,10 +1,12 @@
 """The sampling engine: a reverse-diffusion run of any registered sampler as one loop.
 
-`reverse_plan` fixes a run on the host (the visited timesteps, the sampler's per-step
-coefficients, where snapshots go); `reverse_init`, `reverse_steps` and `reverse_result` run
-it, in one call (`sample`) or a chunk of steps at a time (a caller that must answer a stop
-request), with the same result. Every step calls the network once through `denoise_fn` and
-the sampler's `step` (`base.Sampler`).
+`reverse_plan` fixes a run on the host (the network calls with their timesteps or noise
+levels, the sampler's per-call coefficients, where snapshots go); `reverse_init`,
+`reverse_steps` and `reverse_result` run it, in one call (`sample`) or a chunk of calls at a
+time (a caller that must answer a stop request), with the same result. Every iteration
+calls the network once through `denoise_fn` and then the sampler's `step` (`base.Sampler`):
+a timestep sampler gets the raw output, a sigma sampler the denoiser D(x; sigma) the model's
+preconditioning makes of it (`core/edm.py`).
 """
 
 from __future__ import annotations
@@ -16,19 +18,80 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.core import schedules
+from ddpm_jax.core import edm, schedules
 from ddpm_jax.core.diffusion import DenoiseFn, Schedule, split_output
 from ddpm_jax.core.errors import UserError
+from ddpm_jax.core.registry import check_choice
+from ddpm_jax.samplers import spacing as spacings
 from ddpm_jax.samplers.base import SAMPLERS, Sampler
 from ddpm_jax.samplers.settings import SamplerSettings
+from ddpm_jax.samplers.spacing import SPACINGS
+
+
+def alphas_cumprod(schedule: Schedule) -> np.ndarray:
+    """The schedule's cumulative alphas in float64, from its betas."""
+    return np.exp(schedules.log_alphas_cumprod(np.asarray(schedule.betas)))
 
 
 def sampling_timesteps(schedule: Schedule, sampler: str, num_steps: int | None,
-                       spacing: str | None = "auto") -> np.ndarray:
+                       spacing: str | None = "auto",
+                       spacing_options: Mapping[str, Any] | None = None) -> np.ndarray:
     """Descending timesteps sampler `sampler` visits with `num_steps` (None or 0: its default)
     by `spacing` ("auto": the sampler's default)."""
-    abar = np.exp(schedules.log_alphas_cumprod(np.asarray(schedule.betas)))
-    return SAMPLERS.get(sampler).timesteps(abar, num_steps or 0, spacing)
+    return SAMPLERS.get(sampler).timesteps(alphas_cumprod(schedule), num_steps or 0, spacing,
+                                           spacing_options)
+
+
+def sampling_sigmas(preconditioning: edm.Preconditioning, settings: SamplerSettings
+                    ) -> np.ndarray:
+    """The descending noise levels (all above 0) the grid of `settings` visits on a model
+    with `preconditioning`: the sigmas of its timesteps for a discrete model, else the
+    continuous spacing's."""
+    chosen = settings.sampler
+    spacing = chosen.resolve_spacing(settings.spacing)
+    if isinstance(preconditioning, edm.DiscretePreconditioning):
+        abar = preconditioning.alphas_cumprod
+        steps = chosen.timesteps(abar, settings.num_steps, spacing, settings.spacing_options)
+        return preconditioning.sigmas[steps]
+    calls = settings.num_steps or chosen.default_steps
+    if not calls:
+        raise UserError(f"{settings.name} has no default number of steps on a continuous-sigma "
+                        "model; set num_steps")
+    return spacings.sigmas(spacing, *preconditioning.sigma_range, chosen.grid_size(calls),
+                           settings.spacing_options)
+
+
+def check_section(section: Mapping[str, Any], prefix: str,
+                  preconditioning: edm.Preconditioning) -> int:
+    """The network calls of the sampler a config section chooses, on a model with
+    `preconditioning`; UserError naming `prefix`.* when it cannot run."""
+    check_choice(f"{prefix}.sampler", section.sampler, SAMPLERS.names())
+    settings = SamplerSettings.from_config(section)
+    spacing = settings.sampler.resolve_spacing(settings.spacing)
+    check_choice(f"{prefix}.spacing", spacing, SPACINGS.names())
+    if preconditioning.continuous and settings.guidance.interval:
+        raise UserError(f"{prefix}.guidance_interval is in timesteps of the discrete schedule; "
+                        "a model trained with diffusion.formulation='edm' has none: leave it ()")
+    try:
+        if settings.sampler.space == "timestep":
+            if preconditioning.continuous:
+                _refuse_timestep_sampler(settings.name)
+            return len(settings.sampler.timesteps(preconditioning.alphas_cumprod,
+                                                  settings.num_steps, spacing,
+                                                  settings.spacing_options))
+        grid = sampling_sigmas(preconditioning, settings)
+        calls = settings.num_steps or settings.sampler.default_steps or len(grid)
+        return len(settings.sampler.plan_calls(grid, calls, preconditioning.round,
+                                               **settings.options)[0])
+    except ValueError as error:
+        raise UserError(f"{prefix}.*: {error}") from error
+
+
+def _refuse_timestep_sampler(name: str) -> None:
+    sigma_samplers = [n for n in SAMPLERS.names() if SAMPLERS.get(n).space == "sigma"]
+    raise UserError(f"the {name} sampler steps between the timesteps of a discrete schedule; "
+                    "this model was trained with continuous noise levels "
+                    f"(diffusion.formulation='edm'): use one of {', '.join(sigma_samplers)}")
 
 
 def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
@@ -64,6 +127,7 @@ class ReversePlan(NamedTuple):
     variance: str
     clip_x0: bool
     num_snapshots: int
+    initial_scale: float = 1.0  # x starts as N(0, initial_scale^2)
 
     @property
     def num_steps(self) -> int:
@@ -79,11 +143,21 @@ def reverse_plan(
     variance: str = "fixed_small",
     clip_x0: bool = True,
     num_snapshots: int = 0,
+    preconditioning: edm.Preconditioning | None = None,
 ) -> ReversePlan:
-    """The plan of a run of the sampler `settings` chooses, with a concrete `schedule`."""
+    """The plan of a run of the sampler `settings` chooses, with a concrete `schedule`, for a
+    model whose noise levels `preconditioning` gives (None: the discrete `schedule`
+    predicting `prediction`)."""
     chosen = settings.sampler
-    steps = sampling_timesteps(schedule, settings.name, settings.num_steps,
-                               settings.spacing).astype(np.int32)
+    if preconditioning is None:
+        preconditioning = edm.DiscretePreconditioning(alphas_cumprod(schedule), prediction)
+    if chosen.space == "sigma":
+        return _sigma_plan(preconditioning, shape, settings, prediction=prediction,
+                           variance=variance, clip_x0=clip_x0, num_snapshots=num_snapshots)
+    if preconditioning.continuous:
+        _refuse_timestep_sampler(settings.name)
+    steps = sampling_timesteps(schedule, settings.name, settings.num_steps, settings.spacing,
+                               settings.spacing_options).astype(np.int32)
     prev_steps = np.append(steps[1:], -1).astype(np.int32)
     # Per-step arrays the sampler computes on the host; row i reaches step i.
     coefficients = chosen.prepare(schedule, steps, prev_steps) if chosen.prepare else None
@@ -92,11 +166,38 @@ def reverse_plan(
                        tuple(shape), prediction, variance, clip_x0, num_snapshots)
 
 
+def _sigma_plan(preconditioning: edm.Preconditioning, shape: tuple[int, ...],
+                settings: SamplerSettings, *, prediction: str, variance: str, clip_x0: bool,
+                num_snapshots: int) -> ReversePlan:
+    """The plan of a sigma sampler: its calls on the grid, and at each the model's
+    preconditioning (c_skip, c_out, c_in and the net's time input c_noise)."""
+    chosen = settings.sampler
+    grid = sampling_sigmas(preconditioning, settings)
+    calls = settings.num_steps or chosen.default_steps or len(grid)
+    call_sigmas, rows, initial_scale = chosen.plan_calls(grid, calls, preconditioning.round,
+                                                         **settings.options)
+    preconditioned = preconditioning.coefficients(call_sigmas)
+    labels = preconditioned.pop("c_noise")
+    # x after each call, as x_t of a variance-preserving chain, for snapshots
+    rows["snapshot_scale"] = 1.0 / np.sqrt(1.0 + np.asarray(rows["sigma_after"]) ** 2)
+    coefficients = {key: np.asarray(value, np.float32)
+                    for key, value in {**rows, **preconditioned, "sigma": call_sigmas}.items()}
+    count = len(call_sigmas)
+    return ReversePlan(chosen, settings.options,
+                       labels.astype(np.int32 if not preconditioning.continuous else np.float32),
+                       -np.ones(count, np.int32),
+                       snapshot_slots(count, num_snapshots).astype(np.int32), coefficients,
+                       tuple(shape), prediction, variance, clip_x0, num_snapshots,
+                       float(initial_scale))
+
+
 def reverse_init(plan: ReversePlan, rng: jax.Array,
                  initial_noise_sharding: jax.sharding.Sharding | None = None) -> tuple:
     """The carry before the first step: (x_T, sampler state, snapshots, per-step keys)."""
     init_rng, loop_rng = jax.random.split(rng)
     x = jax.random.normal(init_rng, plan.shape, jnp.float32)
+    if plan.initial_scale != 1.0:
+        x = x * jnp.float32(plan.initial_scale)
     if initial_noise_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, initial_noise_sharding)
     snapshots = jnp.zeros((max(plan.num_snapshots, 1),) + plan.shape, jnp.float32)
@@ -110,22 +211,41 @@ def reverse_steps(plan: ReversePlan, denoise_fn: DenoiseFn, schedule: Schedule, 
     steps, prev_steps, slots = map(jnp.asarray, (plan.steps, plan.prev_steps, plan.slots))
     coefficients = jax.tree.map(jnp.asarray, plan.coefficients)
 
-    def body(i, carry):
-        x, state, snapshots, step_rngs = carry
-        t, t_prev, slot = steps[i], prev_steps[i], slots[i]
+    def timestep_step(i, x, state, noise):
+        t, t_prev = steps[i], prev_steps[i]
         t_batch = jnp.full((shape[0],), t, jnp.int32)
         model_output, values = split_output(denoise_fn(x, t_batch).astype(jnp.float32),
                                             plan.variance)
-        noise = jax.random.normal(step_rngs[i], shape, jnp.float32)
         extra = ({"coefficients": jax.tree.map(lambda a: a[i], coefficients)}
                  if chosen.prepare else {})
         x, state = chosen.step(schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev),
                                noise, state, prediction=plan.prediction,
                                variance=plan.variance if values is None else values,
                                clip_x0=plan.clip_x0, **plan.options, **extra)
+        return x, state, x
+
+    def sigma_step(i, x, state, noise):
+        row = jax.tree.map(lambda a: a[i], coefficients)
+        label = jnp.full((shape[0],), steps[i], steps.dtype)
+        output, _ = split_output(denoise_fn(row["c_in"] * x, label).astype(jnp.float32),
+                                 plan.variance)  # a learned variance plays no part
+        denoised = row["c_skip"] * x + row["c_out"] * output  # D(x; sigma), EDM eq. (7)
+        if plan.clip_x0:
+            denoised = jnp.clip(denoised, -1.0, 1.0)
+        x, state = chosen.step(denoised, x, noise, state, coefficients=row, **plan.options)
+        # A snapshot shows x as x_t of a variance-preserving chain (x at sigma 0 as is).
+        return x, state, x * row["snapshot_scale"]
+
+    one_step = sigma_step if chosen.space == "sigma" else timestep_step
+
+    def body(i, carry):
+        x, state, snapshots, step_rngs = carry
+        noise = jax.random.normal(step_rngs[i], shape, jnp.float32)
+        x, state, snapshot = one_step(i, x, state, noise)
         if plan.num_snapshots > 0:
+            slot = slots[i]
             snapshots = jax.lax.cond(
-                slot >= 0, lambda s: s.at[slot].set(x), lambda s: s, snapshots
+                slot >= 0, lambda s: s.at[slot].set(snapshot), lambda s: s, snapshots
             )
         return x, state, snapshots, step_rngs
 

@@ -6,31 +6,36 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from ddpm_jax.core.errors import UserError
-from ddpm_jax.core.registry import check_choice
 from ddpm_jax.samplers.base import SAMPLERS, Sampler
 from ddpm_jax.samplers.guidance import Guidance
-from ddpm_jax.samplers.spacing import SPACINGS
+from ddpm_jax.samplers.spacing import SPACINGS, spacing_options
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """A sampler choice: `name` in `SAMPLERS`, `num_steps` (0: the sampler's default, all T
     for DDPM and DDIM), `spacing` (in `SPACINGS`; "auto": the sampler's default),
-    `options`, the sampler's knobs (missing ones take its defaults), and the classifier-free
-    `guidance` of a class-conditional model (`guidance.py`; scale 1: none)."""
+    `options`, the sampler's knobs (missing ones take its defaults), `spacing_options`, the
+    spacing's (as the same), and the classifier-free `guidance` of a class-conditional model
+    (`guidance.py`; scale 1: none)."""
 
     name: str = "ddpm"
     num_steps: int = 0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     spacing: str = "auto"
     guidance: Guidance = Guidance()
+    spacing_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        # The one place a sampler's knobs are resolved: given values, else its defaults.
-        object.__setattr__(self, "options", self.sampler.resolve_options(self.options))
+        # The one place a sampler's and a spacing's knobs are resolved: given values, else
+        # their defaults (a spacing's from the sampler options given too, as a config
+        # section holds both).
+        given = {**self.options, **self.spacing_options}
+        object.__setattr__(self, "options", self.sampler.resolve_options(given))
+        spacing = self.sampler.resolve_spacing(self.spacing)
+        defaults = spacing_options(spacing) if spacing in SPACINGS else {}
+        object.__setattr__(self, "spacing_options",
+                           {key: given.get(key, default) for key, default in defaults.items()})
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any],
@@ -54,7 +59,8 @@ class SamplerSettings:
         sampler = self.sampler
         return {"sampler": self.name, "num_steps": self.num_steps or sampler.default_steps,
                 "spacing": sampler.resolve_spacing(self.spacing),
-                **self.options, **(self.guidance.describe() if self.guidance.active else {})}
+                **self.spacing_options, **self.options,
+                **(self.guidance.describe() if self.guidance.active else {})}
 
     def summary(self) -> str:
         """These settings as a person reads them: `ddim, 100 steps, logsnr spacing, eta=0.0`."""
@@ -63,19 +69,4 @@ class SamplerSettings:
         text = (f"{described.pop('sampler')}, {f'{steps} steps' if steps else 'every timestep'}, "
                 f"{described.pop('spacing')} spacing")
         return ", ".join([text] + [f"{key}={value}" for key, value in described.items()])
-
-
-def check_section(section: Mapping[str, Any], prefix: str,
-                  alphas_cumprod: np.ndarray) -> np.ndarray:
-    """The timesteps the sampler a config section chooses visits; ValueError naming
-    `prefix`.* when it cannot run."""
-    check_choice(f"{prefix}.sampler", section.sampler, SAMPLERS.names())
-    settings = SamplerSettings.from_config(section)
-    spacing = settings.sampler.resolve_spacing(settings.spacing)
-    check_choice(f"{prefix}.spacing", spacing, SPACINGS.names())
-    try:
-        return settings.sampler.timesteps(alphas_cumprod, settings.num_steps, spacing)
-    except ValueError as error:
-        raise UserError(f"{prefix}.*: {error}") from error
-
 

@@ -10,12 +10,10 @@ change and how.
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 
 from ddpm_jax import console, data_sources, image_utils, models, ops, recipe, samplers, wandb_writer
-from ddpm_jax.core import schedules
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
 from ddpm_jax.runtime import sharding
@@ -52,7 +50,7 @@ SHAPE_FIELDS = ("data.image_size",)
 # Fields that define what the network learned to output: resuming with others would train
 # and sample with a different meaning of the same weights.
 DIFFUSION_FIELDS = ("diffusion.prediction", "diffusion.schedule", "diffusion.num_timesteps",
-                    "diffusion.beta_start", "diffusion.beta_end")
+                    "diffusion.beta_start", "diffusion.beta_end", "diffusion.sigma_data")
 SHAPE_SECTIONS = ("model",)
 IGNORED_MODEL_FIELDS = ("dtype", "dropout")  # compute settings, not parameter shapes
 
@@ -75,6 +73,9 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
     old, new = saved.get("diffusion", {}).get("variance"), current["diffusion"]["variance"]
     if (old == "learned_range") != (new == "learned_range"):  # 6 output channels or 3
         differences.append(f"diffusion.variance: checkpoint {old!r}, config {new!r}")
+    old, new = saved.get("diffusion", {}).get("formulation", "ddpm"), current["diffusion"]["formulation"]
+    if old != new:  # the net's input, time input and output mean other things
+        differences.append(f"diffusion.formulation: checkpoint {old!r}, config {new!r}")
     old_clip, new_clip = saved.get("grad_clip_norm", 0), current.get("grad_clip_norm", 0)
     if (old_clip > 0) != (new_clip > 0):  # optax.chain with clipping or plain AdamW
         differences.append(f"grad_clip_norm: checkpoint {old_clip!r}, config {new_clip!r} (clipping "
@@ -129,13 +130,6 @@ def check_workdir_writable(workdir: str) -> None:
         raise ConfigError(f"--workdir={workdir!r} is not writable ({error}); {fix}") from error
 
 
-def _alphas_cumprod(config: ml_collections.ConfigDict) -> np.ndarray:
-    """abar_t of `config.diffusion` (float64), which the sampling sections' spacings read."""
-    d = config.diffusion
-    betas = schedules.make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    return np.exp(schedules.log_alphas_cumprod(betas))
-
-
 def _check_eval(config: ml_collections.ConfigDict) -> None:
     """The FID section; only checked when FID during training is on."""
     if config.eval_every_steps < 0:
@@ -146,7 +140,7 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
     _positive(config, "eval.batch_size")
     if not isinstance(e.num_samples, int) or e.num_samples < 2:
         raise ConfigError(f"eval.num_samples must be >= 2 (a covariance needs two), got {e.num_samples}")
-    _checked(samplers.check_section, e, "eval", _alphas_cumprod(config))
+    _checked(samplers.check_section, e, "eval", recipe.preconditioning(config))
     for field in ("inception_weights", "reference_stats"):
         path = e[field]
         if path and not epath.Path(path).exists():
@@ -209,8 +203,8 @@ def validate(
 
     _checked(recipe.check_config, config)
     try:
-        steps = samplers.check_section(config.sample, "sample", _alphas_cumprod(config))
-        samplers.snapshot_slots(len(steps), config.sample.num_snapshots)
+        calls = samplers.check_section(config.sample, "sample", recipe.preconditioning(config))
+        samplers.snapshot_slots(calls, config.sample.num_snapshots)
     except ValueError as error:
         raise ConfigError(f"sample.*: {error}") from error
     _check_eval(config)

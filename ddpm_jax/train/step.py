@@ -1,6 +1,7 @@
-"""One training step (Ho et al., Algorithm 1), as a pure function of the state and a batch.
+"""One training step (Ho et al., Algorithm 1; with `diffusion.formulation="edm"`, EDM's
+training of Karras et al. 2022), as a pure function of the state and a batch.
 
-Every example draws its own timestep, noise and dropout masks (`example_randomness`), so a
+Every example draws its own noise level, noise and dropout masks (`example_randomness`), so a
 step gives the same result however its batch is cut into devices, chunks or micro-batches.
 How the step is compiled, sharded and cut into micro-batches for a backend is the
 runtime's (`ddpm_jax.runtime.compile`); this file knows none of it.
@@ -17,7 +18,7 @@ import optax
 from flax import nnx
 
 from ddpm_jax import recipe
-from ddpm_jax.core import diffusion, objectives
+from ddpm_jax.core import diffusion, edm, objectives
 from ddpm_jax.runtime import network
 from ddpm_jax.train.state import TrainState
 
@@ -36,9 +37,11 @@ def ema_decay_at(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Arra
 
 
 def example_randomness(
-    rng: jax.Array, image_shape: tuple[int, ...], num_timesteps: int
+    rng: jax.Array, image_shape: tuple[int, ...], num_timesteps: int,
+    edm_settings: edm.EDMSettings | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per example i of a batch: its timestep, its noise and its dropout key.
+    """Per example i of a batch: its noise level (a timestep in [0, num_timesteps), or with
+    `edm_settings` EDM's log-normal sigma), its noise and its dropout key.
 
     Each is drawn from `fold_in(rng, i)` alone (i the example's index in the global batch),
     so an example gets the same draws however the batch is split over devices, chunks or
@@ -47,7 +50,10 @@ def example_randomness(
 
     def draw(key):
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
-        t = objectives.sample_timesteps(t_key, 1, num_timesteps)[0]
+        if edm_settings is None:
+            t = objectives.sample_timesteps(t_key, 1, num_timesteps)[0]
+        else:
+            t = edm.training_sigma(t_key, edm_settings)
         return t, jax.random.normal(noise_key, image_shape[1:], jnp.float32), dropout_key
 
     keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(image_shape[0]))
@@ -118,8 +124,12 @@ def train_step(
     images, labels = split_batch(batch)
     x0 = images_to_model_space(images)
     step_rng = jax.random.fold_in(state.rng, state.step)
-    t, noise, dropout_keys = example_randomness(step_rng, x0.shape, schedule.num_timesteps)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    edm_settings = recipe.edm_settings(config) if recipe.is_edm(config) else None
+    t, noise, dropout_keys = example_randomness(step_rng, x0.shape, schedule.num_timesteps,
+                                                edm_settings)
+    # x_t: x0 + sigma * noise for EDM (t is sigma), else q(x_t | x0) at timestep t
+    x_t = (x0 + t[:, None, None, None] * noise if edm_settings
+           else diffusion.q_sample(schedule, x0, t, noise))
     if labels is not None:
         labels = dropped_labels(step_rng, labels, config.get("label_dropout", 0.0),
                                 config.model.num_classes)
@@ -128,8 +138,13 @@ def train_step(
     use_dropout = config.model.dropout > 0
 
     def loss_fn(params, x0, x_t, t, noise, dropout_keys, labels=None):
-        output = network.apply(graphdef, params, x_t, t, dropout_keys if use_dropout else None,
-                               class_labels=labels)
+        keys = dropout_keys if use_dropout else None
+        if edm_settings is not None:  # EDM: F(c_in x; c_noise), loss of D = c_skip x + c_out F
+            net_input, c_noise = edm.network_inputs(x_t, t, edm_settings)
+            output = network.apply(graphdef, params, net_input, c_noise, keys,
+                                   class_labels=labels)
+            return jnp.mean(edm.loss(output, x_t, x0, t, edm_settings)), jnp.zeros(())
+        output = network.apply(graphdef, params, x_t, t, keys, class_labels=labels)
         loss, vlb = objectives.loss_terms(schedule, output, x0, x_t, t, noise, objective)
         return jnp.mean(loss), (jnp.mean(vlb) if learned else jnp.zeros(()))
 
