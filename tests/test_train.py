@@ -233,7 +233,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
         ("num_train_steps", 0, "num_train_steps must be a positive"),
         ("diffusion.schedule", "sigmoid", "diffusion.schedule"),
         ("diffusion.prediction", "score", "diffusion.prediction"),
-        ("sample.sampler", "euler", "sample.sampler"),
+        ("sample.sampler", "leapfrog", "sample.sampler"),
         ("sample.spacing", "cubic", "sample.spacing"),
         ("data.image_size", 17, "divisible by 2"),
         ("model.attention_resolutions", (3,), "only has resolutions"),
