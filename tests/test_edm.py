@@ -258,3 +258,76 @@ def test_edm_loss_equals_a_numpy_transcription_of_edm_precond_and_loss():
     output = raw_net(net_input, label, jnp)
     got = edm.loss(output, x_noisy, jnp.asarray(y, jnp.float32), sigma32, settings)
     np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def edm_config():
+    from tests.helpers import micro_config
+
+    config = micro_config()
+    config.diffusion.formulation = "edm"
+    config.sample.sampler = "heun"
+    config.sample.num_steps = 5
+    config.eval.sampler = "heun"
+    return config
+
+
+def test_an_edm_step_learns_one_batch():
+    from tests.helpers import run_train_steps
+
+    from ddpm_jax import train
+
+    config = edm_config()
+    config.learning_rate = 2e-3
+    config.warmup_steps = 1
+    mesh = train.create_mesh(devices=jax.devices()[:1])
+    batch = np.zeros((8, 8, 8, 3), np.uint8)
+    batch[:, 2:6, 2:6] = 255
+    _, losses = run_train_steps(config, mesh, [batch] * 40, weight_noise=0.05)
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+
+
+@pytest.mark.slow
+def test_an_edm_run_resumes_exactly_samples_with_heun_and_is_refused_where_ddpm_is_assumed(
+        tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, command_env
+
+    from ddpm_jax import convert, evaluate, sample, train
+    from ddpm_jax.core.errors import UserError
+
+    config = edm_config()
+    config.num_train_steps = 4
+    config.sample_every_steps = 0
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+    config.num_train_steps = 2
+    train.train_and_evaluate(config, str(tmp_path / "split"))
+    config.num_train_steps = 4
+    resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    workdir = str(tmp_path / "split")
+    output = tmp_path / "heun.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.sample", f"--workdir={workdir}", "--sampler=heun",
+         "--num_steps=5", "--num_samples=4", f"--output={output}"],
+        cwd=ROOT, env=command_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert output.exists() and "heun, 5 steps, karras spacing" in done.stderr
+    images, _ = sample.generate(workdir, 4, sampler="dpm_solver++", num_steps=4)
+    assert images.shape == (4, 8, 8, 3)
+
+    with pytest.raises(UserError, match="ddpm sampler steps between the timesteps"):
+        sample.generate(workdir, 4, sampler="ddpm")
+    with pytest.raises(UserError, match="evaluate nll.*formulation='edm'"):
+        evaluate.nll(workdir)
+    with pytest.raises(UserError, match="to-diffusers.*formulation='edm'"):
+        convert.to_diffusers(workdir, str(tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()
+    config.diffusion.formulation = "ddpm"
+    config.num_train_steps = 6
+    with pytest.raises(UserError, match="diffusion.formulation: checkpoint 'edm', config 'ddpm'"):
+        train.train_and_evaluate(config, workdir)
