@@ -40,13 +40,16 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_samples", 16, "Number of images.", lower_bound=1)
     flags.DEFINE_string("output", None, "Where to write: a .png grid or a .npz of uint8 images.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_string("sampler", None, "ddpm, ddim or dpm_solver++ (default: the run's "
+    flags.DEFINE_string("sampler", None, "ddpm, ddim, dpm_solver++, heun or euler (default: the run's "
                         "config.sample.sampler).")
     flags.DEFINE_integer("num_steps", None, "Network calls (default: the run's; 0: the sampler's "
                          "default).")
-    flags.DEFINE_string("spacing", None, "Timesteps visited: linspace, leading, trailing, logsnr "
-                        "or auto (default: the run's config.sample.spacing).")
+    flags.DEFINE_string("spacing", None, "Noise levels visited: linspace, leading, trailing, "
+                        "logsnr, karras or auto (default: the run's config.sample.spacing).")
     flags.DEFINE_float("eta", None, "DDIM noise scale (default: the run's).")
+    flags.DEFINE_list("options", None, "Other knobs of the sampler or spacing as KEY=VALUE "
+                      "(default: the run's), e.g. s_churn=40,s_tmin=0.05,s_tmax=50,s_noise=1.003 "
+                      "for heun's stochastic churn, or rho=5,sigma_max=80 for the karras spacing.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("batch_size", 64, "Images per sampling run (rounded up to the devices).",
                          lower_bound=1)
@@ -84,17 +87,25 @@ def generate(
     num_steps: int | None = None, eta: float | None = None, spacing: str | None = None,
     seed: int = 0, batch_size: int = 64, snapshots: int = 0, progress: bool = False,
     class_labels: list[str] | None = None, guidance_scale: float | None = None,
+    options: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 samples [N, S, S, 3] (and [N, K, S, S, 3] snapshots when `snapshots` > 0).
 
-    `sampler`, `num_steps`, `spacing`, `eta` and `guidance_scale` default to the run's
-    `config.sample`; image i of a class-conditional run has class `class_labels[i % len]`
-    (numbers or names; None: the null label).
+    `sampler`, `num_steps`, `spacing`, `eta`, `guidance_scale` and the sampler's and
+    spacing's other knobs (`options`) default to the run's `config.sample`; image i of a
+    class-conditional run has class `class_labels[i % len]` (numbers or names; None: the
+    null label).
     """
     config, params, step, mesh = runs.load_run(workdir, step)
-    settings = SamplerSettings.from_config(config.sample, sampler=sampler, num_steps=num_steps,
-                                           eta=eta, spacing=spacing,
-                                           guidance_scale=guidance_scale)
+    named = {"sampler": sampler, "num_steps": num_steps, "eta": eta, "spacing": spacing,
+             "guidance_scale": guidance_scale}
+    overrides = {**(options or {}), **{k: v for k, v in named.items() if v is not None}}
+    settings = SamplerSettings.from_config(config.sample, **overrides)
+    unknown = sorted(set(options or {}) - set(settings.options) - set(settings.spacing_options))
+    if unknown:
+        raise UserError(f"{settings.name} with the {settings.describe()['spacing']} spacing has no "
+                        f"option {', '.join(unknown)}; its options: "
+                        f"{', '.join([*settings.options, *settings.spacing_options]) or 'none'}")
     labels = None
     if class_labels:
         numbers = class_numbers(class_labels, checkpointing.saved_classes(workdir),
@@ -159,10 +170,25 @@ def main(argv: list[str]) -> None:
             num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed,
             batch_size=FLAGS.batch_size, snapshots=FLAGS.snapshots, progress=True,
             class_labels=class_labels, guidance_scale=FLAGS.guidance_scale,
+            options=_options(FLAGS.options),
         )
         if jax.process_index() == 0:
             write(samples, strips, FLAGS.output, columns)
             logging.info("wrote %s", FLAGS.output)
+
+
+def _options(items: list[str] | None) -> dict[str, float]:
+    """`--options` KEY=VALUE items as numbers."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--options takes KEY=NUMBER items, got {item!r}")
+    return options
 
 
 def _class_choice() -> tuple[list[str] | None, int, int | None]:

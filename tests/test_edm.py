@@ -47,8 +47,8 @@ def edm_reference(sigmas, initial, call_noise, *, heun, round_sigma=lambda s: s,
     count = len(sigmas)
     gammas = [min(s_churn / count, math.sqrt(2) - 1) if s_tmin <= s <= s_tmax else 0.0
               for s in sigmas]
-    t_hat = [round_sigma(s * (1 + g)) if g > 0 else s for s, g in zip(sigmas, gammas)]
-    churn = [math.sqrt(max(h**2 - s**2, 0.0)) * s_noise for h, s in zip(t_hat, sigmas)]
+    t_hat = [round_sigma(s * (1 + g)) if g > 0 else s for s, g in zip(sigmas, gammas, strict=True)]
+    churn = [math.sqrt(max(h**2 - s**2, 0.0)) * s_noise for h, s in zip(t_hat, sigmas, strict=True)]
     x = math.sqrt(t[0] ** 2 + churn[0] ** 2) * initial
     calls = 0
     for i in range(count):
@@ -272,9 +272,8 @@ def edm_config():
 
 
 def test_an_edm_step_learns_one_batch():
-    from tests.helpers import run_train_steps
-
     from ddpm_jax import train
+    from tests.helpers import run_train_steps
 
     config = edm_config()
     config.learning_rate = 2e-3
@@ -293,10 +292,9 @@ def test_an_edm_run_resumes_exactly_samples_with_heun_and_is_refused_where_ddpm_
     import subprocess
     import sys
 
-    from tests.helpers import ROOT, command_env
-
     from ddpm_jax import convert, evaluate, sample, train
     from ddpm_jax.core.errors import UserError
+    from tests.helpers import ROOT, command_env
 
     config = edm_config()
     config.num_train_steps = 4
@@ -313,13 +311,16 @@ def test_an_edm_run_resumes_exactly_samples_with_heun_and_is_refused_where_ddpm_
     output = tmp_path / "heun.png"
     done = subprocess.run(
         [sys.executable, "-m", "ddpm_jax.sample", f"--workdir={workdir}", "--sampler=heun",
-         "--num_steps=5", "--num_samples=4", f"--output={output}"],
+         "--num_steps=5", "--num_samples=4", f"--output={output}", "--options=s_churn=10,rho=5"],
         cwd=ROOT, env=command_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert output.exists() and "heun, 5 steps, karras spacing" in done.stderr
+    assert output.exists() and "heun, 5 steps, karras spacing, rho=5.0" in done.stderr
+    assert "s_churn=10.0" in done.stderr
     images, _ = sample.generate(workdir, 4, sampler="dpm_solver++", num_steps=4)
     assert images.shape == (4, 8, 8, 3)
 
+    with pytest.raises(UserError, match="heun with the karras spacing has no option eta"):
+        sample.generate(workdir, 4, sampler="heun", options={"eta": 1.0})
     with pytest.raises(UserError, match="ddpm sampler steps between the timesteps"):
         sample.generate(workdir, 4, sampler="ddpm")
     with pytest.raises(UserError, match="evaluate nll.*formulation='edm'"):
