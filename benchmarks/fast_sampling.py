@@ -4,8 +4,10 @@
 
 1. Accuracy, with no training: for data ~ N(0.3, 0.5^2) the exact denoiser is known
    (`diffusion.optimal_gaussian_eps`), so a sampler's output mean and std can be compared
-   with the data's. Every sampler and spacing at 10, 20, 50 and 100 network calls, linear
-   schedule, T = 1000, 2^18 samples (std error of a std about 0.1%), no clipping.
+   with the data's. Every sampler and spacing at 10, 20, 35, 50 and 100 network calls,
+   linear schedule, T = 1000, 2^18 samples (std error of a std about 0.1%), no clipping;
+   then the samplers that take continuous noise levels on the oracle of an EDM-formulation
+   model (`edm.optimal_gaussian_network`, sigma from 80 to 0.002) on their spacings.
 2. Cost: wall time of one sampling program (`runtime.compiled_sampler.make_sample_fn`) for `--config`'s
    net with random weights, DDIM-100 against DPM-Solver++-20, medians of `--repeats`.
 """
@@ -20,30 +22,41 @@ import numpy as np
 
 from benchmarks import common
 
-CALLS = (10, 20, 50, 100)
+CALLS = (10, 20, 35, 50, 100)
 SAMPLERS = (("ddpm", "fixed_large"), ("ddpm", "fixed_small"), ("ddim", "fixed_small"),
-            ("dpm_solver++", "fixed_small"))
+            ("dpm_solver++", "fixed_small"), ("heun", "-"), ("euler", "-"))
+CONTINUOUS_SAMPLERS = ("dpm_solver++", "heun", "euler")
 DATA_MEAN, DATA_STD = 0.3, 0.5
 
 
-def oracle_rows() -> list[dict]:
+def oracle_rows(continuous: bool = False) -> list[dict]:
+    """Mean and std of each sampler's output on the oracle at each count of network calls:
+    of the discrete model, or (`continuous`) of an EDM-formulation model."""
     from ddpm_jax import samplers
-    from ddpm_jax.core import diffusion
-    from ddpm_jax.samplers import SPACINGS
+    from ddpm_jax.core import diffusion, edm
+    from ddpm_jax.samplers import CONTINUOUS_SPACINGS, SPACINGS
 
     schedule = diffusion.make_schedule("linear", 1000)
-    denoise = diffusion.optimal_gaussian_eps(schedule, DATA_MEAN, DATA_STD)
+    if continuous:
+        preconditioning = edm.EDMPreconditioning()
+        denoise = edm.optimal_gaussian_network(preconditioning, DATA_MEAN, DATA_STD)
+        cases = [(name, "-") for name in CONTINUOUS_SAMPLERS]
+        spacings = CONTINUOUS_SPACINGS.names()
+    else:
+        preconditioning = None
+        denoise = diffusion.optimal_gaussian_eps(schedule, DATA_MEAN, DATA_STD)
+        cases, spacings = SAMPLERS, SPACINGS.names()
     rows = []
-    for sampler, variance in SAMPLERS:
-        for spacing in SPACINGS.names():
-            row = {"sampler": sampler, "variance": variance if sampler == "ddpm" else "-",
-                   "spacing": spacing}
+    for sampler, variance in cases:
+        for spacing in spacings:
+            row = {"sampler": sampler, "variance": variance, "spacing": spacing}
             for calls in CALLS:
                 run = jax.jit(lambda rng, sampler=sampler, calls=calls, spacing=spacing,
                               variance=variance: samplers.sample(
                                   denoise, schedule, (2**15, 8), rng, sampler=sampler,
-                                  num_steps=calls, spacing=spacing, variance=variance,
-                                  clip_x0=False))
+                                  num_steps=calls, spacing=spacing,
+                                  variance="fixed_small" if variance == "-" else variance,
+                                  clip_x0=False, preconditioning=preconditioning))
                 x = np.asarray(run(jax.random.PRNGKey(0)), np.float64)
                 row[f"mean@{calls}"] = x.mean()
                 row[f"std@{calls}"] = x.std()
@@ -87,8 +100,9 @@ def main() -> None:
     parser.add_argument("--skip_timing", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    results = {"oracle": oracle_rows()}
+    results = {"oracle": oracle_rows(), "oracle_continuous": oracle_rows(continuous=True)}
     common.report(f"oracle: data mean {DATA_MEAN}, std {DATA_STD}", results["oracle"], None)
+    common.report("oracle of an EDM-formulation model", results["oracle_continuous"], None)
     if not args.skip_timing:
         results["time"] = timing_rows(args.config, args.batch, args.repeats)
         common.report("wall time of one sampling program", results["time"], None)
