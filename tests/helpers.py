@@ -159,6 +159,24 @@ def restore_micro_run(workdir, step):
     return jax.tree.map(np.asarray, state)
 
 
+def check_resume_is_exact(config, root):
+    """Trains `config` for 4 steps straight (ROOT/straight) and as 2 + 2 with a resume
+    (ROOT/split), and checks that both end in bitwise the same state."""
+    import jax
+    import numpy as np
+
+    from ddpm_jax import train
+
+    config.num_train_steps = 4
+    straight = train.train_and_evaluate(config, str(root / "straight"))
+    config.num_train_steps = 2
+    train.train_and_evaluate(config, str(root / "split"))
+    config.num_train_steps = 4
+    resumed = train.train_and_evaluate(config, str(root / "split"))
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def run_train_steps(config, mesh, batches, weight_noise=0.0, metric="loss"):
     """Fresh state, then one jitted train step per uint8 batch; returns (state, the `metric`
     of each step).

@@ -294,18 +294,11 @@ def test_an_edm_run_resumes_exactly_samples_with_heun_and_is_refused_where_ddpm_
 
     from ddpm_jax import convert, evaluate, sample, train
     from ddpm_jax.core.errors import UserError
-    from tests.helpers import ROOT, command_env
+    from tests.helpers import ROOT, check_resume_is_exact, command_env
 
     config = edm_config()
-    config.num_train_steps = 4
     config.sample_every_steps = 0
-    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-    config.num_train_steps = 2
-    train.train_and_evaluate(config, str(tmp_path / "split"))
-    config.num_train_steps = 4
-    resumed = train.train_and_evaluate(config, str(tmp_path / "split"))
-    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    check_resume_is_exact(config, tmp_path)
 
     workdir = str(tmp_path / "split")
     output = tmp_path / "heun.png"
@@ -332,3 +325,26 @@ def test_an_edm_run_resumes_exactly_samples_with_heun_and_is_refused_where_ddpm_
     config.num_train_steps = 6
     with pytest.raises(UserError, match="diffusion.formulation: checkpoint 'edm', config 'ddpm'"):
         train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sample.sampler", "ddpm", "sample.*ddpm sampler steps between the timesteps.*use one of"),
+    ("eval.sampler", "ddim", "eval.*ddim sampler"),
+    ("sample.spacing", "trailing", "^sample.*: the trailing spacing picks timesteps.*use logsnr or karras"),
+    ("diffusion.loss", "l1", "EDM's weighted MSE; diffusion.loss='l1'"),
+    ("diffusion.variance", "learned_range", "learned_range"),
+    ("diffusion.sigma_min", 100.0, "0 < sigma_min < sigma_max"),
+    ("sample.guidance_interval", (0, 10), "guidance_interval is in timesteps"),
+])
+def test_an_edm_config_that_cannot_work_is_refused_before_any_work(tmp_path, field, value,
+                                                                    match):
+    from ddpm_jax.train import config_checks
+
+    config = edm_config()
+    config.eval_every_steps = 10  # so the eval section is checked
+    config.eval.num_samples = 4
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(config_checks.ConfigError, match=match):
+        config_checks.validate(config)
+    assert not any(tmp_path.iterdir())

@@ -29,7 +29,8 @@ from ddpm_jax.samplers.guidance import Guidance, guided
 from ddpm_jax.samplers.settings import SamplerSettings
 from ddpm_jax.samplers.spacing import CONTINUOUS_SPACINGS, SPACINGS
 
-__all__ = ["CONTINUOUS_SPACINGS", "SAMPLERS", "SPACINGS", "Guidance", "ReversePlan", "Sampler", "SamplerSettings",
+__all__ = ["CONTINUOUS_SPACINGS", "SAMPLERS", "SPACINGS", "Guidance", "ReversePlan", "Sampler",
+           "SamplerSettings",
            "check_section", "guided", "no_state", "reverse_init", "reverse_plan",
            "reverse_result", "reverse_steps", "sample", "sampling_sigmas", "sampling_timesteps",
            "snapshot_slots"]

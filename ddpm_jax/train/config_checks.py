@@ -204,9 +204,12 @@ def validate(
     _checked(recipe.check_config, config)
     try:
         calls = samplers.check_section(config.sample, "sample", recipe.preconditioning(config))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error  # it names the field
+    try:
         samplers.snapshot_slots(calls, config.sample.num_snapshots)
     except ValueError as error:
-        raise ConfigError(f"sample.*: {error}") from error
+        raise ConfigError(f"sample.num_snapshots: {error}") from error
     _check_eval(config)
 
     _checked(data_sources.check_config, config.data)
