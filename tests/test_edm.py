@@ -348,3 +348,15 @@ def test_an_edm_config_that_cannot_work_is_refused_before_any_work(tmp_path, fie
     with pytest.raises(config_checks.ConfigError, match=match):
         config_checks.validate(config)
     assert not any(tmp_path.iterdir())
+
+
+def test_heun_snapshots_show_x_as_a_variance_preserving_x_t_and_end_with_the_samples():
+    schedule = diffusion.make_schedule("linear", T)
+    network = diffusion.optimal_gaussian_eps(schedule, MEAN, STD)
+    x, snapshots = jax.jit(lambda r: samplers.sample(
+        network, schedule, SHAPE, r, sampler="heun", num_steps=9, num_snapshots=3,
+        clip_x0=False))(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(snapshots[-1], x)
+    # The first snapshot (after the first call, x at sigma ~ 50) scaled to x_t has about
+    # unit std, not sigma's.
+    assert 0.8 < float(np.std(snapshots[0])) < 1.2
