@@ -165,7 +165,8 @@ def config_file_text(config: ml_collections.ConfigDict, source: str) -> str:
     """A config file (for `--config=`) that returns `config`."""
     return (f'"""The config of the diffusers model converted from {source}\n'
             '(python -m ddpm_jax.convert from-diffusers); override fields with --config.X=Y."""\n\n'
-            "import ml_collections\n\n\n"
+            "import ml_collections\n\n"
+            'inf = float("inf")  # how the values below write infinity\n\n\n'
             "def get_config():\n"
             f"    return ml_collections.ConfigDict({pprint.pformat(config.to_dict(), indent=4)})\n")
 

@@ -102,8 +102,10 @@ class TensorBoardWriter(MetricWriter):
     def __init__(self, logdir: str):
         directory = epath.Path(logdir)
         directory.mkdir(parents=True, exist_ok=True)
+        # TensorBoard reads a run's files in name order: the number is padded so that files
+        # opened in one second by one process sort in the order they were opened.
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                f"{os.getpid()}.{next(_file_numbers)}.v2")
+                f"{os.getpid()}.{next(_file_numbers):06d}.v2")
         self._records = RecordWriter((directory / name).open("wb"))
         self._remote = "://" in logdir
         self._flushed_at = time.monotonic()

@@ -360,3 +360,11 @@ def test_heun_snapshots_show_x_as_a_variance_preserving_x_t_and_end_with_the_sam
     # The first snapshot (after the first call, x at sigma ~ 50) scaled to x_t has about
     # unit std, not sigma's.
     assert 0.8 < float(np.std(snapshots[0])) < 1.2
+
+
+def test_heun_settings_describe_themselves_in_strict_json():
+    import json
+
+    described = SamplerSettings("heun", 35).describe()
+    assert described["s_tmax"] == "inf" and described["rho"] == 7.0
+    assert json.loads(json.dumps(described, allow_nan=False))["num_steps"] == 35

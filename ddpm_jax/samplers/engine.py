@@ -73,18 +73,25 @@ def check_section(section: Mapping[str, Any], prefix: str,
         raise UserError(f"{prefix}.guidance_interval is in timesteps of the discrete schedule; "
                         "a model trained with diffusion.formulation='edm' has none: leave it ()")
     try:
-        if settings.sampler.space == "timestep":
-            if preconditioning.continuous:
-                _refuse_timestep_sampler(settings.name)
-            return len(settings.sampler.timesteps(preconditioning.alphas_cumprod,
-                                                  settings.num_steps, spacing,
-                                                  settings.spacing_options))
-        grid = sampling_sigmas(preconditioning, settings)
-        calls = settings.num_steps or settings.sampler.default_steps or len(grid)
-        return len(settings.sampler.plan_calls(grid, calls, preconditioning.round,
-                                               **settings.options)[0])
+        if settings.sampler.space == "sigma":
+            return len(sigma_calls(preconditioning, settings)[0])
+        if preconditioning.continuous:
+            _refuse_timestep_sampler(settings.name)
+        return len(settings.sampler.timesteps(preconditioning.alphas_cumprod,
+                                              settings.num_steps, spacing,
+                                              settings.spacing_options))
     except ValueError as error:
         raise UserError(f"{prefix}.*: {error}") from error
+
+
+def sigma_calls(preconditioning: edm.Preconditioning, settings: SamplerSettings
+                ) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
+    """A sigma sampler's network calls on its grid (`Sampler.plan_calls`): the sigma of each
+    call's input, its per-call arrays, and the std of x at the start."""
+    chosen = settings.sampler
+    grid = sampling_sigmas(preconditioning, settings)
+    calls = settings.num_steps or chosen.default_steps or len(grid)
+    return chosen.plan_calls(grid, calls, preconditioning.round, **settings.options)
 
 
 def _refuse_timestep_sampler(name: str) -> None:
@@ -109,7 +116,7 @@ def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
 
 
 class ReversePlan(NamedTuple):
-    """A reverse-diffusion run fixed on the host: sampler, visited timesteps and settings.
+    """A reverse-diffusion run fixed on the host: sampler, its network calls and settings.
 
     `reverse_init`, `reverse_steps` and `reverse_result` run it; `sample` runs it in one go,
     a caller that must stay responsive (a stop request) runs it a chunk of steps at a time,
@@ -118,10 +125,14 @@ class ReversePlan(NamedTuple):
 
     sampler: Sampler
     options: dict[str, Any]  # the sampler's knobs, resolved (`SamplerSettings.options`)
-    steps: np.ndarray  # int32 [S], descending
-    prev_steps: np.ndarray  # int32 [S], -1 after the last
+    # [S]: the net's time input at each call: descending int32 timesteps, or for a sigma
+    # sampler the model's c_noise (a discrete model's timesteps, an EDM model's float32)
+    steps: np.ndarray
+    prev_steps: np.ndarray  # int32 [S], -1 after the last (timestep samplers)
     slots: np.ndarray  # int32 [S], snapshot slot written after step i (-1: none)
-    coefficients: Any  # pytree of [S, ...] arrays (the sampler's `prepare`), or None
+    # pytree of [S, ...] arrays: the sampler's `prepare`, or None; for a sigma sampler its
+    # per-call arrays and the preconditioning (c_skip, c_out, c_in)
+    coefficients: Any
     shape: tuple[int, ...]
     prediction: str
     variance: str
@@ -171,11 +182,7 @@ def _sigma_plan(preconditioning: edm.Preconditioning, shape: tuple[int, ...],
                 num_snapshots: int) -> ReversePlan:
     """The plan of a sigma sampler: its calls on the grid, and at each the model's
     preconditioning (c_skip, c_out, c_in and the net's time input c_noise)."""
-    chosen = settings.sampler
-    grid = sampling_sigmas(preconditioning, settings)
-    calls = settings.num_steps or chosen.default_steps or len(grid)
-    call_sigmas, rows, initial_scale = chosen.plan_calls(grid, calls, preconditioning.round,
-                                                         **settings.options)
+    call_sigmas, rows, initial_scale = sigma_calls(preconditioning, settings)
     preconditioned = preconditioning.coefficients(call_sigmas)
     labels = preconditioned.pop("c_noise")
     # x after each call, as x_t of a variance-preserving chain, for snapshots
@@ -183,7 +190,7 @@ def _sigma_plan(preconditioning: edm.Preconditioning, shape: tuple[int, ...],
     coefficients = {key: np.asarray(value, np.float32)
                     for key, value in {**rows, **preconditioned, "sigma": call_sigmas}.items()}
     count = len(call_sigmas)
-    return ReversePlan(chosen, settings.options,
+    return ReversePlan(settings.sampler, settings.options,
                        labels.astype(np.int32 if not preconditioning.continuous else np.float32),
                        -np.ones(count, np.int32),
                        snapshot_slots(count, num_snapshots).astype(np.int32), coefficients,

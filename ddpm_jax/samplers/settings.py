@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,11 +56,13 @@ class SamplerSettings:
         return SAMPLERS.get(self.name)
 
     def describe(self) -> dict[str, Any]:
-        """For logs and JSON results (the step count and spacing as resolved)."""
+        """For logs and JSON results (the step count and spacing as resolved; an infinite
+        knob, such as heun's s_tmax, as the string "inf", which strict JSON can hold)."""
         sampler = self.sampler
+        knobs = {key: value if not isinstance(value, float) or math.isfinite(value) else str(value)
+                 for key, value in {**self.spacing_options, **self.options}.items()}
         return {"sampler": self.name, "num_steps": self.num_steps or sampler.default_steps,
-                "spacing": sampler.resolve_spacing(self.spacing),
-                **self.spacing_options, **self.options,
+                "spacing": sampler.resolve_spacing(self.spacing), **knobs,
                 **(self.guidance.describe() if self.guidance.active else {})}
 
     def summary(self) -> str:
