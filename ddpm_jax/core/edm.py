@@ -135,13 +135,6 @@ def karras_sigmas(num_sigmas: int, sigma_min: float, sigma_max: float,
     return (high + ramp * (low - high)) ** rho
 
 
-def sampling_range(preconditioning: Preconditioning, sigma_min: float = 0.0,
-                   sigma_max: float = 0.0) -> tuple[float, float]:
-    """The sampling range: the model's own, narrowed to `sigma_min`/`sigma_max` where they
-    are given (0: the model's), as EDM does for the nets it wraps."""
-    return narrowed_range(*preconditioning.sigma_range, sigma_min, sigma_max)
-
-
 def narrowed_range(low: float, high: float, sigma_min: float = 0.0,
                    sigma_max: float = 0.0) -> tuple[float, float]:
     """[low, high] narrowed to `sigma_min`/`sigma_max` where they are given (0: not)."""
