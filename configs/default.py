@@ -119,6 +119,16 @@ def get_config() -> ml_collections.ConfigDict:
     # Classes of a class-conditional net (0: unconditional): a learned vector per class, and
     # one for the null label, added to the time embedding (diffusers' num_class_embeds).
     model.num_classes = 0
+    # The blocks of later nets (ddpm layout; the defaults keep Ho et al.'s; see
+    # models/architecture.py): ADM (Dhariwal & Nichol 2021) uses scale_shift_norm,
+    # resample="resblock" and head_channels=64; DDPM++ (Song et al. 2021, EDM) resample=
+    # "resblock", resample_projection, skip_scale=1/sqrt(2) and decoder_attention="last_block".
+    model.scale_shift_norm = False  # the embedding scales and shifts the second GroupNorm
+    model.resample = "conv"  # "conv" (strided / nearest-x2 convs) or "resblock" (residual)
+    model.resample_projection = False  # a 1x1 conv on a resampling block's skip
+    model.skip_scale = 1.0  # residual and attention outputs times this
+    model.head_channels = 0  # fixed attention head width (0: model.num_heads heads)
+    model.decoder_attention = "every_block"  # or "last_block" of each attended up level
 
     # ---- diffusion -----------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()

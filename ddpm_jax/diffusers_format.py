@@ -20,6 +20,7 @@ import ml_collections
 from configs import ddpm_paper
 from ddpm_jax.core import diffusion
 from ddpm_jax.core.errors import UserError
+from ddpm_jax.models.architecture import BLOCK_OPTION_DEFAULTS
 
 # Written into exported configs: the oldest diffusers this format is tested with.
 DIFFUSERS_VERSION = "0.30.0"
@@ -57,6 +58,11 @@ def check_exportable(config: ml_collections.ConfigDict) -> None:
         if value != wanted:
             raise UnsupportedError(f"{field}={value!r}: diffusers' UNet2DModel has only the "
                                    f"{wanted!r} form of it")
+    for field, default in BLOCK_OPTION_DEFAULTS.items():
+        if m.get(field, default) != default:
+            raise UnsupportedError(f"model.{field}={m[field]!r}: exporting the later nets' block "
+                                   "options to UNet2DModel is not supported yet; only Ho et "
+                                   "al.'s blocks are")
     if m.time_embedding_width not in (0, m.base_channels):
         raise UnsupportedError(
             f"model.time_embedding_width={m.time_embedding_width}: UNet2DModel's sinusoidal "

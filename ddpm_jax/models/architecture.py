@@ -16,6 +16,8 @@ TIME_PROJECTIONS = ("silu_linear", "linear")
 # (before, after) zero padding of the stride-2 downsample conv on each spatial axis:
 # "same" is TensorFlow's 'SAME' on an even map (Ho et al.), "symmetric" PyTorch's padding=1.
 DOWNSAMPLE_PADDINGS = {"same": (0, 1), "symmetric": (1, 1)}
+RESAMPLES = ("conv", "resblock")
+DECODER_ATTENTIONS = ("every_block", "last_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +29,18 @@ class Architecture:
     `time_embedding_freq_shift` and `time_embedding_cos_first` the sinusoidal embedding
     (`blocks.timestep_embedding`); `dtype` the compute dtype (parameters stay float32);
     `remat` recomputes residual blocks in the backward pass; `num_classes` > 0 adds a class
-    embedding (`blocks.ClassEmbedding`, 0: unconditional). The defaults are Ho et al.'s
-    CIFAR-10 net. Checked when made: a message names the config field to change.
+    embedding (`blocks.ClassEmbedding`, 0: unconditional).
+
+    The block options of the nets after Ho et al.'s (ADM, Dhariwal & Nichol 2021; DDPM++,
+    Song et al. 2021 and EDM), `ddpm` layout only, each changing only its own blocks:
+    `scale_shift_norm` (the embedding scales and shifts the second GroupNorm's output),
+    `resample` ("resblock": BigGAN-style residual blocks that average-pool or repeat, for the
+    strided conv and the nearest-x2 conv), `resample_projection` (a 1x1 conv on those
+    blocks' skip, DDPM++), `skip_scale` (residual and attention outputs times it; DDPM++
+    1/sqrt(2)), `head_channels` (a fixed head width: heads = channels / head_channels, for
+    `num_heads`; ADM 64) and `decoder_attention` ("last_block": on the up path only the last
+    block of an attended level attends, DDPM++). The defaults are Ho et al.'s CIFAR-10 net.
+    Checked when made: a message names the config field to change.
     """
 
     image_size: int
@@ -53,6 +65,12 @@ class Architecture:
     dtype: str = "float32"
     remat: bool = False
     num_classes: int = 0
+    scale_shift_norm: bool = False
+    resample: str = "conv"
+    resample_projection: bool = False
+    skip_scale: float = 1.0
+    head_channels: int = 0
+    decoder_attention: str = "every_block"
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -61,6 +79,24 @@ class Architecture:
                               self.attention_type, self.base_channels, self.num_heads,
                               self.layout, self.time_projection, self.norm_groups,
                               self.downsample_padding)
+        self._check_block_options()
+
+    def _check_block_options(self) -> None:
+        check_choice("model.resample", self.resample, RESAMPLES)
+        check_choice("model.decoder_attention", self.decoder_attention, DECODER_ATTENTIONS)
+        changed = [name for name, default in BLOCK_OPTION_DEFAULTS.items()
+                   if getattr(self, name) != default]
+        if changed and self.layout != "ddpm":
+            raise UserError(f"model.{changed[0]} is an option of the ddpm layout's blocks; the "
+                            f"{self.layout} layout has none: use model.layout='ddpm' or the default")
+        if not self.skip_scale > 0:
+            raise UserError(f"model.skip_scale must be positive (1: none; DDPM++: 1/sqrt(2)), got "
+                            f"{self.skip_scale}")
+        if self.head_channels:
+            widths = [self.base_channels * m for m in self.channel_mults]
+            if self.head_channels < 0 or any(w % self.head_channels for w in widths):
+                raise UserError(f"model.head_channels={self.head_channels} must divide every "
+                                f"level width {widths} (0: model.num_heads heads)")
 
     @classmethod
     def from_config(cls, config: Any) -> Architecture:
@@ -85,6 +121,12 @@ class Architecture:
     def attends(self, resolution: int) -> bool:
         """Whether the net has attention at feature maps of side `resolution`."""
         return resolution in self.attention_resolutions
+
+
+# The block options and the values that keep Ho et al.'s blocks.
+BLOCK_OPTION_DEFAULTS = {"scale_shift_norm": False, "resample": "conv",
+                         "resample_projection": False, "skip_scale": 1.0, "head_channels": 0,
+                         "decoder_attention": "every_block"}
 
 
 def validate_architecture(

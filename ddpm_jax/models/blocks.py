@@ -81,6 +81,17 @@ def dropout(x: jax.Array, rate: float, keys: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def resample(x: jax.Array, direction: str | None) -> jax.Array:
+    """x at half ("down": 2x2 average pooling) or twice ("up": nearest neighbour) the
+    resolution, or as is (None): the resampling inside ADM's and DDPM++'s residual blocks."""
+    if direction == "down":
+        b, height, width, channels = x.shape
+        return x.reshape(b, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
+    if direction == "up":
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return x
+
+
 class ResBlock(nnx.Module):
     """GroupNorm-SiLU-conv, plus a projection of the time embedding, GroupNorm-SiLU-dropout-conv.
 
@@ -88,20 +99,33 @@ class ResBlock(nnx.Module):
     without it the projection is linear (the PyTorch project's block). `index`, the block's
     position in its net, picks its dropout masks from the per-example keys; `remat` keeps only
     the block's inputs and recomputes the rest in the backward pass (less memory).
+
+    The later nets' variants (Dhariwal & Nichol 2021; Song et al. 2021, EDM's DDPM++), each off
+    by default: `scale_shift` projects the embedding to a scale and a shift applied after the
+    second GroupNorm, norm(h) (1 + scale) + shift, instead of adding it before; `resample`
+    ("down"/"up") resamples both paths after the first SiLU (BigGAN's resampling block), and
+    `resample_projection` gives such a block's skip a 1x1 conv even at equal widths;
+    `skip_scale` multiplies the block's output (DDPM++: 1/sqrt(2)).
     """
 
     def __init__(self, cin: int, cout: int, temb_dim: int, *, dropout: float, norm_groups: int,
-                 time_activation: bool, layers: Layers, index: int = 0, remat: bool = False):
+                 time_activation: bool, layers: Layers, index: int = 0, remat: bool = False,
+                 scale_shift: bool = False, resample: str | None = None,
+                 resample_projection: bool = False, skip_scale: float = 1.0):
         self.time_activation = time_activation
         self.index = index
         self.remat = remat
+        self.scale_shift = scale_shift
+        self.resample = resample
+        self.skip_scale = skip_scale
         self.norm1 = layers.group_norm(cin, norm_groups)
         self.conv1 = layers.conv(cin, cout)
-        self.temb_proj = layers.dense(temb_dim, cout)
+        self.temb_proj = layers.dense(temb_dim, 2 * cout if scale_shift else cout)
         self.norm2 = layers.group_norm(cout, norm_groups)
         self.dropout_rate = dropout
         self.conv2 = layers.conv(cout, cout, zero=True)
-        self.skip = layers.dense(cin, cout) if cin != cout else None
+        projected = cin != cout or (resample is not None and resample_projection)
+        self.skip = layers.dense(cin, cout) if projected else None
 
     def __call__(self, x: jax.Array, temb: jax.Array, dropout_keys: jax.Array | None) -> jax.Array:
         if dropout_keys is not None:
@@ -111,14 +135,26 @@ class ResBlock(nnx.Module):
         return self.forward(x, temb, dropout_keys)
 
     def forward(self, x: jax.Array, temb: jax.Array, dropout_keys: jax.Array | None) -> jax.Array:
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = h + self.temb_proj(nnx.silu(temb) if self.time_activation else temb)[:, None, None, :]
-        h = nnx.silu(self.norm2(h))
+        h = nnx.silu(self.norm1(x))
+        if self.resample is not None:
+            h, x = resample(h, self.resample), resample(x, self.resample)
+        h = self.conv1(h)
+        emb = self.temb_proj(nnx.silu(temb) if self.time_activation else temb)[:, None, None, :]
+        if self.scale_shift:
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = nnx.silu(self.norm2(h) * (1.0 + scale) + shift)
+        else:
+            h = nnx.silu(self.norm2(h + emb))
         h = dropout(h, self.dropout_rate, dropout_keys)
         h = self.conv2(h)
         if self.skip is not None:
             x = self.skip(x)
-        return x + h
+        return scaled(x + h, self.skip_scale)
+
+
+def scaled(x: jax.Array, scale: float) -> jax.Array:
+    """x * scale, and x itself (no operation) at scale 1."""
+    return x if scale == 1.0 else x * scale
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
@@ -136,8 +172,10 @@ class DDPMAttention(nnx.Module):
     sqrt(d)) v over the H*W positions (per head), a zero-initialised output projection, and
     a residual."""
 
-    def __init__(self, channels: int, *, num_heads: int, norm_groups: int, layers: Layers):
+    def __init__(self, channels: int, *, num_heads: int, norm_groups: int, layers: Layers,
+                 skip_scale: float = 1.0):
         self.num_heads = num_heads
+        self.skip_scale = skip_scale  # multiplies the block's output (DDPM++: 1/sqrt(2))
         self.norm = layers.group_norm(channels, norm_groups)
         self.q = layers.dense(channels, channels)
         self.k = layers.dense(channels, channels)
@@ -148,7 +186,7 @@ class DDPMAttention(nnx.Module):
         b, height, width, channels = x.shape
         h = self.norm(x).reshape(b, height * width, channels)
         out = self.proj_out(attend(self.q(h), self.k(h), self.v(h), self.num_heads))
-        return x + out.reshape(x.shape)
+        return scaled(x + out.reshape(x.shape), self.skip_scale)
 
 
 class TransformerAttention(nnx.Module):
@@ -214,26 +252,34 @@ class Blocks:
         self.count += 1
         return block
 
-    def res(self, cin: int, cout: int) -> ResBlock:
+    def res(self, cin: int, cout: int, resample: str | None = None) -> ResBlock:
         a = self.arch
         return self._numbered(ResBlock(
             cin, cout, self.temb_dim, dropout=a.dropout, norm_groups=a.norm_groups,
             time_activation=a.time_projection == "silu_linear", layers=self.layers,
-            index=self.count, remat=a.remat))
+            index=self.count, remat=a.remat, scale_shift=a.scale_shift_norm, resample=resample,
+            resample_projection=a.resample_projection, skip_scale=a.skip_scale))
 
     def attention(self, channels: int) -> nnx.Module:
         a = self.arch
+        heads = channels // a.head_channels if a.head_channels else a.num_heads
         if a.attention_type == "transformer":
-            block = TransformerAttention(channels, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
+            block = TransformerAttention(channels, num_heads=heads, mlp_ratio=a.mlp_ratio,
                                          layers=self.layers)
         else:
             kind = self.layers.ops.attention or DDPMAttention
-            block = kind(channels, num_heads=a.num_heads, norm_groups=a.norm_groups,
-                         layers=self.layers)
+            block = kind(channels, num_heads=heads, norm_groups=a.norm_groups,
+                         layers=self.layers, skip_scale=a.skip_scale)
         return self._numbered(block)
 
-    def downsample(self, channels: int, padding: tuple[int, int]) -> Downsample:
+    def downsample(self, channels: int, padding: tuple[int, int]) -> nnx.Module:
+        """A stride-2 conv, or with `resample="resblock"` a residual block that averages."""
+        if self.arch.resample == "resblock":
+            return self.res(channels, channels, resample="down")
         return self._numbered(Downsample(channels, self.layers, padding))
 
-    def upsample(self, channels: int) -> Upsample:
+    def upsample(self, channels: int) -> nnx.Module:
+        """Nearest x2 and a conv, or with `resample="resblock"` a residual block that does."""
+        if self.arch.resample == "resblock":
+            return self.res(channels, channels, resample="up")
         return self._numbered(Upsample(channels, self.layers))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ddpm_jax.models.architecture import DOWNSAMPLE_PADDINGS, Architecture
-from ddpm_jax.models.blocks import Blocks, embed_time
+from ddpm_jax.models.blocks import Blocks, ResBlock, embed_time
 from ddpm_jax.models.layers import LayerOps, Layers
 
 
@@ -34,11 +34,23 @@ class DownLevel(nnx.Module):
 
 
 class UpLevel(nnx.Module):
-    """One resolution of the up path: residual blocks, each one's attention (none where the
-    level does not attend), and the upsample to the next level (None at the last)."""
+    """One resolution of the up path: residual blocks, the attention of each (none where the
+    level does not attend; of the last block alone with `decoder_attention="last_block"`),
+    and the upsample to the next level (None at the last)."""
 
     def __init__(self, res: list, attn: list, upsample: nnx.Module | None):
         self.res, self.attn, self.upsample = nnx.List(res), nnx.List(attn), upsample
+
+    def attention_after(self, i: int) -> nnx.Module | None:
+        """The attention block that follows residual block i, if any."""
+        offset = len(self.res) - len(self.attn)  # blocks before the first that attends
+        return self.attn[i - offset] if i >= offset and self.attn else None
+
+
+def resampled(block: nnx.Module, h: jax.Array, temb: jax.Array,
+              dropout_keys: jax.Array | None) -> jax.Array:
+    """A downsample or upsample: a conv (Ho et al.) or a residual block (`resample="resblock"`)."""
+    return block(h, temb, dropout_keys) if isinstance(block, ResBlock) else block(h)
 
 
 class Middle(nnx.Module):
@@ -93,10 +105,11 @@ class DDPMUNet(nnx.Module):
         for level, width in reversed(list(enumerate(arch.widths))):
             attends = arch.attends(arch.image_size // 2**level)
             res, attn = [], []
-            for _ in range(arch.num_res_blocks + 1):
+            for i in range(arch.num_res_blocks + 1):
                 res.append(blocks.res(channels + skips.pop(), width))
                 channels = width
-                if attends:
+                if attends and (arch.decoder_attention == "every_block"
+                                or i == arch.num_res_blocks):
                     attn.append(blocks.attention(channels))
             up.append(UpLevel(res, attn, blocks.upsample(channels) if level else None))
         self.up = nnx.List(up)
@@ -119,7 +132,7 @@ class DDPMUNet(nnx.Module):
                     h = level.attn[i](h)
                 hs.append(h)
             if level.downsample is not None:
-                hs.append(level.downsample(hs[-1]))
+                hs.append(resampled(level.downsample, hs[-1], temb, dropout_keys))
 
         # Middle.
         h = self.mid.res1(hs[-1], temb, dropout_keys)
@@ -130,10 +143,11 @@ class DDPMUNet(nnx.Module):
         for level in self.up:
             for i, block in enumerate(level.res):
                 h = block(jnp.concatenate([h, hs.pop()], axis=-1), temb, dropout_keys)
-                if level.attn:
-                    h = level.attn[i](h)
+                attention = level.attention_after(i)
+                if attention is not None:
+                    h = attention(h)
             if level.upsample is not None:
-                h = level.upsample(h)
+                h = resampled(level.upsample, h, temb, dropout_keys)
         assert not hs
 
         h = nnx.silu(self.norm_out(h))

@@ -15,7 +15,7 @@ import math
 
 import jax
 
-from ddpm_jax.models.blocks import DDPMAttention, attend
+from ddpm_jax.models.blocks import DDPMAttention, attend, scaled
 
 
 class FoldedAttention(DDPMAttention):
@@ -35,4 +35,4 @@ class FoldedAttention(DDPMAttention):
         queries = h @ (w_q @ w_k.T * scale) + w_k @ b_q * scale
         values = h @ (w_v @ w_o)
         out = attend(queries, h, values, num_heads=1, scale=1.0) + (b_v @ w_o + b_o)
-        return x + out.reshape(x.shape)
+        return scaled(x + out.reshape(x.shape), self.skip_scale)
