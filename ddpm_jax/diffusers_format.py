@@ -58,11 +58,16 @@ def check_exportable(config: ml_collections.ConfigDict) -> None:
         if value != wanted:
             raise UnsupportedError(f"{field}={value!r}: diffusers' UNet2DModel has only the "
                                    f"{wanted!r} form of it")
-    for field, default in BLOCK_OPTION_DEFAULTS.items():
+    for field in ("resample_projection", "skip_scale", "decoder_attention"):
+        default = BLOCK_OPTION_DEFAULTS[field]
         if m.get(field, default) != default:
-            raise UnsupportedError(f"model.{field}={m[field]!r}: exporting the later nets' block "
-                                   "options to UNet2DModel is not supported yet; only Ho et "
-                                   "al.'s blocks are")
+            raise UnsupportedError(f"model.{field}={m[field]!r}: diffusers' UNet2DModel has no "
+                                   f"such option (only {default!r})")
+    if m.get("resample", "conv") == "resblock" and not all(_attended_levels(config)):
+        raise UnsupportedError(
+            "model.resample='resblock' at levels without attention: UNet2DModel resamples with "
+            "residual blocks only in its attention blocks (AttnDownBlock2D, AttnUpBlock2D); "
+            "attend at every level or use model.resample='conv'")
     if m.time_embedding_width not in (0, m.base_channels):
         raise UnsupportedError(
             f"model.time_embedding_width={m.time_embedding_width}: UNet2DModel's sinusoidal "
@@ -80,7 +85,10 @@ def _attention_widths(config: ml_collections.ConfigDict) -> list[int]:
 
 
 def _head_width(config: ml_collections.ConfigDict) -> int | None:
-    """UNet2DModel's `attention_head_dim` for `config.model.num_heads` (None: one head)."""
+    """UNet2DModel's `attention_head_dim` for `config.model.head_channels` or `num_heads`
+    (None: one head)."""
+    if config.model.get("head_channels", 0):
+        return config.model.head_channels
     heads = config.model.num_heads
     if heads == 1:
         return None
@@ -115,15 +123,16 @@ def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "layers_per_block": m.num_res_blocks,
         "mid_block_scale_factor": 1,
         "downsample_padding": {"same": 0, "symmetric": 1}[m.downsample_padding],
-        "downsample_type": "conv",
-        "upsample_type": "conv",
+        "downsample_type": "resnet" if m.get("resample") == "resblock" else "conv",
+        "upsample_type": "resnet" if m.get("resample") == "resblock" else "conv",
         "dropout": m.dropout,
         "act_fn": "silu",
         "attention_head_dim": _head_width(config),
         "norm_num_groups": m.norm_groups,
-        "attn_norm_num_groups": None,
+        # diffusers drops the middle attention's GroupNorm of a scale-shift net unless named
+        "attn_norm_num_groups": m.norm_groups if m.get("scale_shift_norm") else None,
         "norm_eps": m.norm_eps,
-        "resnet_time_scale_shift": "default",
+        "resnet_time_scale_shift": "scale_shift" if m.get("scale_shift_norm") else "default",
         "add_attention": True,
         "class_embed_type": None,
         # a class-conditional net's table: a row per class, and the null label's last
@@ -207,6 +216,21 @@ def _image_size(unet: dict) -> int:
     return size
 
 
+def _resample(unet: dict, attended: list[bool]) -> str:
+    """model.resample of a config.json: its downsample_type and upsample_type, which
+    diffusers applies in its attention blocks alone (the others resample with a conv)."""
+    kinds = {unet.get("downsample_type", "conv"), unet.get("upsample_type", "conv")}
+    if kinds == {"conv"}:
+        return "conv"
+    if kinds != {"resnet"} or not all(attended):
+        raise UnsupportedError(
+            f"unet config downsample_type={unet.get('downsample_type', 'conv')!r}, upsample_type="
+            f"{unet.get('upsample_type', 'conv')!r} with block types that resample with a conv: "
+            "ddpm-jax resamples one way at every level (both 'resnet' and every block an "
+            "attention block, or both 'conv')")
+    return "resblock"
+
+
 def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
     """(image size, `config.model` fields) of a `UNet2DModel` config.json.
 
@@ -220,9 +244,10 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
             ("center_input_sample", (False,), False),
             ("time_embedding_type", ("positional",), "positional"),
             ("mid_block_type", ("UNetMidBlock2D",), "UNetMidBlock2D"),
-            ("mid_block_scale_factor", (1,), 1), ("downsample_type", ("conv",), "conv"),
-            ("upsample_type", ("conv",), "conv"), ("act_fn", ("silu",), "silu"),
-            ("resnet_time_scale_shift", ("default",), "default"),
+            ("mid_block_scale_factor", (1,), 1),
+            ("downsample_type", ("conv", "resnet"), "conv"),
+            ("upsample_type", ("conv", "resnet"), "conv"), ("act_fn", ("silu",), "silu"),
+            ("resnet_time_scale_shift", ("default", "scale_shift"), "default"),
             ("add_attention", (True,), True), ("class_embed_type", (None,), None),
             ("downsample_padding", (0, 1), 1)):
         _expect(unet, field, allowed, default)
@@ -263,6 +288,11 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
                                f"down_block_types={down} attend at (in reverse order)")
     groups = _count(unet, "norm_num_groups", 32)
     _count(unet, "layers_per_block", 2)
+    scale_shift = unet.get("resnet_time_scale_shift", "default") == "scale_shift"
+    if scale_shift and unet.get("attn_norm_num_groups") is None:
+        raise UnsupportedError("unet config resnet_time_scale_shift='scale_shift' without "
+                               "attn_norm_num_groups: diffusers then builds the middle attention "
+                               "without its GroupNorm, which ddpm-jax's net always has")
     if unet.get("attn_norm_num_groups") not in (None, groups):
         raise UnsupportedError(f"unet config attn_norm_num_groups="
                                f"{unet['attn_norm_num_groups']}: ddpm-jax's attention uses "
@@ -273,11 +303,11 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
         raise UnsupportedError(f"unet config attention_head_dim={head_width!r}: must be a "
                                "positive integer or null")
     heads = {1} if head_width is None else {w // head_width for w in attention_widths}
-    if head_width is not None and (len(heads) > 1 or any(w % head_width
-                                                          for w in attention_widths)):
+    if head_width is not None and any(w % head_width for w in attention_widths):
         raise UnsupportedError(
-            f"unet config attention_head_dim={head_width} gives a different head count at the "
-            f"attention widths {attention_widths}; ddpm-jax's model.num_heads is one count")
+            f"unet config attention_head_dim={head_width} does not divide the attention widths "
+            f"{attention_widths}")
+    resample = _resample(unet, attended)
     fields = {
         "name": "unet", "layout": "ddpm", "attention_type": "ddpm",
         "time_projection": "silu_linear", "time_embedding_width": 0,
@@ -286,7 +316,11 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
         "num_res_blocks": unet.get("layers_per_block", 2),
         "attention_resolutions": tuple(size // 2**level
                                        for level, a in enumerate(attended) if a),
-        "num_heads": heads.pop(),
+        # one head count: model.num_heads; several: the fixed head width
+        "num_heads": heads.pop() if len(heads) == 1 else 1,
+        "head_channels": head_width if len(heads) > 1 else 0,
+        "scale_shift_norm": scale_shift,
+        "resample": resample,
         "dropout": float(unet.get("dropout", 0.0)),
         "norm_groups": groups,
         "norm_eps": float(unet.get("norm_eps", 1e-5)),

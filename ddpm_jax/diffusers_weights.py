@@ -65,7 +65,9 @@ def diffusers_name(path: tuple) -> str:
         return f"{module}.{table[layer]}.{leaf}"
     level, kind, *rest = inner  # down[level] or up[level]
     if kind in ("downsample", "upsample"):
-        return f"{head}_blocks.{level}.{kind}rs.0.conv.{leaf}"
+        layer = rest[0]  # "conv", or a layer of a residual resampling block
+        inner_name = "conv" if layer == "conv" else _RES_BLOCK[layer]
+        return f"{head}_blocks.{level}.{kind}rs.0.{inner_name}.{leaf}"
     index, layer = rest
     module, table = ("resnets", _RES_BLOCK) if kind == "res" else ("attentions", _ATTENTION)
     return f"{head}_blocks.{level}.{module}.{index}.{table[layer]}.{leaf}"

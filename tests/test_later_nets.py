@@ -258,10 +258,72 @@ def test_bad_block_options_name_the_field(kwargs, match):
                   attention_resolutions=(8,), rngs=nnx.Rngs(0), **kwargs)
 
 
-def test_to_diffusers_refuses_the_block_options_it_cannot_write_yet():
+def test_to_diffusers_refuses_ddpmpps_options_naming_the_field():
     from ddpm_jax import diffusers_format
 
     config = ddpmpp_cifar10.get_config()
     config.diffusion.formulation = "ddpm"
-    with pytest.raises(UserError, match="model.resample='resblock'"):
+    with pytest.raises(UserError, match="model.resample_projection=True: diffusers"):
+        diffusers_format.check_exportable(config)
+
+
+ADM_STYLE_UNET = {  # the options UNet2DModel has: scale-shift, residual resampling, head width
+    "sample_size": 16, "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64],
+    "layers_per_block": 1, "down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D"], "attention_head_dim": 16,
+    "norm_num_groups": 8, "attn_norm_num_groups": 8, "resnet_time_scale_shift": "scale_shift",
+    "downsample_type": "resnet", "upsample_type": "resnet", "freq_shift": 1,
+    "flip_sin_to_cos": False, "downsample_padding": 0, "norm_eps": 1e-6,
+}
+
+
+def test_the_options_unet2dmodel_has_convert_both_ways_with_diffusers_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from ddpm_jax import convert, loading
+    from ddpm_jax.runtime import network
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**ADM_STYLE_UNET).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(tmp_path / "unet")
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
+    t = np.array([3, 700])
+
+    def theirs(model):
+        with torch.no_grad():
+            out = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t)).sample
+        return out.numpy().transpose(0, 2, 3, 1)
+
+    def relative_error(ours, want):
+        return float(np.abs(np.asarray(ours) - want).max() / np.abs(want).max())
+
+    model, config = loading.load_model(str(tmp_path / "unet"))
+    m = config.model
+    assert (m.scale_shift_norm, m.resample, m.head_channels) == (True, "resblock", 16)
+    config.conv_algorithm = "direct"
+    assert relative_error(loading.Model(config, model.params)(x, t), theirs(unet)) <= 1e-5
+
+    params = network.random_params(config, seed=1)
+    convert.write_diffusers(config, params, str(tmp_path / "exported"))
+    exported, info = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported" / "unet",
+                                                           output_loading_info=True)
+    assert not any(info.values()), info
+    assert relative_error(loading.Model(config, params)(x, t), theirs(exported.eval())) <= 1e-5
+
+
+def test_what_unet2dmodel_cannot_hold_is_refused_both_ways():
+    from ddpm_jax import diffusers_format
+
+    mixed = {**ADM_STYLE_UNET, "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+             "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    with pytest.raises(UserError, match="resamples one way at every level"):
+        diffusers_format.model_config(mixed)
+    no_norm = {**ADM_STYLE_UNET, "attn_norm_num_groups": None}
+    with pytest.raises(UserError, match="middle attention without its GroupNorm"):
+        diffusers_format.model_config(no_norm)
+    config = adm64.get_config()  # ADM: no attention at 64x64
+    with pytest.raises(UserError, match="resample='resblock' at levels without attention"):
         diffusers_format.check_exportable(config)
