@@ -128,7 +128,7 @@ def train_step(
     t, noise, dropout_keys = example_randomness(step_rng, x0.shape, schedule.num_timesteps,
                                                 edm_settings)
     # x_t: x0 + sigma * noise for EDM (t is sigma), else q(x_t | x0) at timestep t
-    x_t = (x0 + t[:, None, None, None] * noise if edm_settings
+    x_t = (x0 + t[:, None, None, None] * noise if edm_settings is not None
            else diffusion.q_sample(schedule, x0, t, noise))
     if labels is not None:
         labels = dropped_labels(step_rng, labels, config.get("label_dropout", 0.0),
