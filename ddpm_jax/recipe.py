@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from ddpm_jax.core import diffusion, edm, objectives, schedules
 from ddpm_jax.core.errors import UserError
@@ -46,7 +45,7 @@ def preconditioning(config: ml_collections.ConfigDict) -> edm.Preconditioning:
         return edm.EDMPreconditioning(edm_settings(config))
     d = config.diffusion
     betas = schedules.make_betas(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-    return edm.DiscretePreconditioning(np.exp(schedules.log_alphas_cumprod(betas)), d.prediction)
+    return edm.DiscretePreconditioning(schedules.alphas_cumprod(betas), d.prediction)
 
 
 def refuse_edm(config: ml_collections.ConfigDict, what: str) -> None:

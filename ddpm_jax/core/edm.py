@@ -62,6 +62,13 @@ def discrete_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     return np.sqrt((1.0 - abar) / abar)
 
 
+def nearest_timesteps(table: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """For each of `sigma`, the timestep whose sigma in `table` (ascending in t) is nearest
+    (EDM's `round_sigma` for the nets of a discrete schedule)."""
+    sigma = np.asarray(sigma, np.float64)
+    return np.abs(sigma[..., None] - table).argmin(-1).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class DiscretePreconditioning:
     """A net trained on the discrete schedule with cumulative alphas `alphas_cumprod`,
@@ -81,9 +88,7 @@ class DiscretePreconditioning:
 
     def timesteps(self, sigma: np.ndarray) -> np.ndarray:
         """The timestep whose sigma is nearest each of `sigma` (EDM's `round_sigma`)."""
-        table = self.sigmas
-        sigma = np.asarray(sigma, np.float64)
-        return np.abs(sigma[..., None] - table).argmin(-1).astype(np.int32)
+        return nearest_timesteps(self.sigmas, sigma)
 
     def round(self, sigma: np.ndarray) -> np.ndarray:
         return self.sigmas[self.timesteps(sigma)]

@@ -60,6 +60,11 @@ def make_betas(
     return betas
 
 
+def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
+    """abar_t in float64, from `log_alphas_cumprod`."""
+    return np.exp(log_alphas_cumprod(betas))
+
+
 def log_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     """log(abar_t) = sum_{s<=t} log(1 - beta_s) in float64: the one place the cumulative alphas
     are computed (a difference of two close abar loses its digits in float32, so samplers

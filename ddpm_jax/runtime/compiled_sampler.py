@@ -63,9 +63,6 @@ class SampleFn:
         self._plan = plan
         self.num_classes = config.model.get("num_classes", 0)
         check_guidance(settings, self.num_classes)
-        if recipe.is_edm(config) and settings.guidance.interval:
-            raise UserError("guidance_interval is in timesteps of the discrete schedule; a "
-                            "model trained with diffusion.formulation='edm' has none")
         batch = sharding.batch_sharding(mesh)
         stacked = sharding.stacked_batch_sharding(mesh)
 

@@ -30,7 +30,7 @@ from ddpm_jax.samplers.spacing import SPACINGS
 
 def alphas_cumprod(schedule: Schedule) -> np.ndarray:
     """The schedule's cumulative alphas in float64, from its betas."""
-    return np.exp(schedules.log_alphas_cumprod(np.asarray(schedule.betas)))
+    return schedules.alphas_cumprod(np.asarray(schedule.betas))
 
 
 def sampling_timesteps(schedule: Schedule, sampler: str, num_steps: int | None,
@@ -69,9 +69,7 @@ def check_section(section: Mapping[str, Any], prefix: str,
     settings = SamplerSettings.from_config(section)
     spacing = settings.sampler.resolve_spacing(settings.spacing)
     check_choice(f"{prefix}.spacing", spacing, SPACINGS.names())
-    if preconditioning.continuous and settings.guidance.interval:
-        raise UserError(f"{prefix}.guidance_interval is in timesteps of the discrete schedule; "
-                        "a model trained with diffusion.formulation='edm' has none: leave it ()")
+    _check_guidance(preconditioning, settings, f"{prefix}.guidance_interval")
     try:
         if settings.sampler.space == "sigma":
             return len(sigma_calls(preconditioning, settings)[0])
@@ -92,6 +90,14 @@ def sigma_calls(preconditioning: edm.Preconditioning, settings: SamplerSettings
     grid = sampling_sigmas(preconditioning, settings)
     calls = settings.num_steps or chosen.default_steps or len(grid)
     return chosen.plan_calls(grid, calls, preconditioning.round, **settings.options)
+
+
+def _check_guidance(preconditioning: edm.Preconditioning, settings: SamplerSettings,
+                    field: str = "guidance_interval") -> None:
+    """Refuses a guidance interval (in timesteps) for a model with continuous noise levels."""
+    if preconditioning.continuous and settings.guidance.interval:
+        raise UserError(f"{field} is in timesteps of the discrete schedule; a model trained "
+                        "with diffusion.formulation='edm' has none: leave it ()")
 
 
 def _refuse_timestep_sampler(name: str) -> None:
@@ -162,6 +168,7 @@ def reverse_plan(
     chosen = settings.sampler
     if preconditioning is None:
         preconditioning = edm.DiscretePreconditioning(alphas_cumprod(schedule), prediction)
+    _check_guidance(preconditioning, settings)
     if chosen.space == "sigma":
         return _sigma_plan(preconditioning, shape, settings, prediction=prediction,
                            variance=variance, clip_x0=clip_x0, num_snapshots=num_snapshots)

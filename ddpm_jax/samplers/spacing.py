@@ -100,8 +100,7 @@ def karras(alphas_cumprod: np.ndarray, num_steps: int, *, rho: float = 7.0,
     table = edm.discrete_sigmas(alphas_cumprod)
     low, high = edm.narrowed_range(table[0], table[-1], sigma_min, sigma_max)
     sigmas = edm.karras_sigmas(num_steps, low, high, rho)
-    nearest = np.abs(sigmas[:, None] - table[None, :]).argmin(-1)
-    return distinct_descending(nearest, len(table))
+    return distinct_descending(edm.nearest_timesteps(table, sigmas), len(table))
 
 
 @CONTINUOUS_SPACINGS.register("karras")
