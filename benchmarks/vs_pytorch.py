@@ -1,7 +1,9 @@
 """ddpm-jax against PyTorch (diffusers `UNet2DModel`) on the same machine, same network.
 
-The DDPM CIFAR-10 net (`configs/cifar10.py`, 35.7 M parameters) on both sides, random
-weights, float32, dropout 0.1 in training:
+The DDPM CIFAR-10 net (`configs/cifar10.py`, 35.7 M parameters; `--net=cifar10`) or EDM's
+DDPM++ CIFAR-10 net with the options UNet2DModel has (`--net=ddpmpp`, see `ddpmpp_config`)
+on both sides, random weights, float32, dropout in training, the DDPM CIFAR-10 training
+(eps-prediction MSE, AdamW, clipping, EMA) around either:
 
 * train step: noise, loss, backward, clip, AdamW, EMA; ddpm-jax's jitted step against the
   same five operations in eager PyTorch (fused/foreach AdamW, `_foreach_lerp_` EMA). Each
@@ -28,6 +30,7 @@ Needs the `bench` extra (`pip install -e ".[bench]"`; on a CPU-only machine inst
 CPU wheel of torch first, e.g. `pip install torch==2.13.0`).
 
     python -m benchmarks.vs_pytorch --output=vs_pytorch.json [--cases=train8,forward64]
+        [--net=ddpmpp]
 
 `--huge_pages` starts both workers with glibc's malloc asking for transparent huge pages
 (the same environment on both sides; not ddpm-jax's default, see `docs/performance-notes.md`).
@@ -45,7 +48,8 @@ import time
 import numpy as np
 
 from benchmarks.common import report
-from configs import cifar10
+from configs import cifar10, ddpmpp_cifar10
+from ddpm_jax.models.architecture import BLOCK_OPTION_DEFAULTS
 
 # glibc's malloc asks for transparent huge pages (madvise) on what it maps: fewer TLB misses
 # in XLA:CPU's memory passes over its large per-call buffers (`docs/performance-notes.md`).
@@ -55,6 +59,32 @@ CASES = {  # name: (kind, batch)
     "train8": ("train", 8), "train32": ("train", 32), "forward64": ("forward", 64),
     "ddim16": ("ddim", 16),
 }
+
+# DDPM++'s options that UNet2DModel has no field for (`diffusers_format.check_exportable`)
+UNET2DMODEL_LACKS = ("resample_projection", "skip_scale", "decoder_attention")
+
+
+def ddpmpp_config():
+    """The DDPM CIFAR-10 training around EDM's DDPM++ net as UNet2DModel can build it.
+
+    As `configs/ddpmpp_cifar10.py` (128 x (2, 2, 2) channels, 4 blocks a level, one-head
+    attention at 16x16, residual resampling blocks, dropout 0.13) but without the options
+    UNet2DModel lacks: the resampling blocks' 1x1 skip projection, the 1/sqrt(2) skip
+    scaling and attention after only the last block of an up level. UNet2DModel's input
+    conv and time embedding are as wide as its first level, so the input conv gives 256
+    channels (DDPM++'s 128) and the embedding is 1024 wide (DDPM++'s 512).
+    """
+    config = cifar10.get_config()
+    ddpmpp_cifar10.ddpmpp_net(config.model)
+    m, first = config.model, config.model.channel_mults[0]
+    m.base_channels, m.channel_mults = m.base_channels * first, tuple(
+        mult // first for mult in m.channel_mults)
+    for field in UNET2DMODEL_LACKS:
+        config.model[field] = BLOCK_OPTION_DEFAULTS[field]
+    return config
+
+
+NETS = {"cifar10": cifar10.get_config, "ddpmpp": ddpmpp_config}
 
 
 def diffusers_unet(config):
@@ -247,9 +277,9 @@ def case_inputs(kind: str, batch: int, size: int) -> list[np.ndarray]:
     return []
 
 
-def worker(side: str, seed: int, steps_per_call: int, connection) -> None:
+def worker(side: str, net: str, seed: int, steps_per_call: int, connection) -> None:
     """Builds one side, then runs (case -> seconds of one call) requests until told to stop."""
-    config = cifar10.get_config()
+    config = NETS[net]()
     runner = (JaxSide if side == "jax" else TorchSide)(config, seed, steps_per_call)
     connection.send((runner.parameter_count(), runner.steps_per_call))
     calls = {}
@@ -350,6 +380,7 @@ def run_case(name: str, jax_side: Side, torch_side: Side, repeats: int, warmup: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--net", default="cifar10", choices=sorted(NETS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--block", type=int, default=3,
@@ -369,8 +400,8 @@ def main() -> None:
         parser.error(f"unknown --cases {unknown}; choose from {','.join(CASES)}")
 
     environ = HUGE_PAGES_ENV if args.huge_pages else {}
-    jax_side = Side("jax", args.seed, args.steps_per_call, environ=environ)
-    torch_side = Side("torch", args.seed, jax_side.steps_per_call, environ=environ)
+    jax_side = Side("jax", args.net, args.seed, args.steps_per_call, environ=environ)
+    torch_side = Side("torch", args.net, args.seed, jax_side.steps_per_call, environ=environ)
     assert jax_side.parameter_count == torch_side.parameter_count, (
         jax_side.parameter_count, torch_side.parameter_count)
     print(f"parameters: {jax_side.parameter_count:,} on both sides", flush=True)
@@ -379,11 +410,13 @@ def main() -> None:
         sampling = CASES[name][0] == "ddim"  # one long call: switching costs are negligible
         rows.append(run_case(name, jax_side, torch_side,
                              args.ddim_repeats if sampling else args.repeats, args.warmup,
-                             1 if sampling else args.block) | {"huge_pages": args.huge_pages})
+                             1 if sampling else args.block)
+                    | {"huge_pages": args.huge_pages, "net": args.net,
+                       "parameters": jax_side.parameter_count})
         print(rows[-1], flush=True)
     jax_side.close()
     torch_side.close()
-    report("ddpm-jax vs PyTorch (diffusers UNet2DModel), DDPM CIFAR-10 net, float32", rows,
+    report(f"ddpm-jax vs PyTorch (diffusers UNet2DModel), {args.net} net, float32", rows,
            args.output)
 
 

@@ -63,16 +63,26 @@ def check_exportable(config: ml_collections.ConfigDict) -> None:
         if m.get(field, default) != default:
             raise UnsupportedError(f"model.{field}={m[field]!r}: diffusers' UNet2DModel has no "
                                    f"such option (only {default!r})")
-    if m.get("resample", "conv") == "resblock" and not all(_attended_levels(config)):
+    if m.channel_mults[0] != 1:
+        first = m.base_channels * m.channel_mults[0]
         raise UnsupportedError(
-            "model.resample='resblock' at levels without attention: UNet2DModel resamples with "
-            "residual blocks only in its attention blocks (AttnDownBlock2D, AttnUpBlock2D); "
-            "attend at every level or use model.resample='conv'")
+            f"model.channel_mults={tuple(m.channel_mults)}: UNet2DModel's input conv and time "
+            "embedding are as wide as its first level, ddpm-jax's as model.base_channels; a "
+            f"first multiplier of 1 (model.base_channels={first} and the multipliers divided "
+            f"by {m.channel_mults[0]}) converts")
     if m.time_embedding_width not in (0, m.base_channels):
         raise UnsupportedError(
             f"model.time_embedding_width={m.time_embedding_width}: UNet2DModel's sinusoidal "
             f"embedding is as wide as the first level (model.base_channels={m.base_channels})")
     _head_width(config)
+
+
+def _block_types(attended: list[bool], direction: str, residual: bool) -> list[str]:
+    """UNet2DModel's block types of one path: an attention block where the level attends
+    (it resamples as `downsample_type`/`upsample_type` say), else a plain block (conv
+    resampling) or, for residual resampling, diffusers' Resnet{Down,Up}sampleBlock2D."""
+    plain = f"Resnet{direction}sampleBlock2D" if residual else f"{direction}Block2D"
+    return [f"Attn{direction}Block2D" if attend else plain for attend in attended]
 
 
 def _attention_widths(config: ml_collections.ConfigDict) -> list[int]:
@@ -106,6 +116,7 @@ def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     check_exportable(config)
     m = config.model
     attended = _attended_levels(config)
+    residual = m.get("resample") == "resblock"
     shift = m.time_embedding_freq_shift
     return {
         "_class_name": "UNet2DModel",
@@ -117,14 +128,14 @@ def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "time_embedding_type": "positional",
         "freq_shift": int(shift) if float(shift).is_integer() else shift,
         "flip_sin_to_cos": bool(m.time_embedding_cos_first),
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attended],
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attended)],
+        "down_block_types": _block_types(attended, "Down", residual),
+        "up_block_types": _block_types(attended[::-1], "Up", residual),
         "block_out_channels": [m.base_channels * mult for mult in m.channel_mults],
         "layers_per_block": m.num_res_blocks,
         "mid_block_scale_factor": 1,
         "downsample_padding": {"same": 0, "symmetric": 1}[m.downsample_padding],
-        "downsample_type": "resnet" if m.get("resample") == "resblock" else "conv",
-        "upsample_type": "resnet" if m.get("resample") == "resblock" else "conv",
+        "downsample_type": "resnet" if residual else "conv",
+        "upsample_type": "resnet" if residual else "conv",
         "dropout": m.dropout,
         "act_fn": "silu",
         "attention_head_dim": _head_width(config),
@@ -216,19 +227,23 @@ def _image_size(unet: dict) -> int:
     return size
 
 
-def _resample(unet: dict, attended: list[bool]) -> str:
-    """model.resample of a config.json: its downsample_type and upsample_type, which
-    diffusers applies in its attention blocks alone (the others resample with a conv)."""
-    kinds = {unet.get("downsample_type", "conv"), unet.get("upsample_type", "conv")}
-    if kinds == {"conv"}:
-        return "conv"
-    if kinds != {"resnet"} or not all(attended):
+def _resample(unet: dict, down: list[str], up: list[str]) -> str:
+    """model.resample of a config.json: how every level that resamples does it.
+
+    An attention block resamples as `downsample_type`/`upsample_type` say, a plain block
+    with a conv, a Resnet{Down,Up}sampleBlock2D with a residual block. The last block of
+    each path does not resample.
+    """
+    types = {"down": down[:-1], "up": up[:-1]}
+    named = {"down": unet.get("downsample_type", "conv"), "up": unet.get("upsample_type", "conv")}
+    kinds = {("resnet" if t.startswith("Resnet") else named[path] if t.startswith("Attn")
+              else "conv") for path, path_types in types.items() for t in path_types}
+    if len(kinds) > 1:
         raise UnsupportedError(
-            f"unet config downsample_type={unet.get('downsample_type', 'conv')!r}, upsample_type="
-            f"{unet.get('upsample_type', 'conv')!r} with block types that resample with a conv: "
-            "ddpm-jax resamples one way at every level (both 'resnet' and every block an "
-            "attention block, or both 'conv')")
-    return "resblock"
+            f"unet config down_block_types={down}, up_block_types={up} with downsample_type="
+            f"{named['down']!r}, upsample_type={named['up']!r}: ddpm-jax resamples one way at "
+            "every level (all with a conv or all with a residual block)")
+    return "resblock" if kinds == {"resnet"} else "conv"
 
 
 def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
@@ -276,8 +291,10 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
     if len(down) != len(widths) or len(up) != len(widths):
         raise UnsupportedError("unet config down_block_types / up_block_types: one per entry of "
                                f"block_out_channels ({len(widths)})")
-    for field, types, known in (("down_block_types", down, ("DownBlock2D", "AttnDownBlock2D")),
-                                ("up_block_types", up, ("UpBlock2D", "AttnUpBlock2D"))):
+    for field, types, known in (
+            ("down_block_types", down,
+             ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")),
+            ("up_block_types", up, ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"))):
         unknown = [t for t in types if t not in known]
         if unknown:
             raise UnsupportedError(f"unet config {field} has {unknown}; ddpm-jax's UNet has "
@@ -307,7 +324,7 @@ def model_config(unet: dict) -> tuple[int, dict[str, Any]]:
         raise UnsupportedError(
             f"unet config attention_head_dim={head_width} does not divide the attention widths "
             f"{attention_widths}")
-    resample = _resample(unet, attended)
+    resample = _resample(unet, down, up)
     fields = {
         "name": "unet", "layout": "ddpm", "attention_type": "ddpm",
         "time_projection": "silu_linear", "time_embedding_width": 0,

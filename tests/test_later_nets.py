@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from ddpm_jax.core.errors import UserError
+from ddpm_jax.models.architecture import BLOCK_OPTION_DEFAULTS
 from ddpm_jax.models.blocks import Blocks, ResBlock
 from ddpm_jax.models.layers import Layers
 from ddpm_jax.models.unet import build, make_unet
@@ -265,6 +266,11 @@ def test_to_diffusers_refuses_ddpmpps_options_naming_the_field():
     config.diffusion.formulation = "ddpm"
     with pytest.raises(UserError, match="model.resample_projection=True: diffusers"):
         diffusers_format.check_exportable(config)
+    for field in ("resample_projection", "skip_scale", "decoder_attention"):
+        config.model[field] = BLOCK_OPTION_DEFAULTS[field]
+    # DDPM++'s input conv gives 128 channels to a first level of 256; UNet2DModel's gives 256
+    with pytest.raises(UserError, match=r"model.channel_mults=\(2, 2, 2\): UNet2DModel's input"):
+        diffusers_format.check_exportable(config)
 
 
 ADM_STYLE_UNET = {  # the options UNet2DModel has: scale-shift, residual resampling, head width
@@ -277,14 +283,21 @@ ADM_STYLE_UNET = {  # the options UNet2DModel has: scale-shift, residual resampl
 }
 
 
-def test_the_options_unet2dmodel_has_convert_both_ways_with_diffusers_outputs(tmp_path):
+# residual resampling at a level without attention: diffusers' Resnet{Down,Up}sampleBlock2D
+MIXED_UNET = {**ADM_STYLE_UNET, "down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D"],
+              "up_block_types": ["AttnUpBlock2D", "ResnetUpsampleBlock2D"]}
+
+
+@pytest.mark.parametrize("unet_fields", [ADM_STYLE_UNET, MIXED_UNET], ids=["attn", "mixed"])
+def test_the_options_unet2dmodel_has_convert_both_ways_with_diffusers_outputs(tmp_path,
+                                                                              unet_fields):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from ddpm_jax import convert, loading
+    from ddpm_jax import convert, diffusers_format, loading
     from ddpm_jax.runtime import network
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(**ADM_STYLE_UNET).eval()
+    unet = diffusers.UNet2DModel(**unet_fields).eval()
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -302,7 +315,8 @@ def test_the_options_unet2dmodel_has_convert_both_ways_with_diffusers_outputs(tm
 
     model, config = loading.load_model(str(tmp_path / "unet"))
     m = config.model
-    assert (m.scale_shift_norm, m.resample, m.head_channels) == (True, "resblock", 16)
+    assert (m.scale_shift_norm, m.resample) == (True, "resblock")
+    assert diffusers_format.unet_config(config)["attention_head_dim"] == 16  # heads of 16
     config.conv_algorithm = "direct"
     assert relative_error(loading.Model(config, model.params)(x, t), theirs(unet)) <= 1e-5
 
@@ -324,6 +338,21 @@ def test_what_unet2dmodel_cannot_hold_is_refused_both_ways():
     no_norm = {**ADM_STYLE_UNET, "attn_norm_num_groups": None}
     with pytest.raises(UserError, match="middle attention without its GroupNorm"):
         diffusers_format.model_config(no_norm)
-    config = adm64.get_config()  # ADM: no attention at 64x64
-    with pytest.raises(UserError, match="resample='resblock' at levels without attention"):
-        diffusers_format.check_exportable(config)
+    plain_and_residual = {**ADM_STYLE_UNET, "down_block_types": ["ResnetDownsampleBlock2D",
+                                                                 "DownBlock2D", "DownBlock2D"],
+                          "block_out_channels": [32, 64, 64], "up_block_types": ["UpBlock2D"] * 3}
+    with pytest.raises(UserError, match="resamples one way at every level"):
+        diffusers_format.model_config(plain_and_residual)
+
+
+def test_adm_exports_with_residual_resampling_blocks_where_it_does_not_attend():
+    from ddpm_jax import diffusers_format
+
+    unet = diffusers_format.unet_config(adm64.get_config())  # ADM: no attention at 64x64
+    assert unet["down_block_types"] == ["ResnetDownsampleBlock2D"] + ["AttnDownBlock2D"] * 3
+    assert unet["up_block_types"] == ["AttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"]
+    size, fields = diffusers_format.model_config(unet)
+    m = adm64.get_config().model
+    assert size == 64 and fields["resample"] == "resblock" and fields["scale_shift_norm"]
+    assert (fields["attention_resolutions"], fields["head_channels"]) == (
+        tuple(m.attention_resolutions), m.head_channels)
