@@ -25,6 +25,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
     config.ema_decay = 0.9999  # EMA of the weights used for samples; 0 disables
     config.ema_warmup = False  # use min(ema_decay, (1 + step) / (10 + step))
+    # "exponential": the one EMA above. "power": EDM2's power-function EMAs, one per
+    # sigma_rel (their lengths relative to the run so far; ema_decay is then unused), snapshot
+    # into workdir/ema_snapshots so that `python -m ddpm_jax.ema reconstruct` can give the
+    # EMA of any length after training. Samples during training use the first sigma_rel's.
+    config.ema = ema = ml_collections.ConfigDict()
+    ema.kind = "exponential"
+    ema.sigma_rels = (0.05, 0.10)  # EDM2's; each in (0, 0.2887]
+    ema.snapshot_every_steps = 0  # 0: every save_every_steps; also at the last step
     # Class-conditional models (model.num_classes > 0): the fraction of examples trained with
     # the null label instead of their own, so one net is also the unconditional model that
     # classifier-free guidance needs (Ho & Salimans 2022 use 0.1 or 0.2).

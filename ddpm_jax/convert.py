@@ -47,8 +47,6 @@ from ddpm_jax import (
 )
 from ddpm_jax.core.errors import MissingError, UserError
 from ddpm_jax.diffusers_format import UnsupportedError
-from ddpm_jax.runtime import sharding
-from ddpm_jax.train import state as train_state
 
 FLAGS = flags.FLAGS
 COMMANDS = ("from-diffusers", "to-diffusers")
@@ -179,20 +177,9 @@ def from_diffusers(folder: str, workdir: str) -> str:
     if path.exists() and not path.is_dir():
         raise UserError(f"--workdir={workdir} is a file; choose a new folder")
     config, params = read_diffusers(folder)  # everything is checked before anything is written
-    with workdir_lock.hold(path):  # no training run writes there meanwhile
-        # A killed conversion left an unfinished save: it is not a checkpoint.
-        checkpointing.remove_temporary_saves(path / "checkpoints")
-        if checkpointing.finished_steps(path / "checkpoints"):
-            raise UserError(f"--workdir={workdir} already holds checkpoints; choose a new folder")
-        mesh = sharding.create_mesh(config)
-        state = jax.jit(lambda p: train_state.train_state_from_params(config, p),
-                        out_shardings=train_state.train_state_shardings(config, mesh))(params)
-        manager = checkpointing.make_manager(path / "checkpoints", config)
-        checkpointing.save(manager, 0, state, config)
-        manager.wait_until_finished()
-        manager.close()
-        config_file = path / "config.py"
-        config_file.write_text(config_file_text(config, folder))
+    runs.write_run(config, params, workdir)
+    config_file = path / "config.py"
+    config_file.write_text(config_file_text(config, folder))
     logging.info("wrote step 0 of %s and %s", path / "checkpoints", config_file)
     return (f"sample:    python -m ddpm_jax.sample --workdir={workdir} --num_samples=16 "
             f"--output=samples.png\n"

@@ -25,6 +25,10 @@ Commands:
   data (its `data` section; ``--split`` another split, ``--config`` another config's data) as
   training sees it without flips; the total, the prior, the decoder and the sum of the KL
   terms, and (``--json``) the mean term at every t.
+* ``fid --samples=DIR --sigma_rels=0.03,0.05,0.08`` and ``nll --workdir=DIR --sigma_rels=...``
+  on a run trained with power EMAs: each EMA length reconstructed from the run's snapshots
+  (at ``--step``, default the newest snapshot; `ddpm_jax/ema.py`) and measured, with a table
+  (``--json``) and a chart against the length (``--plot``, default WORKDIR/eval/ema_sweep.png).
 
 The Inception weights come from ``--weights`` (or the run's ``eval.inception_weights``);
 see `ddpm_jax/inception.py` for the file and its source.
@@ -49,6 +53,7 @@ from ddpm_jax import (
     cli,
     console,
     data_sources,
+    ema,
     fid,
     image_utils,
     inception,
@@ -94,7 +99,11 @@ def define_flags() -> None:
                       "each of these scales; writes a table and a chart.")
     flags.DEFINE_enum("class_distribution", None, ["uniform", "data"], "fid on a class-"
                       "conditional workdir: balanced classes, or the data's frequencies.")
-    flags.DEFINE_string("plot", None, "fid with --guidance_scales: the chart (.png).")
+    flags.DEFINE_list("sigma_rels", None, "fid on a workdir, nll: the run's power-EMA "
+                      "snapshots reconstructed at each of these EMA lengths and measured in "
+                      "turn (`ddpm_jax.ema`); writes a table and a chart.")
+    flags.DEFINE_string("plot", None, "fid with --guidance_scales or --sigma_rels, nll with "
+                        "--sigma_rels: the chart (.png).")
     flags.DEFINE_string("workdir", None, "nll: the training run.")
     flags.DEFINE_string("split", None, "nll: the data split (default the run's data.split).")
 
@@ -336,9 +345,14 @@ def _run(command: str) -> dict:
     """The result of `command`, from the flags."""
     if command == "nll":
         _required(workdir=FLAGS.workdir)
-        return nll(FLAGS.workdir, step=FLAGS.step, num_images=FLAGS.num_images or 0,
-                   split=FLAGS.split, data_config=FLAGS.config, batch_size=FLAGS.batch_size,
-                   seed=FLAGS.seed, progress=True)
+        measure = lambda workdir, step=FLAGS.step: nll(  # noqa: E731
+            workdir, step=step, num_images=FLAGS.num_images or 0, split=FLAGS.split,
+            data_config=FLAGS.config, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+            progress=True)
+        if FLAGS.sigma_rels:
+            return ema.sweep(FLAGS.workdir, FLAGS.sigma_rels, lambda run: measure(run, None),
+                             {"bits_per_dim": "bits/dim"}, step=FLAGS.step, plot=FLAGS.plot)
+        return measure(FLAGS.workdir)
     if command == "convert-weights":
         _required(input=FLAGS.input, output=FLAGS.output)
         return convert_weights(FLAGS.input, FLAGS.output)
@@ -361,6 +375,12 @@ def _run(command: str) -> dict:
             raise UserError(f"--guidance_scales={','.join(FLAGS.guidance_scales)}: give numbers "
                             "separated by commas, such as 1,1.5,2,3") from None
         return guidance_sweep(FLAGS.samples, scales, FLAGS.plot, **common)
+    if FLAGS.sigma_rels:
+        step = common.pop("step")
+        return ema.sweep(FLAGS.samples, FLAGS.sigma_rels,
+                         lambda run: sample_fid(run, guidance_scale=FLAGS.guidance_scale, **common),
+                         {"fid": "FID", "inception_score": "Inception Score", "kid": "KID"},
+                         step=step, plot=FLAGS.plot)
     return sample_fid(FLAGS.samples, guidance_scale=FLAGS.guidance_scale, **common)
 
 
@@ -376,6 +396,14 @@ def _report(result: dict) -> None:
             kid = "-" if row["kid"] is None else f"{row['kid']:.5f}"
             print(f"{row['guidance_scale']:>14g} | {row['fid']:6.2f} | "
                   f"{row['inception_score']:15.3f} | {kid}")
+    if "ema_sweep" in result:
+        print(f"EMA lengths reconstructed at step {result['step']}; chart: {result['plot']}")
+        for row in result["ema_sweep"]:
+            measured = ", ".join(f"{key} {value:.4g}" for key, value in row.items()
+                                 if key not in ("sigma_rel", "run", "step", "fit_error")
+                                 and value is not None)
+            print(f"sigma_rel {row['sigma_rel']:.3f} (fit error {row['fit_error']:.1e}): "
+                  f"{measured}")
     if "bits_per_dim" in result:
         print(f"{result['bits_per_dim']:.4f} bits/dim over {result['num_images']} images "
               f"(prior {result['prior_bpd']:.4f}, KL terms {result['kl_terms_bpd']:.4f}, "

@@ -1,4 +1,5 @@
-"""A saved run, read back: the config and weights of one of its checkpoints.
+"""A saved run, read back: the config and weights of one of its checkpoints; and a run made
+of given weights (`write_run`: an imported model, a post-hoc EMA).
 
 The sample and evaluate commands, the exporter and `ddpm_jax.load_model` read runs through
 here. Reading never changes a run: a damaged checkpoint is skipped with a warning, never
@@ -8,10 +9,14 @@ moved; checkpoints of any earlier parameter layout are read into today's
 
 from __future__ import annotations
 
-import jax
-import ml_collections
+from typing import Any
 
-from ddpm_jax import checkpointing, console
+import jax
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+
+from ddpm_jax import checkpointing, console, workdir_lock
 from ddpm_jax.core.errors import MissingError, UserError
 from ddpm_jax.runtime import compiled_sampler, sharding
 from ddpm_jax.train import state
@@ -87,3 +92,27 @@ def load_run(workdir: str, step: int | None = None, weights: str = "ema"):
             f"(in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); sample an earlier "
             "--step")
     return config, params, step, mesh
+
+
+def write_run(config: ml_collections.ConfigDict, params: Any, workdir: str, step: int = 0
+              ) -> epath.Path:
+    """Writes a run at `workdir` whose checkpoint `step` has `params` as its weights and EMA
+    (and a fresh optimizer state), with `config`; a folder that holds checkpoints already is
+    refused. Returns the run's path."""
+    path = checkpointing.absolute_path(workdir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{workdir} is a file; choose a new folder")
+    with workdir_lock.hold(path):  # no training run writes there meanwhile
+        # A killed writer left an unfinished save: it is not a checkpoint.
+        checkpointing.remove_temporary_saves(path / "checkpoints")
+        if checkpointing.finished_steps(path / "checkpoints"):
+            raise UserError(f"{workdir} already holds checkpoints; choose a new folder")
+        mesh = sharding.create_mesh(config)
+        make = lambda p: state.train_state_from_params(config, p).replace(  # noqa: E731
+            step=jnp.asarray(step, jnp.int32))
+        saved = jax.jit(make, out_shardings=state.train_state_shardings(config, mesh))(params)
+        manager = checkpointing.make_manager(path / "checkpoints", config)
+        checkpointing.save(manager, step, saved, config)
+        manager.wait_until_finished()
+        manager.close()
+    return path

@@ -141,16 +141,16 @@ def quickstart_config(flags):
     return config
 
 
-def restore_micro_run(workdir, step):
-    """The state (NumPy) that a run of `micro_config()` saved at `step` in `workdir`, which must
-    be its newest checkpoint; restored on one device."""
+def restore_micro_run(workdir, step, config=None):
+    """The state (NumPy) that a run of `config` (default `micro_config()`) saved at `step` in
+    `workdir`, which must be its newest checkpoint; restored on one device."""
     import jax
     import numpy as np
     from etils import epath
 
     from ddpm_jax import checkpointing, train
 
-    config = micro_config()
+    config = config or micro_config()
     manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", config)
     assert manager.latest_step() == step
     mesh = train.create_mesh(config, jax.devices()[:1])

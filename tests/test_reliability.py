@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import checkpointing, train
+from ddpm_jax import checkpointing, ema_snapshots, train
 from ddpm_jax.train import config_checks
 from tests.helpers import (
     MICRO_FLAGS,
@@ -24,7 +24,9 @@ from tests.helpers import (
 
 STEPS = 8
 FLAGS = [*MICRO_FLAGS, f"--config.num_train_steps={STEPS}", "--config.save_every_steps=2",
-         "--config.sample_every_steps=0", "--config.keep_checkpoints=2"]  # no grids: not tested here
+         "--config.sample_every_steps=0", "--config.keep_checkpoints=2",  # no grids: not tested here
+         # power EMAs, snapshot with every checkpoint: their state and snapshots must survive too
+         "--config.ema.kind=power"]
 
 
 def start_main(workdir, cache_dir, *extra):
@@ -59,7 +61,11 @@ def test_sigkill_at_any_point_then_rerun_takes_over_and_gives_bitwise_identical_
     ckpt = workdir / "checkpoints"
     saving = lambda: ckpt.exists() and any("tmp" in p.name for p in ckpt.iterdir())  # noqa: E731
     has_step = lambda n: lambda: (ckpt / str(n)).exists()  # noqa: E731
+    snapshots = workdir / "ema_snapshots"
+    snapshotting = lambda: snapshots.exists() and any(  # noqa: E731
+        "tmp" in p.name for p in snapshots.iterdir())
     kill_points = [("during a checkpoint save", saving),
+                   ("during an EMA snapshot save", snapshotting),
                    ("during the save of step 6", lambda: has_step(4)() and saving())]
     killed_during = []
     for name, condition in kill_points:
@@ -68,6 +74,7 @@ def test_sigkill_at_any_point_then_rerun_takes_over_and_gives_bitwise_identical_
             proc.send_signal(signal.SIGKILL)
             killed_during.append(name)
         proc.wait(timeout=300)
+    print("killed", killed_during)
     assert "during a checkpoint save" in killed_during and len(killed_during) >= 2, killed_during
     # The rerun that finishes the job takes over the lock the killed run left (same host,
     # its pid gone).
@@ -78,10 +85,21 @@ def test_sigkill_at_any_point_then_rerun_takes_over_and_gives_bitwise_identical_
     assert "taking over the workdir lock" in stderr and "is gone" in stderr
     assert not (workdir / "run.lock").exists()
 
-    for a, b in zip(jax.tree.leaves(restore_micro_run(straight, STEPS)),
-                    jax.tree.leaves(restore_micro_run(workdir, STEPS)),
+    config = micro_config()
+    config.ema.kind = "power"
+    for a, b in zip(jax.tree.leaves(restore_micro_run(straight, STEPS, config)),
+                    jax.tree.leaves(restore_micro_run(workdir, STEPS, config)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+    assert ema_snapshots.steps(str(workdir)) == ema_snapshots.steps(str(straight)) == [2, 4, 6, 8]
+    like = train.train_state_shapes(config).params
+    for step in (2, 4, 6, 8):
+        for k in range(len(config.ema.sigma_rels)):
+            a, b = (ema_snapshots.weighted_sum(str(run), {step: list(config.ema.sigma_rels)},
+                                               {(step, k): 1.0}, like)
+                    for run in (straight, workdir))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_array_equal(x, y)
 
 
 def exploding_config():

@@ -30,7 +30,12 @@ def sampling_params(config: ml_collections.ConfigDict, state: Any, weights: str 
     """The weights samples come from: with `weights="ema"` the EMA when the run keeps one
     (else the raw weights), with "params" the raw weights."""
     check_choice("weights", weights, WEIGHTS)
-    return state.ema_params if weights == "ema" and config.ema_decay > 0 else state.params
+    return state.ema_params if weights == "ema" and keeps_ema(config) else state.params
+
+
+def keeps_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run of `config` keeps an EMA of its weights (a power EMA always does)."""
+    return config.get("ema", {}).get("kind", "exponential") == "power" or config.ema_decay > 0
 
 
 class SampleFn:

@@ -97,11 +97,11 @@ def tree_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh,
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh,
                     config: ml_collections.ConfigDict) -> Any:
-    """Shardings for a `TrainState`: model-sized trees by the FSDP rule, the rest replicated."""
+    """Shardings for a `TrainState`: model-sized trees (the weights, their EMAs and the
+    optimizer state) by the FSDP rule, the rest replicated."""
+    model_sized = [name for name in ("params", "ema_params", "opt_state", "more_emas")
+                   if hasattr(abstract_state, name)]
     return abstract_state.replace(
-        step=replicated(mesh),
-        rng=replicated(mesh),
-        params=tree_shardings(abstract_state.params, mesh, config),
-        ema_params=tree_shardings(abstract_state.ema_params, mesh, config),
-        opt_state=tree_shardings(abstract_state.opt_state, mesh, config),
-    )
+        step=replicated(mesh), rng=replicated(mesh),
+        **{name: tree_shardings(getattr(abstract_state, name), mesh, config)
+           for name in model_sized})

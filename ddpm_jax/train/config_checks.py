@@ -14,6 +14,7 @@ from absl import logging
 from etils import epath
 
 from ddpm_jax import console, data_sources, image_utils, models, ops, recipe, samplers, wandb_writer
+from ddpm_jax.core import power_ema
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
 from ddpm_jax.runtime import sharding
@@ -76,6 +77,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
     old, new = saved.get("diffusion", {}).get("formulation", "ddpm"), current["diffusion"]["formulation"]
     if old != new:  # the net's input, time input and output mean other things
         differences.append(f"diffusion.formulation: checkpoint {old!r}, config {new!r}")
+    differences += _ema_differences(saved.get("ema", {}), current["ema"])
     old_clip, new_clip = saved.get("grad_clip_norm", 0), current.get("grad_clip_norm", 0)
     if (old_clip > 0) != (new_clip > 0):  # optax.chain with clipping or plain AdamW
         differences.append(f"grad_clip_norm: checkpoint {old_clip!r}, config {new_clip!r} (clipping "
@@ -94,6 +96,38 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
             + ("; to fine-tune on purpose with the new diffusion settings, pass "
                "--allow_diffusion_change" if changed and not differences else "")
         )
+
+
+def _ema_differences(saved: dict, current: dict) -> list[str]:
+    """The EMA fields whose change makes the saved EMAs other averages (or another tree)."""
+    old_kind, new_kind = saved.get("kind", "exponential"), current["kind"]
+    if old_kind != new_kind:
+        return [f"ema.kind: checkpoint {old_kind!r}, config {new_kind!r}"]
+    old, new = _normalise(saved.get("sigma_rels")), _normalise(current["sigma_rels"])
+    if new_kind == "power" and old != new:
+        return [f"ema.sigma_rels: checkpoint {old!r}, config {new!r} (the saved EMAs are of "
+                "the checkpoint's)"]
+    return []
+
+
+def _check_ema(config: ml_collections.ConfigDict) -> None:
+    """The EMA section: a known kind, and power EMAs of lengths a power EMA can have."""
+    ema = config.ema
+    _choice("ema.kind", ema.kind, ("exponential", "power"))
+    if not isinstance(ema.snapshot_every_steps, int) or ema.snapshot_every_steps < 0:
+        raise ConfigError("ema.snapshot_every_steps must be an integer >= 0 (0: every "
+                          f"save_every_steps), got {ema.snapshot_every_steps!r}")
+    if ema.kind != "power":
+        return
+    sigma_rels = list(ema.sigma_rels)
+    if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
+        raise ConfigError(f"ema.sigma_rels={tuple(sigma_rels)}: name one or more different "
+                          "EMA lengths (EDM2 keeps 0.05 and 0.10)")
+    for sigma_rel in sigma_rels:
+        try:
+            power_ema.check_sigma_rel(float(sigma_rel))
+        except ValueError as error:
+            raise ConfigError(f"ema.sigma_rels: {error}") from error
 
 
 def _changed_fields(saved: dict, current: dict, fields: tuple[str, ...]) -> list[str]:
@@ -199,6 +233,7 @@ def validate(
         raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    _check_ema(config)
     _checked(ops.check_config, config)
 
     _checked(recipe.check_config, config)

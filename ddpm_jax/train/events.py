@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpointing, fid, image_utils, preemption, workdir_lock
+from ddpm_jax import checkpointing, ema_snapshots, fid, image_utils, preemption, workdir_lock
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import Registry
 from ddpm_jax.progress import TrainingProgress, format_seconds
@@ -253,6 +253,31 @@ class Checkpoint(Event):
         checkpointing.save(self.run.manager, step, state, self.run.config, self.examples_seen())
         self.last_saved = step
         return True
+
+
+class EMASnapshot(Event):
+    """Snapshots a power-EMA run's EMAs (`ema_snapshots`) every `ema.snapshot_every_steps`
+    and at the last step, in the background; `close` waits for the last one."""
+
+    name = "EMA snapshot"
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.every_steps = ema_snapshots.every_steps(run.config)
+        self.manager = ema_snapshots.make_manager(ema_snapshots.directory(run.workdir),
+                                                  write=True)
+
+    def __call__(self, step: int, state: Any) -> bool:
+        self.run.holding.check(step)
+        self.manager.check_for_errors()  # the previous snapshot's background save
+        ema_snapshots.save(self.manager, step, state.emas(), self.run.config)
+        return True
+
+    def close(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
 
 
 class ScalarLog(Event):

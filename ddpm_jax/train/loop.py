@@ -24,6 +24,7 @@ from etils import epath
 from ddpm_jax import (
     checkpointing,
     data_sources,
+    ema_snapshots,
     input_pipeline,
     metric_logs,
     preemption,
@@ -37,6 +38,7 @@ from ddpm_jax.train.state import (
     TrainState,
     abstract_train_state,
     create_train_state,
+    is_power_ema,
     restore_train_state,
     train_state_shapes,
     train_state_shardings,
@@ -47,6 +49,8 @@ from ddpm_jax.train.step import train_step
 def event_intervals(config: ml_collections.ConfigDict, with_fid: bool) -> list[int]:
     """The step intervals at which the loop logs, samples, saves and (`with_fid`) evaluates."""
     intervals = [config.log_every_steps, config.sample_every_steps, config.save_every_steps]
+    if is_power_ema(config):
+        intervals.append(ema_snapshots.every_steps(config))
     if with_fid:
         intervals.append(config.get("eval_every_steps", 0))
     return [interval for interval in intervals if interval > 0]
@@ -215,15 +219,18 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
         e.name: events_left(config, step, e.every_steps) for e in evaluators})
     checkpoint = events.Checkpoint(run, finite, lambda: seen[0])
     profile = events.Profile(run)
+    snapshots = [events.EMASnapshot(run)] if is_power_ema(config) else []
     counted = _CountingBatches(batches, seen, config.batch_size)
     failed = True
     try:
         state = loop(state, step_fns, counted, [profile, _SaveWatch(manager, checkpoint),
-                                                 scalars, *evaluators, checkpoint],
+                                                 scalars, *evaluators, *snapshots, checkpoint],
                      scalars, finite, watcher, config.num_train_steps)
         failed = False
     finally:
         profile.close()
+        for snapshot in snapshots:
+            snapshot.close()
         try:  # never leave a half-written checkpoint behind
             checkpointing.check_saves(manager, checkpoint.last_saved, wait=True)
         finally:

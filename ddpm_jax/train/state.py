@@ -1,7 +1,9 @@
 """The train state: weights, their EMA, the optimizer and its state, the step and the base rng.
 
 `TrainState` holds its optimizer (`tx`, a static field compared by its settings), so the
-step applies updates with the optimizer that made the state. Built directly on the devices
+step applies updates with the optimizer that made the state. A run with power-function EMAs
+(`ema.kind="power"`) has a `PowerEMATrainState`: `ema_params` is the EMA of the first
+`ema.sigma_rels`, `more_emas` those of the others. Built directly on the devices
 in its final sharding; restored from checkpoints of any earlier parameter layout.
 """
 
@@ -32,13 +34,45 @@ class TrainState:
     rng: jax.Array  # base key; step keys are fold_in(rng, step), so resuming needs nothing else
     tx: optimizer.Optimizer = flax.struct.field(pytree_node=False, default=None)
 
-    def apply_gradients(self, grads: Any, ema_decay: jax.Array) -> TrainState:
-        """One optimizer update of the weights, then of their EMA (decay `ema_decay`)."""
+    def apply_gradients(self, grads: Any, ema_decays: tuple[jax.Array, ...]) -> TrainState:
+        """One optimizer update of the weights, then of each EMA (`ema_decays`, one per EMA:
+        `ema_params`, then `more_emas` where the state has them)."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
-        ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                                  self.ema_params, params)
-        return self.replace(params=params, ema_params=ema_params, opt_state=opt_state)
+        return self.replace(params=params, opt_state=opt_state,
+                            **self.updated_emas(params, ema_decays))
+
+    def updated_emas(self, params: Any, ema_decays: tuple[jax.Array, ...]) -> dict[str, Any]:
+        """The EMA fields after an update to `params`."""
+        (ema_decay,) = ema_decays
+        return {"ema_params": _ema_update(self.ema_params, params, ema_decay)}
+
+
+def _ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+@flax.struct.dataclass
+class PowerEMATrainState(TrainState):
+    """The state of a run with power-function EMAs: `ema_params` is the EMA of the first
+    of `ema.sigma_rels`, `more_emas` a tuple of those of the rest."""
+
+    more_emas: tuple = ()
+
+    def updated_emas(self, params: Any, ema_decays: tuple[jax.Array, ...]) -> dict[str, Any]:
+        first, *rest = ema_decays
+        return {"ema_params": _ema_update(self.ema_params, params, first),
+                "more_emas": tuple(_ema_update(ema, params, decay)
+                                   for ema, decay in zip(self.more_emas, rest, strict=True))}
+
+    def emas(self) -> tuple:
+        """Every EMA, in the order of `ema.sigma_rels`."""
+        return (self.ema_params, *self.more_emas)
+
+
+def is_power_ema(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config` trains power-function EMAs (`ema.kind="power"`)."""
+    return config.get("ema", {}).get("kind", "exponential") == "power"
 
 
 def init_train_state(config: ml_collections.ConfigDict) -> TrainState:
@@ -52,9 +86,13 @@ def train_state_from_params(config: ml_collections.ConfigDict, params: Any) -> T
     base rng of `config.seed` (call under jit)."""
     _, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     tx = optimizer.Optimizer.of(config)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                      rng=train_rng, tx=tx)
+    fields = dict(step=jnp.zeros((), jnp.int32), params=params,
+                  ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                  rng=train_rng, tx=tx)
+    if is_power_ema(config):
+        more = tuple(jax.tree.map(jnp.copy, params) for _ in config.ema.sigma_rels[1:])
+        return PowerEMATrainState(**fields, more_emas=more)
+    return TrainState(**fields)
 
 
 @network.cached_per_config

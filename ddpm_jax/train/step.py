@@ -18,9 +18,9 @@ import optax
 from flax import nnx
 
 from ddpm_jax import recipe
-from ddpm_jax.core import diffusion, edm, objectives
+from ddpm_jax.core import diffusion, edm, objectives, power_ema
 from ddpm_jax.runtime import network
-from ddpm_jax.train.state import TrainState
+from ddpm_jax.train.state import TrainState, is_power_ema
 
 
 def images_to_model_space(batch: jax.Array) -> jax.Array:
@@ -28,12 +28,20 @@ def images_to_model_space(batch: jax.Array) -> jax.Array:
     return batch.astype(jnp.float32) / 127.5 - 1.0
 
 
-def ema_decay_at(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-    """`config.ema_decay`, ramped up over the first steps with `config.ema_warmup`."""
+def ema_decays_at(config: ml_collections.ConfigDict, step: jax.Array) -> tuple[jax.Array, ...]:
+    """The decay of each EMA in the update that follows `step` steps.
+
+    Exponential: `config.ema_decay`, ramped up over the first steps with `config.ema_warmup`.
+    Power (`ema.kind="power"`): beta_t = (1 - 1/t)^(gamma + 1) of each `ema.sigma_rels`, t =
+    step + 1 the steps taken with this one (`power_ema.beta`).
+    """
+    if is_power_ema(config):
+        return tuple(power_ema.beta(step + 1, power_ema.gamma_of(sigma_rel))
+                     for sigma_rel in config.ema.sigma_rels)
     decay = jnp.asarray(config.ema_decay, jnp.float32)
     if config.ema_warmup:
         decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    return decay
+    return (decay,)
 
 
 def example_randomness(
@@ -157,7 +165,7 @@ def train_step(
     # params, EMA and optimizer state (the loop then stops or goes on, by config.on_nonfinite).
     # A conditional, not a select per leaf, which would make XLA copy every leaf it updates.
     new_state = jax.lax.cond(
-        finite, lambda s: s.apply_gradients(grads, ema_decay_at(config, s.step)),
+        finite, lambda s: s.apply_gradients(grads, ema_decays_at(config, s.step)),
         lambda s: s, state)
     metrics = {
         "loss": loss,
