@@ -93,6 +93,26 @@ def get_config() -> ml_collections.ConfigDict:
     data.crop_size = 0  # side of the centre crop (crop="center")
     data.crop_box = (0, 0, 0, 0)  # (top, left, height, width) (crop="box")
     data.random_flip = True  # random horizontal flip per image
+    # Non-leaky augmentation (EDM; ddpm_jax/core/augment.py): each image is transformed with
+    # `probability` times each transform's multiplier (0: off) and the net is told how (zero
+    # at sampling), so samples stay unaugmented. probability 0 turns it off; with it on, the
+    # multipliers below are EDM's CIFAR-10 set (--augment=0.12): x-flips always drawn (the
+    # 1e8), y-flips, isotropic and anisotropic scaling, rotation, fractional translation.
+    data.augment = augment = ml_collections.ConfigDict()
+    augment.probability = 0.0  # EDM: 0.12 (CIFAR-10), 0.15 (FFHQ, AFHQ)
+    augment.xflip = 1e8
+    augment.yflip = 1.0
+    augment.rotate_int = 0.0  # quarter turns
+    augment.translate_int = 0.0  # whole-pixel shifts up to 1/8 of the side, reflected
+    augment.scale = 1.0
+    augment.rotate_frac = 1.0  # any angle
+    augment.aniso = 1.0
+    augment.translate_frac = 1.0
+    augment.brightness = 0.0
+    augment.contrast = 0.0
+    augment.lumaflip = 0.0
+    augment.hue = 0.0
+    augment.saturation = 0.0
     data.num_workers = 0  # grain worker processes; 0 reads in the training process
     data.max_bad_fraction = 0.01  # unreadable files tolerated (skipped and logged) in a folder
     # Class labels for a class-conditional model; "" trains unconditionally. "tfds": a class

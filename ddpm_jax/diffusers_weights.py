@@ -77,12 +77,19 @@ def _key(entry: Any) -> Any:
     return getattr(entry, "key", getattr(entry, "idx", entry))
 
 
+# A net trained with augmentation maps the augmentation vector onto its time embedding; at
+# sampling that vector is zero, so UNet2DModel without the map computes the same function.
+SAMPLING_ONLY_DROPPED = ("augment_map",)
+
+
 def weight_names(config: ml_collections.ConfigDict) -> dict[tuple, str]:
-    """Every parameter path of `config`'s network -> its diffusers state-dict name."""
+    """Every parameter path of `config`'s network -> its diffusers state-dict name (but the
+    augmentation map's, `SAMPLING_ONLY_DROPPED`)."""
     check_exportable(config)
     return {path: diffusers_name(path)
             for path in (tuple(_key(entry) for entry in keys) for keys, _ in
-                         jax.tree_util.tree_flatten_with_path(network.abstract_params(config))[0])}
+                         jax.tree_util.tree_flatten_with_path(network.abstract_params(config))[0])
+            if path[0] not in SAMPLING_ONLY_DROPPED}
 
 
 def _to_torch_layout(array: np.ndarray, name: str) -> np.ndarray:
@@ -109,11 +116,11 @@ def _from_torch_layout(array: np.ndarray, ndim: int, name: str) -> np.ndarray:
 def to_state_dict(params: Any, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """`params` (a pure dict, any placement) as a diffusers `UNet2DModel` state dict."""
     names = weight_names(config)
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
-    return {names[tuple(_key(e) for e in path)]:
-            np.ascontiguousarray(_to_torch_layout(np.asarray(leaf, np.float32),
-                                                  names[tuple(_key(e) for e in path)]))
-            for path, leaf in flat}
+    flat = [(tuple(_key(e) for e in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]]
+    return {names[path]: np.ascontiguousarray(_to_torch_layout(np.asarray(leaf, np.float32),
+                                                               names[path]))
+            for path, leaf in flat if path[0] not in SAMPLING_ONLY_DROPPED}
 
 
 def rename_legacy_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,8 +1,10 @@
-"""The diffusion recipe a config names (`config.diffusion`), as the core's objects.
+"""The diffusion recipe a config names (`config.diffusion`, and `config.data.augment`), as
+the core's objects.
 
 The core (`ddpm_jax.core`) takes plain values; this is where a config's `diffusion` section
-becomes a `Schedule`, an `Objective` and the settings of the reverse process, and where that
-section is checked before anything is built.
+becomes a `Schedule`, an `Objective` and the settings of the reverse process, its
+augmentation `AugmentSettings`, and where those sections are checked before anything is
+built.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from ddpm_jax.core import diffusion, edm, objectives, schedules
+from ddpm_jax.core import augment, diffusion, edm, objectives, schedules
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
 
@@ -63,8 +65,29 @@ def reverse_process(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"prediction": d.prediction, "variance": d.variance, "clip_x0": d.clip_x0}
 
 
+def augment_settings(config: ml_collections.ConfigDict) -> augment.AugmentSettings | None:
+    """The non-leaky augmentation of `config.data.augment` (None: off, probability 0)."""
+    return augment.settings_of(config.data.augment)
+
+
+def _check_augment(a: ml_collections.ConfigDict) -> None:
+    if not 0.0 <= a.probability <= 1.0:
+        raise UserError(f"data.augment.probability must be in [0, 1] (0: off; EDM uses 0.12 "
+                        f"to 0.15), got {a.probability}")
+    negative = [name for name in augment.TRANSFORMS if not a[name] >= 0]
+    if negative:
+        raise UserError(f"data.augment.{negative[0]}={a[negative[0]]}: a probability "
+                        "multiplier must be >= 0 (0: off)")
+    if a.probability and not any(a[name] > 0 for name in augment.TRANSFORMS):
+        raise UserError(f"data.augment.probability={a.probability} with every transform's "
+                        f"multiplier 0: turn one on (data.augment.{augment.TRANSFORMS[0]}=1, "
+                        "...)")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError naming the field when `config.diffusion` cannot train or sample."""
+    """Raises UserError naming the field when `config.diffusion` or `config.data.augment`
+    cannot train or sample."""
+    _check_augment(config.data.augment)
     d = config.diffusion
     check_choice("diffusion.formulation", d.formulation, edm.FORMULATIONS)
     if d.formulation == "edm":

@@ -48,14 +48,16 @@ def unet_block(cin, cout, emb, *, attention, resample, adaptive_scale, resample_
 
 
 def edm_unet_count(img, channels, mults, blocks, attention, *, adaptive_scale, resample_proj,
-                   decoder_attention_last, label_dim=0, out_channels=3):
+                   decoder_attention_last, label_dim=0, out_channels=3, augment_dim=0):
     """Parameters of EDM's SongUNet (DDPM++) or DhariwalUNet (ADM), from their constructors:
     noise embedding MLP, label map, encoder (conv in, then a down block per level after the
     first, `blocks` blocks per level), decoder (in0 with attention and in1 at the lowest
     level, else an up block; `blocks` + 1 blocks per level, each fed a skip), output norm and
-    conv."""
+    conv; with `augment_dim`, SongUNet's map of the augmentation vector onto the noise
+    embedding."""
     emb = 4 * channels
     count = linear(channels, emb) + linear(emb, emb) + linear(label_dim, emb, bias=False)
+    count += linear(augment_dim, channels, bias=False)
     options = dict(adaptive_scale=adaptive_scale, resample_proj=resample_proj)
     skips, width = [], 3
     for level, mult in enumerate(mults):
@@ -93,7 +95,8 @@ def config_param_count(config):
 
 def test_ddpmpp_cifar10_has_edms_parameter_count():
     want = edm_unet_count(32, 128, (2, 2, 2), 4, (16,), adaptive_scale=False,
-                          resample_proj=True, decoder_attention_last=True)
+                          resample_proj=True, decoder_attention_last=True,
+                          augment_dim=9)  # trained with EDM's augmentation (--augment=0.12)
     assert round(want / 1e6, 2) == 55.73  # EDM, Table 7
     assert config_param_count(ddpmpp_cifar10.get_config()) == want
 

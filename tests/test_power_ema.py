@@ -215,6 +215,19 @@ def test_a_power_ema_run_resumes_bitwise_and_reconstructs_and_sweeps(tmp_path):
     chart = np.asarray(Image.open(result["plot"]))
     assert result["plot"].startswith(str(straight)) and (chart < 128).any()
 
+    # The command line: bits/dim of two lengths, a table in --json and a chart.
+    table, chart_path = tmp_path / "nll.json", tmp_path / "nll.png"
+    command = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.evaluate", "nll", f"--workdir={straight}",
+         "--sigma_rels=0.05,0.1", "--num_images=4", "--batch_size=4", f"--json={table}",
+         f"--plot={chart_path}"],
+        cwd=ROOT, env=command_env(), capture_output=True, text=True, timeout=300)
+    assert command.returncode == 0, command.stderr[-3000:]
+    rows = json.loads(table.read_text())["ema_sweep"]
+    assert [row["sigma_rel"] for row in rows] == [0.05, 0.1]
+    assert all(np.isfinite(row["bits_per_dim"]) and row["bits_per_dim"] > 0 for row in rows)
+    assert chart_path.exists() and "sigma_rel 0.100" in command.stdout
+
     # Another length on resume would make the saved EMAs other averages: refused.
     config.ema.sigma_rels = (0.10, 0.07)
     config.num_train_steps = 5

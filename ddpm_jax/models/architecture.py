@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from ddpm_jax.core import augment as core_augment
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
 
@@ -29,7 +30,8 @@ class Architecture:
     `time_embedding_freq_shift` and `time_embedding_cos_first` the sinusoidal embedding
     (`blocks.timestep_embedding`); `dtype` the compute dtype (parameters stay float32);
     `remat` recomputes residual blocks in the backward pass; `num_classes` > 0 adds a class
-    embedding (`blocks.ClassEmbedding`, 0: unconditional).
+    embedding (`blocks.ClassEmbedding`, 0: unconditional); `augment_dim` > 0 (from
+    `data.augment`) the map of the augmentation vector (`blocks.augment_map`).
 
     The block options of the nets after Ho et al.'s (ADM, Dhariwal & Nichol 2021; DDPM++,
     Song et al. 2021 and EDM), `ddpm` layout only, each changing only its own blocks:
@@ -65,6 +67,7 @@ class Architecture:
     dtype: str = "float32"
     remat: bool = False
     num_classes: int = 0
+    augment_dim: int = 0  # entries of the augmentation vector (data.augment); 0: no input
     scale_shift_norm: bool = False
     resample: str = "conv"
     resample_projection: bool = False
@@ -106,7 +109,8 @@ class Architecture:
         given = {key: value for key, value in config.model.items() if key in fields}
         learned = config.diffusion.get("variance") == "learned_range"
         return cls(**{**given, "image_size": config.data.image_size,
-                      "out_channels": 6 if learned else 3})
+                      "out_channels": 6 if learned else 3,
+                      "augment_dim": augment_dim(config.data.get("augment"))})
 
     @property
     def widths(self) -> list[int]:
@@ -173,3 +177,9 @@ def validate_architecture(
             )
 
 
+
+def augment_dim(augment: Any) -> int:
+    """Entries of the augmentation vector the net takes for `data.augment` (None or
+    probability 0: none)."""
+    settings = core_augment.settings_of(augment or {})
+    return settings.label_dim if settings is not None else 0

@@ -38,13 +38,22 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
 
 def embed_time(t: jax.Array, arch, dense1: nnx.Linear, dense2: nnx.Linear,
                class_embedding: ClassEmbedding | None = None,
-               class_labels: jax.Array | None = None) -> jax.Array:
+               class_labels: jax.Array | None = None, augment_map: nnx.Linear | None = None,
+               augment_labels: jax.Array | None = None) -> jax.Array:
     """The embedding [B, 4 * base_channels] every residual block takes (`arch`: the net's
     `Architecture`): the timestep, sinusoidal (`timestep_embedding`), then dense, SiLU, dense
     (Ho et al.); a class-conditional net adds its class's vector (diffusers' UNet2DModel with
-    `num_class_embeds`, ADM)."""
+    `num_class_embeds`, ADM). A net trained with augmentation first adds its map of the
+    augmentation vector `augment_labels` [B, augment_dim] to the sinusoid (EDM); None: the
+    zero vector, as at sampling."""
     temb = timestep_embedding(t, arch.temb_width, freq_shift=arch.time_embedding_freq_shift,
                               cos_first=arch.time_embedding_cos_first)
+    if augment_map is not None:
+        if augment_labels is None:
+            augment_labels = jnp.zeros((len(t), arch.augment_dim), temb.dtype)
+        temb = temb + augment_map(augment_labels)
+    elif augment_labels is not None:
+        raise ValueError("augment_labels given to a net trained without augmentation")
     temb = dense2(nnx.silu(dense1(temb)))
     if class_embedding is not None:
         temb = temb + class_embedding(class_labels, len(t))
@@ -247,6 +256,13 @@ class Blocks:
         if not self.arch.num_classes:
             return None
         return ClassEmbedding(self.arch.num_classes, self.temb_dim, self.layers)
+
+    def augment_map(self) -> nnx.Linear | None:
+        """The linear map (no bias) of the augmentation vector onto the sinusoidal time
+        embedding (EDM's `map_augment`); None for a net trained without augmentation."""
+        if not self.arch.augment_dim:
+            return None
+        return self.layers.dense(self.arch.augment_dim, self.arch.temb_width, bias=False)
 
     def _numbered(self, block: nnx.Module) -> nnx.Module:
         self.count += 1

@@ -65,8 +65,10 @@ class DDPMUNet(nnx.Module):
     [B,H,W,out_channels]`.
 
     A class-conditional net (`num_classes` > 0) takes `class_labels` [B] (None: the null
-    label, the unconditional model). Pass `dropout_keys` (one PRNG key per example, [B])
-    when training; without them dropout is off.
+    label, the unconditional model); a net trained with augmentation (`augment_dim` > 0)
+    takes `augment_labels` [B, augment_dim] (None: zeros, no augmentation). Pass
+    `dropout_keys` (one PRNG key per example, [B]) when training; without them dropout is
+    off.
     """
 
     def __init__(self, arch: Architecture, *, layer_ops: LayerOps | None = None,
@@ -78,6 +80,7 @@ class DDPMUNet(nnx.Module):
         self.temb_dense1 = layers.dense(arch.temb_width, blocks.temb_dim)
         self.temb_dense2 = layers.dense(blocks.temb_dim, blocks.temb_dim)
         self.class_embedding = blocks.class_embedding()
+        self.augment_map = blocks.augment_map()
         self.conv_in = layers.conv(arch.in_channels, arch.base_channels)
 
         channels, skips = arch.base_channels, [arch.base_channels]
@@ -119,9 +122,10 @@ class DDPMUNet(nnx.Module):
         self.conv_out = layers.conv(channels, arch.out_channels, zero=True)
 
     def __call__(self, x: jax.Array, t: jax.Array, *, class_labels: jax.Array | None = None,
+                 augment_labels: jax.Array | None = None,
                  dropout_keys: jax.Array | None = None) -> jax.Array:
         temb = embed_time(t, self.arch, self.temb_dense1, self.temb_dense2,
-                          self.class_embedding, class_labels)
+                          self.class_embedding, class_labels, self.augment_map, augment_labels)
 
         # Down: every output is kept for the up path.
         hs = [self.conv_in(x)]

@@ -95,10 +95,10 @@ class Layers:
                               conv_general_dilated=self.ops.conv_general_dilated,
                               upsample_conv=self.ops.upsample_conv)
 
-    def dense(self, cin: int, cout: int, zero: bool = False) -> nnx.Linear:
+    def dense(self, cin: int, cout: int, zero: bool = False, bias: bool = True) -> nnx.Linear:
         return nnx.Linear(
-            cin, cout, dtype=self.dtype, kernel_init=zero_init if zero else default_init,
-            rngs=self.rngs,
+            cin, cout, use_bias=bias, dtype=self.dtype,
+            kernel_init=zero_init if zero else default_init, rngs=self.rngs,
         )
 
     def embed(self, num_embeddings: int, features: int) -> nnx.Embed:

@@ -57,6 +57,7 @@ class MirrorUNet(nnx.Module):
         self.temb_dense1 = layers.dense(arch.temb_width, blocks.temb_dim)
         self.temb_dense2 = layers.dense(blocks.temb_dim, blocks.temb_dim)
         self.class_embedding = blocks.class_embedding()
+        self.augment_map = blocks.augment_map()
         self.conv_in = layers.conv(arch.in_channels, arch.base_channels)
 
         channels, down = arch.base_channels, []
@@ -96,9 +97,10 @@ class MirrorUNet(nnx.Module):
         self.conv_out = layers.conv(arch.base_channels, arch.out_channels, zero=True)
 
     def __call__(self, x: jax.Array, t: jax.Array, *, class_labels: jax.Array | None = None,
+                 augment_labels: jax.Array | None = None,
                  dropout_keys: jax.Array | None = None) -> jax.Array:
         temb = embed_time(t, self.arch, self.temb_dense1, self.temb_dense2,
-                          self.class_embedding, class_labels)
+                          self.class_embedding, class_labels, self.augment_map, augment_labels)
 
         def res(block, h, skip=None):
             if skip is not None:

@@ -95,14 +95,16 @@ def params_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
 
 
 def apply(definition: nnx.GraphDef, params: Any, x_t: jax.Array, t: jax.Array,
-          dropout_keys: jax.Array | None = None, class_labels: jax.Array | None = None
-          ) -> jax.Array:
+          dropout_keys: jax.Array | None = None, class_labels: jax.Array | None = None,
+          augment_labels: jax.Array | None = None) -> jax.Array:
     """Runs the network on pure parameters; dropout is on only with per-example
-    `dropout_keys`; `class_labels` [B] for a class-conditional net (None: unconditional)."""
-    if class_labels is None:  # nets registered before conditioning need not take it
-        return nnx.merge(definition, params)(x_t, t, dropout_keys=dropout_keys)
-    return nnx.merge(definition, params)(x_t, t, class_labels=class_labels,
-                                         dropout_keys=dropout_keys)
+    `dropout_keys`; `class_labels` [B] for a class-conditional net (None: unconditional);
+    `augment_labels` [B, D] for a net trained with augmentation (None: zeros, none)."""
+    # nets registered before conditioning or augmentation need not take them
+    conditioning = {name: value for name, value in (("class_labels", class_labels),
+                                                    ("augment_labels", augment_labels))
+                    if value is not None}
+    return nnx.merge(definition, params)(x_t, t, dropout_keys=dropout_keys, **conditioning)
 
 
 def random_params(config: ml_collections.ConfigDict, seed: int = 0, scale: float = 0.05) -> Any:

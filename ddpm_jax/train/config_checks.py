@@ -17,6 +17,7 @@ from ddpm_jax import console, data_sources, image_utils, models, ops, recipe, sa
 from ddpm_jax.core import power_ema
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import check_choice
+from ddpm_jax.models.architecture import augment_dim
 from ddpm_jax.runtime import sharding
 from ddpm_jax.train import optimizer
 
@@ -78,6 +79,11 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *,
     if old != new:  # the net's input, time input and output mean other things
         differences.append(f"diffusion.formulation: checkpoint {old!r}, config {new!r}")
     differences += _ema_differences(saved.get("ema", {}), current["ema"])
+    old_dim = augment_dim(saved.get("data", {}).get("augment"))
+    new_dim = augment_dim(current["data"]["augment"])
+    if old_dim != new_dim:  # the net's augmentation input, or its width
+        differences.append(f"data.augment: the checkpoint's net takes an augmentation vector "
+                           f"of {old_dim} entries, the config's {new_dim} (0: none)")
     old_clip, new_clip = saved.get("grad_clip_norm", 0), current.get("grad_clip_norm", 0)
     if (old_clip > 0) != (new_clip > 0):  # optax.chain with clipping or plain AdamW
         differences.append(f"grad_clip_norm: checkpoint {old_clip!r}, config {new_clip!r} (clipping "

@@ -266,16 +266,22 @@ class EMASnapshot(Event):
         self.every_steps = ema_snapshots.every_steps(run.config)
         self.manager = ema_snapshots.make_manager(ema_snapshots.directory(run.workdir),
                                                   write=True)
+        self.last: int | None = None
 
     def __call__(self, step: int, state: Any) -> bool:
         self.run.holding.check(step)
-        self.manager.check_for_errors()  # the previous snapshot's background save
-        ema_snapshots.save(self.manager, step, state.emas(), self.run.config)
+        checkpointing.check_saves(self.manager, self.last)  # the previous one, in the background
+        try:
+            ema_snapshots.save(self.manager, step, state.emas(), self.run.config)
+        except Exception as error:  # a full disk: the run stops, its snapshots intact
+            raise checkpointing.save_failed(self.manager, step, error) from error
+        self.last = step
         return True
 
     def close(self) -> None:
+        """Waits for the last snapshot (raising if it failed) and closes the manager."""
         try:
-            self.manager.wait_until_finished()
+            checkpointing.check_saves(self.manager, self.last, wait=True)
         finally:
             self.manager.close()
 

@@ -229,15 +229,17 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
         failed = False
     finally:
         profile.close()
-        for snapshot in snapshots:
-            snapshot.close()
-        try:  # never leave a half-written checkpoint behind
+        try:  # never leave a half-written checkpoint (or EMA snapshot) behind
             checkpointing.check_saves(manager, checkpoint.last_saved, wait=True)
         finally:
             manager.close()
-            metric_logs.flush(run.writer, workdir_path, failed)
-            if wandb_run is not None:
-                wandb_run.close()
+            try:
+                for snapshot in snapshots:
+                    snapshot.close()
+            finally:
+                metric_logs.flush(run.writer, workdir_path, failed)
+                if wandb_run is not None:
+                    wandb_run.close()
     if int(state.step) >= config.num_train_steps:
         _log_lines(lambda: _summary(run.progress, scalars, started, initial_step,
                                     int(state.step)) + _where_things_are(workdir, workdir_path))

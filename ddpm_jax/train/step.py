@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from ddpm_jax import recipe
-from ddpm_jax.core import diffusion, edm, objectives, power_ema
+from ddpm_jax.core import augment, diffusion, edm, objectives, power_ema
 from ddpm_jax.runtime import network
 from ddpm_jax.train.state import TrainState, is_power_ema
 
@@ -81,6 +81,16 @@ def dropped_labels(rng: jax.Array, labels: jax.Array, rate: float, null_label: i
     return jnp.where(drop, null_label, labels)
 
 
+def augmented(rng: jax.Array, x0: jax.Array, settings: augment.AugmentSettings
+              ) -> tuple[jax.Array, jax.Array]:
+    """(x0 with EDM's non-leaky augmentation, the vectors the net is told [B, D]). Example
+    i draws from `fold_in(fold_in(rng, i), 4)` alone, like its other draws, so it does not
+    depend on how the batch is split."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(x0.shape[0]))
+    keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 4)
+    return jax.vmap(augment.augment, (0, 0, None))(keys, x0, settings)
+
+
 def split_batch(batch: jax.Array | dict) -> tuple[jax.Array, jax.Array | None]:
     """(uint8 images, int32 labels or None) of a batch from the input pipeline."""
     if isinstance(batch, dict):
@@ -90,10 +100,10 @@ def split_batch(batch: jax.Array | dict) -> tuple[jax.Array, jax.Array | None]:
 
 def mean_gradient(grad_fn, params: Any, inputs: tuple, micro_batches: int):
     """`grad_fn(params, *inputs)` -> ((loss, aux), grads), loss and aux scalars, averaged
-    over `micro_batches` sequential slices of the batch: the same value as one pass (to
-    float rounding), in less memory. Slice i takes rows i, i + micro_batches, ...: with the
-    batch split over devices in contiguous blocks, every device holds an equal share of
-    every slice."""
+    over `micro_batches` sequential slices of the batch (of every array in `inputs`): the
+    same value as one pass (to float rounding), in less memory. Slice i takes rows i,
+    i + micro_batches, ...: with the batch split over devices in contiguous blocks, every
+    device holds an equal share of every slice."""
     if micro_batches == 1:
         return grad_fn(params, *inputs)
 
@@ -103,7 +113,7 @@ def mean_gradient(grad_fn, params: Any, inputs: tuple, micro_batches: int):
 
     # A loop, so that the slices run one after another and compile once.
     def accumulate(total, i):
-        value = grad_fn(params, *(micro(array, i) for array in inputs))
+        value = grad_fn(params, *jax.tree.map(lambda array: micro(array, i), inputs))
         return jax.tree.map(lambda a, b: a + b / micro_batches, total, value), None
 
     zeros = ((jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
@@ -127,11 +137,16 @@ def train_step(
     The loss is `objectives.loss_terms` at a random timestep per example; the gradient is
     the mean over `micro_batches` sequential slices of the batch (`mean_gradient`). A
     class-conditional net sees each example's label, or with probability
-    `config.label_dropout` the null label (`dropped_labels`).
+    `config.label_dropout` the null label (`dropped_labels`). With `data.augment` on, the
+    net learns from augmented images and is told their augmentation (`augmented`).
     """
     images, labels = split_batch(batch)
     x0 = images_to_model_space(images)
     step_rng = jax.random.fold_in(state.rng, state.step)
+    conditioning = {}
+    augment_settings = recipe.augment_settings(config)
+    if augment_settings is not None:
+        x0, conditioning["augment_labels"] = augmented(step_rng, x0, augment_settings)
     edm_settings = recipe.edm_settings(config) if recipe.is_edm(config) else None
     t, noise, dropout_keys = example_randomness(step_rng, x0.shape, schedule.num_timesteps,
                                                 edm_settings)
@@ -139,24 +154,23 @@ def train_step(
     x_t = (x0 + t[:, None, None, None] * noise if edm_settings is not None
            else diffusion.q_sample(schedule, x0, t, noise))
     if labels is not None:
-        labels = dropped_labels(step_rng, labels, config.get("label_dropout", 0.0),
-                                config.model.num_classes)
+        conditioning["class_labels"] = dropped_labels(
+            step_rng, labels, config.get("label_dropout", 0.0), config.model.num_classes)
     objective = recipe.objective(config)
     learned = objective.variance == "learned_range"
     use_dropout = config.model.dropout > 0
 
-    def loss_fn(params, x0, x_t, t, noise, dropout_keys, labels=None):
+    def loss_fn(params, x0, x_t, t, noise, dropout_keys, conditioning):
         keys = dropout_keys if use_dropout else None
         if edm_settings is not None:  # EDM: F(c_in x; c_noise), loss of D = c_skip x + c_out F
             net_input, c_noise = edm.network_inputs(x_t, t, edm_settings)
-            output = network.apply(graphdef, params, net_input, c_noise, keys,
-                                   class_labels=labels)
+            output = network.apply(graphdef, params, net_input, c_noise, keys, **conditioning)
             return jnp.mean(edm.loss(output, x_t, x0, t, edm_settings)), jnp.zeros(())
-        output = network.apply(graphdef, params, x_t, t, keys, class_labels=labels)
+        output = network.apply(graphdef, params, x_t, t, keys, **conditioning)
         loss, vlb = objectives.loss_terms(schedule, output, x0, x_t, t, noise, objective)
         return jnp.mean(loss), (jnp.mean(vlb) if learned else jnp.zeros(()))
 
-    inputs = (x0, x_t, t, noise, dropout_keys) + ((labels,) if labels is not None else ())
+    inputs = (x0, x_t, t, noise, dropout_keys, conditioning)
     (loss, vlb), grads = mean_gradient(jax.value_and_grad(loss_fn, has_aux=True), state.params,
                                        inputs, micro_batches)
     grad_norm = optax.tree_utils.tree_norm(grads)
