@@ -1,7 +1,8 @@
 """A plain-number look at a run's samples: the share that look like its training images.
 
     python -m benchmarks.sample_quality --workdir=runs/quickstart [--num_samples=64]
-        [--cases=ddim:100:linspace,dpm_solver++:20,ddpm:0] [--png_prefix=PATH] [--json=F]
+        [--cases=ddim:100:linspace,dpm_solver++:20,ddpm:50:auto:fixed_large,ddpm:0]
+        [--png_prefix=PATH] [--json=F]
 
 For data whose images share simple statistics (the quickstart's grayscale faces), two
 per-image numbers tell a clean sample from a failed one, without any network:
@@ -12,8 +13,8 @@ per-image numbers tell a clean sample from a failed one, without any network:
     3x3 box blur (noise and speckle raise it; a washed-out blob lowers it).
 A sample is "clean" when its colour is at most `--max_colour` levels and its high-frequency
 energy lies within the range of the training images' (as the pipeline feeds them). Each case
-(sampler:network calls[:spacing]) samples the same seed from the run's newest checkpoint; `--png_prefix`
-also writes each case's grid.
+(sampler:network calls[:spacing[:ddpm's variance rule]]) samples the same seed from the run's
+newest checkpoint; `--png_prefix` also writes each case's grid.
 """
 
 from __future__ import annotations
@@ -78,14 +79,18 @@ def main() -> None:
     energy_range = training_range(config)
     rows = []
     for case in args.cases.split(","):
-        name, calls, spacing = (case.split(":") + ["auto"])[:3]
+        name, calls, spacing, variance = (case.split(":") + ["auto", ""])[:4]
         images, _ = sample.generate(args.workdir, args.num_samples, sampler=name,
-                                    num_steps=int(calls), spacing=spacing, seed=args.seed)
+                                    num_steps=int(calls), spacing=spacing, seed=args.seed,
+                                    variance=variance or None)
         rows.append({"step": step, "sampler": name, "network_calls": int(calls) or "all",
-                     "spacing": spacing, **judge(images, energy_range, args.max_colour)})
+                     "spacing": spacing, "variance": variance or "-",
+                     "mean_colour": float(colour(images).mean()),
+                     **judge(images, energy_range, args.max_colour)})
         if args.png_prefix:
+            suffix = f"_{variance}" if variance else ""
             image_utils.save_png(image_utils.make_grid(images[:16]),
-                                 f"{args.png_prefix}_{name}_{calls}_{spacing}.png")
+                                 f"{args.png_prefix}_{name}_{calls}_{spacing}{suffix}.png")
     print(f"training images' high-frequency energy: {energy_range[0]:.1f} .. {energy_range[1]:.1f}")
     common.report(f"sample quality of {args.workdir}", rows, None)
     if args.json:

@@ -204,6 +204,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "logsnr", "karras", or "auto" for the sampler's own default.
     sample.spacing = "auto"
     sample.eta = 0.0  # DDIM noise scale (0 deterministic, 1 ~ DDPM)
+    # ddpm's variance rule: "auto" (the run's own over all T steps, the posterior's,
+    # fixed_small, over fewer: Nichol & Dhariwal), "fixed_small" or "fixed_large"
+    sample.variance = "auto"
     # The karras spacing: rho, and the sigma range (0: the model's own).
     sample.rho = 7.0
     sample.sigma_min = 0.0
@@ -235,6 +238,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_steps = 100
     evaluation.spacing = "auto"
     evaluation.eta = 0.0
+    evaluation.variance = "auto"
     for field in ("rho", "sigma_min", "sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise"):
         evaluation[field] = sample[field]  # as in `sample`
     evaluation.guidance_scale = 1.0  # as sample.guidance_scale

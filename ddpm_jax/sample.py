@@ -47,6 +47,9 @@ def define_flags() -> None:
     flags.DEFINE_string("spacing", None, "Noise levels visited: linspace, leading, trailing, "
                         "logsnr, karras or auto (default: the run's config.sample.spacing).")
     flags.DEFINE_float("eta", None, "DDIM noise scale (default: the run's).")
+    flags.DEFINE_enum("variance", None, ["auto", "fixed_small", "fixed_large"],
+                      "ddpm's variance rule (default: the run's sample.variance, 'auto': the "
+                      "posterior's over fewer than T steps, else the run's own).")
     flags.DEFINE_list("options", None, "Other knobs of the sampler or spacing as KEY=VALUE "
                       "(default: the run's), e.g. s_churn=40,s_tmin=0.05,s_tmax=50,s_noise=1.003 "
                       "for heun's stochastic churn, or rho=5,sigma_max=80 for the karras spacing.")
@@ -86,19 +89,20 @@ def generate(
     workdir: str, num_samples: int, *, step: int | None = None, sampler: str | None = None,
     num_steps: int | None = None, eta: float | None = None, spacing: str | None = None,
     seed: int = 0, batch_size: int = 64, snapshots: int = 0, progress: bool = False,
+    variance: str | None = None,
     class_labels: list[str] | None = None, guidance_scale: float | None = None,
     options: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 samples [N, S, S, 3] (and [N, K, S, S, 3] snapshots when `snapshots` > 0).
 
-    `sampler`, `num_steps`, `spacing`, `eta`, `guidance_scale` and the sampler's and
+    `sampler`, `num_steps`, `spacing`, `eta`, `variance`, `guidance_scale` and the sampler's and
     spacing's other knobs (`options`) default to the run's `config.sample`; image i of a
     class-conditional run has class `class_labels[i % len]` (numbers or names; None: the
     null label).
     """
     config, params, step, mesh = runs.load_run(workdir, step)
     named = {"sampler": sampler, "num_steps": num_steps, "eta": eta, "spacing": spacing,
-             "guidance_scale": guidance_scale}
+             "guidance_scale": guidance_scale, "variance": variance}
     overrides = {**(options or {}), **{k: v for k, v in named.items() if v is not None}}
     settings = SamplerSettings.from_config(config.sample, **overrides)
     unknown = sorted(set(options or {}) - set(settings.options) - set(settings.spacing_options))
@@ -168,6 +172,7 @@ def main(argv: list[str]) -> None:
         samples, strips = generate(
             FLAGS.workdir, num_samples, step=FLAGS.step, sampler=FLAGS.sampler,
             num_steps=FLAGS.num_steps, eta=FLAGS.eta, spacing=FLAGS.spacing, seed=FLAGS.seed,
+            variance=FLAGS.variance,
             batch_size=FLAGS.batch_size, snapshots=FLAGS.snapshots, progress=True,
             class_labels=class_labels, guidance_scale=FLAGS.guidance_scale,
             options=_options(FLAGS.options),

@@ -7,6 +7,7 @@ import pytest
 
 from ddpm_jax import samplers
 from ddpm_jax.core import diffusion, objectives
+from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.schedules import BETA_SCHEDULES
 
 T = 1000
@@ -212,6 +213,29 @@ SAMPLER_CASES = [  # sampler, network calls, spacing, eta, variance
 ]
 
 
+def test_ddpms_auto_variance_is_the_posteriors_on_a_respaced_chain_only():
+    """`sample.variance="auto"`: a fixed_large model sampled over 20 of 1000 steps gets the
+    fixed_small chain (its exact moments), over all 1000 its own rule; named rules and a
+    learned variance are kept."""
+    assert samplers.sampling_variance("auto", "fixed_large", 20, 1000) == "fixed_small"
+    assert samplers.sampling_variance("auto", "fixed_large", 1000, 1000) == "fixed_large"
+    assert samplers.sampling_variance("auto", "learned_range", 20, 1000) == "learned_range"
+    assert samplers.sampling_variance("fixed_large", "fixed_small", 20, 1000) == "fixed_large"
+    s = diffusion.make_schedule("linear", T)
+    mu, sigma = 0.3, 0.5
+    run = jax.jit(lambda rng: samplers.sample(
+        diffusion.optimal_gaussian_eps(s, mu, sigma), s, (4096, 8), rng, sampler="ddpm",
+        num_steps=20, variance="fixed_large", clip_x0=False, spacing="linspace"))
+    x = np.asarray(run(jax.random.PRNGKey(3)))
+    steps = samplers.sampling_timesteps(s, "ddpm", 20, "linspace")
+    small = discretised_chain_moments("ddpm", steps, 0.0, "fixed_small", mu, sigma)[1]
+    large = discretised_chain_moments("ddpm", steps, 0.0, "fixed_large", mu, sigma)[1]
+    assert abs(small - large) > 0.1  # the two rules are far apart here
+    assert x.std() == pytest.approx(small, rel=0.02)
+    with pytest.raises(UserError, match="unknown ddpm option variance='fixed_big'"):
+        samplers.SamplerSettings("ddpm", 20, {"variance": "fixed_big"})
+
+
 @pytest.mark.parametrize("sampler,num_steps,spacing,eta,variance", SAMPLER_CASES)
 def test_samplers_with_the_oracle_denoiser_match_exact_moments(sampler, num_steps, spacing, eta,
                                                                variance):
@@ -220,7 +244,8 @@ def test_samplers_with_the_oracle_denoiser_match_exact_moments(sampler, num_step
     mu, sigma = 0.3, 0.5
     run = jax.jit(lambda rng: samplers.sample(
         diffusion.optimal_gaussian_eps(s, mu, sigma), s, (4096, 8), rng, sampler=sampler,
-        num_steps=num_steps, eta=eta, variance=variance, clip_x0=False, spacing=spacing))
+        num_steps=num_steps, eta=eta, variance=variance, clip_x0=False, spacing=spacing,
+        options={"variance": variance}))  # ddpm's rule named (the others have none)
     x = np.asarray(run(jax.random.PRNGKey(3)))
     steps = samplers.sampling_timesteps(s, sampler, num_steps, spacing)
     want_mean, want_std = discretised_chain_moments(sampler, steps, eta, variance, mu, sigma)

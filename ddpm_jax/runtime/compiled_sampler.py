@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from ddpm_jax import ops, recipe, samplers
@@ -63,6 +64,11 @@ class SampleFn:
         plan = samplers.reverse_plan(schedule, shape, settings, num_snapshots=num_snapshots,
                                      preconditioning=recipe.preconditioning(config),
                                      **recipe.reverse_process(config))
+        if plan.sampling_variance not in (None, plan.variance):
+            logging.info("%s over %d of %d timesteps with the %s variance, not the run's %s "
+                         "(sample.variance='auto'; name one to choose it)", settings.name,
+                         plan.num_steps, schedule.num_timesteps, plan.sampling_variance,
+                         plan.variance)
         self.num_steps = plan.num_steps
         self.num_images = shape[0]
         self._plan = plan

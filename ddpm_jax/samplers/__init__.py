@@ -23,6 +23,7 @@ from ddpm_jax.samplers.engine import (
     sample,
     sampling_sigmas,
     sampling_timesteps,
+    sampling_variance,
     snapshot_slots,
 )
 from ddpm_jax.samplers.guidance import Guidance, guided
@@ -33,4 +34,4 @@ __all__ = ["CONTINUOUS_SPACINGS", "SAMPLERS", "SPACINGS", "Guidance", "ReversePl
            "SamplerSettings",
            "check_section", "guided", "no_state", "reverse_init", "reverse_plan",
            "reverse_result", "reverse_steps", "sample", "sampling_sigmas", "sampling_timesteps",
-           "snapshot_slots"]
+           "sampling_variance", "snapshot_slots"]

@@ -43,7 +43,10 @@ class Sampler:
     init_state: `fn(x_T) -> pytree`, the sampler's own carry through the scan (for example the
         previous model outputs of a multistep solver); `no_state` for none.
     options: the sampler's knobs and their defaults (e.g. DDIM's ``eta``); the config's
-        sampling sections (`sample`, `eval`) hold a field of the same name.
+        sampling sections (`sample`, `eval`) hold a field of the same name. A timestep
+        sampler's ``variance`` knob is the engine's (`engine.sampling_variance`): the rule its
+        steps get as `variance`.
+    option_choices: the values a knob may take, where they are few (checked with the config).
     default_steps: the steps `num_steps=0` means (0: all T).
     default_spacing: the timestep spacing "auto" means (`spacing.SPACINGS`).
     prepare: optional `fn(schedule, steps, prev_steps) -> pytree of [S, ...] arrays`, run once
@@ -55,6 +58,7 @@ class Sampler:
     step: Callable[..., tuple[jax.Array, Any]]
     init_state: Callable[[jax.Array], Any] = no_state
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    option_choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
     default_steps: int = 0
     default_spacing: str = "linspace"
     prepare: Callable[..., Any] | None = None

@@ -6,6 +6,11 @@ cumulative alphas are those of the kept timesteps, so its betas are
 beta'_i = 1 - abar[t_i] / abar[t_{i-1}], with the same posterior and both variance rules.
 Its coefficients are computed once on the host in float64 (`prepare`), since 1 - a ratio
 close to 1 loses most of its digits in float32.
+
+Its `variance` knob (`sample.variance`) picks the rule (`engine.sampling_variance`): "auto"
+is the model's own over every timestep, and the posterior's (fixed_small) on a respaced
+chain of a fixed-variance model, which Nichol & Dhariwal find such a chain wants;
+"fixed_small" or "fixed_large" name one.
 """
 
 from __future__ import annotations
@@ -72,4 +77,7 @@ def step(schedule, model_output, x_t, t, t_prev, noise, state, *, prediction, va
 
 # With fewer than T steps, trailing spacing was the closest to the data at 10-20 calls of the
 # Gaussian oracle (docs/benchmarks.md, "fast samplers"); with all T every spacing is the chain.
-SAMPLERS.register("ddpm", Sampler(step=step, prepare=prepare, default_spacing="trailing"))
+SAMPLERS.register("ddpm", Sampler(step=step, prepare=prepare, default_spacing="trailing",
+                                  options={"variance": "auto"},
+                                  option_choices={"variance": ("auto", "fixed_small",
+                                                               "fixed_large")}))

@@ -66,6 +66,9 @@ def check_section(section: Mapping[str, Any], prefix: str,
     """The network calls of the sampler a config section chooses, on a model with
     `preconditioning`; UserError naming `prefix`.* when it cannot run."""
     check_choice(f"{prefix}.sampler", section.sampler, SAMPLERS.names())
+    chosen = SAMPLERS.get(section.sampler)
+    for key, choices in chosen.option_choices.items():
+        check_choice(f"{prefix}.{key}", section.get(key, chosen.options[key]), choices)
     settings = SamplerSettings.from_config(section)
     spacing = settings.sampler.resolve_spacing(settings.spacing)
     check_choice(f"{prefix}.spacing", spacing, SPACINGS.names())
@@ -145,6 +148,7 @@ class ReversePlan(NamedTuple):
     clip_x0: bool
     num_snapshots: int
     initial_scale: float = 1.0  # x starts as N(0, initial_scale^2)
+    sampling_variance: str | None = None  # the steps' rule, if not the model's `variance`
 
     @property
     def num_steps(self) -> int:
@@ -179,9 +183,27 @@ def reverse_plan(
     prev_steps = np.append(steps[1:], -1).astype(np.int32)
     # Per-step arrays the sampler computes on the host; row i reaches step i.
     coefficients = chosen.prepare(schedule, steps, prev_steps) if chosen.prepare else None
-    return ReversePlan(chosen, settings.options, steps, prev_steps,
+    options = dict(settings.options)
+    named = options.pop("variance", None)
+    rule = (None if named is None
+            else sampling_variance(named, variance, len(steps), schedule.num_timesteps))
+    return ReversePlan(chosen, options, steps, prev_steps,
                        snapshot_slots(len(steps), num_snapshots).astype(np.int32), coefficients,
-                       tuple(shape), prediction, variance, clip_x0, num_snapshots)
+                       tuple(shape), prediction, variance, clip_x0, num_snapshots,
+                       sampling_variance=rule)
+
+
+def sampling_variance(named: str, model_variance: str, num_steps: int, num_timesteps: int
+                      ) -> str:
+    """The variance rule of ancestral steps: `named`, or for "auto" the model's own
+    (`model_variance`) over every timestep or when it is learned, and the posterior's
+    (fixed_small) on a chain respaced to fewer steps: Nichol & Dhariwal (2021, section 4)
+    find that a respaced chain of a model trained with a fixed variance wants it."""
+    if named != "auto":
+        return named
+    if model_variance == "learned_range" or num_steps >= num_timesteps:
+        return model_variance
+    return "fixed_small"
 
 
 def _sigma_plan(preconditioning: edm.Preconditioning, shape: tuple[int, ...],
@@ -232,9 +254,10 @@ def reverse_steps(plan: ReversePlan, denoise_fn: DenoiseFn, schedule: Schedule, 
                                             plan.variance)
         extra = ({"coefficients": jax.tree.map(lambda a: a[i], coefficients)}
                  if chosen.prepare else {})
+        rule = plan.sampling_variance or plan.variance  # a fixed rule, or the learned values
         x, state = chosen.step(schedule, model_output, x, t_batch, jnp.full_like(t_batch, t_prev),
                                noise, state, prediction=plan.prediction,
-                               variance=plan.variance if values is None else values,
+                               variance=values if rule == "learned_range" else rule,
                                clip_x0=plan.clip_x0, **plan.options, **extra)
         return x, state, x
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from ddpm_jax.core.registry import check_choice
 from ddpm_jax.samplers.base import SAMPLERS, Sampler
 from ddpm_jax.samplers.guidance import Guidance
 from ddpm_jax.samplers.spacing import SPACINGS, spacing_options
@@ -33,6 +34,8 @@ class SamplerSettings:
         # section holds both).
         given = {**self.options, **self.spacing_options}
         object.__setattr__(self, "options", self.sampler.resolve_options(given))
+        for key, choices in self.sampler.option_choices.items():
+            check_choice(f"{self.name} option {key}", self.options[key], choices)
         spacing = self.sampler.resolve_spacing(self.spacing)
         defaults = spacing_options(spacing) if spacing in SPACINGS else {}
         object.__setattr__(self, "spacing_options",
