@@ -101,6 +101,24 @@ def generate(
     null label).
     """
     config, params, step, mesh = runs.load_run(workdir, step)
+    return generate_from(config, params, mesh, num_samples, step=step, sampler=sampler,
+                         num_steps=num_steps, eta=eta, spacing=spacing, seed=seed,
+                         batch_size=batch_size, snapshots=snapshots, progress=progress,
+                         variance=variance, class_labels=class_labels,
+                         class_names=checkpointing.saved_classes(workdir),
+                         guidance_scale=guidance_scale, options=options)
+
+
+def generate_from(
+    config, params, mesh: jax.sharding.Mesh, num_samples: int, *, step: int | None = None,
+    sampler: str | None = None, num_steps: int | None = None, eta: float | None = None,
+    spacing: str | None = None, seed: int = 0, batch_size: int = 64, snapshots: int = 0,
+    progress: bool = False, variance: str | None = None, class_labels: list | None = None,
+    class_names: list[str] | None = None, guidance_scale: float | None = None,
+    options: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`generate` for a loaded model (`config`, `params` on `mesh`; `class_names` name its
+    classes, `step` is only logged)."""
     named = {"sampler": sampler, "num_steps": num_steps, "eta": eta, "spacing": spacing,
              "guidance_scale": guidance_scale, "variance": variance}
     overrides = {**(options or {}), **{k: v for k, v in named.items() if v is not None}}
@@ -112,13 +130,14 @@ def generate(
                         f"{', '.join([*settings.options, *settings.spacing_options]) or 'none'}")
     labels = None
     if class_labels:
-        numbers = class_numbers(class_labels, checkpointing.saved_classes(workdir),
+        numbers = class_numbers(class_labels, class_names,
                                 config.model.num_classes)
         labels = np.resize(np.asarray(numbers, np.int32), num_samples)
     batch_size = min(batch_size, num_samples)
     sample_fn = compiled_sampler.make_sample_fn(config, mesh, settings, num_images=batch_size,
                                         num_snapshots=snapshots)
-    logging.info("sampling %d images from step %d with %s", num_samples, step, settings.summary())
+    logging.info("sampling %d images%s with %s", num_samples,
+                 "" if step is None else f" from step {step}", settings.summary())
     images, strips = [], []
     num_batches = -(-num_samples // batch_size)
     # One batch: the bar counts the sampler's steps; several: the images done.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ddpm_jax
 from ddpm_jax import image_utils, runs, sample, train
 from tests.helpers import ROOT, command_env, library_info_lines, micro_config, warning_lines
 
@@ -59,6 +60,11 @@ def test_cli_writes_png_grid_npz_and_strip(run_dir, tmp_path):
         assert done[0] in final and done[1] in final, final
     assert np.load(npz)["arr_0"].shape == (5, 8, 8, 3)  # the ADM evaluator's key
     assert np.load(npz)["arr_0"].dtype == np.uint8
+    # The Python API draws the command's images for the same seed and settings.
+    pipeline = ddpm_jax.load_pipeline(run_dir)
+    np.testing.assert_array_equal(pipeline.sample(5, num_steps=3, batch_size=4),
+                                  np.load(npz)["arr_0"])
+    assert pipeline.model.prediction == "v" and pipeline.step == 2
     grid = np.asarray(Image.open(png))
     assert grid.shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # 5 images: 2 rows of 3, 2-pixel padding
     strip = np.asarray(Image.open(tmp_path / "grid_denoising.png"))
