@@ -2,7 +2,7 @@
 
 The paper's recipe (`ddpm_paper.py`) with multipliers (1, 1, 2, 2, 4, 4), no dropout, lr 2e-5,
 batch 64, and samples with the posterior ("fixed small") variance. TFDS's `celeb_a_hq` needs
-its files prepared by hand (see README).
+its files prepared by hand (see docs/training.md).
 """
 
 from configs import ddpm_paper

@@ -1,4 +1,4 @@
-"""Image sources by name (`config.data.source`; README, "Extending"): random access to
+"""Image sources by name (`config.data.source`; docs/extending.md): random access to
 decoded images, with the checks that fail fast on missing or unusable data.
 
   * ``tfds``: any TFDS image dataset (`data.name`, e.g. ``celeb_a``), read through

@@ -1,4 +1,4 @@
-"""README "Extending": a sampler, a beta schedule, a data source and an evaluator registered
+"""docs/extending.md: a sampler, a beta schedule, a data source and an evaluator registered
 from outside the package run through `samplers.sample`, the config checks, a train step and
 the loop, selected by name like the built-in ones."""
 
@@ -75,7 +75,7 @@ def test_a_registered_schedule_and_sampler_run_through_sample(toys):
 
 def test_registered_entries_and_an_evaluator_train_and_sample_by_name(toys, tmp_path):
     """A registered data source, schedule and sampler train and sample by name; a registered
-    evaluator (README "Extending": a class and a registered factory) runs in the loop every
+    evaluator (docs/extending.md: a class and a registered factory) runs in the loop every
     `every_steps` and at the end, and what it writes reaches TensorBoard."""
     SAMPLERS.register("toy_counting", counting_sampler(3))
     seen = []

@@ -3,7 +3,7 @@ networks and data sources.
 
 Each table belongs to the module that uses it (`samplers.SAMPLERS`,
 `schedules.BETA_SCHEDULES`, `models.MODELS`, `data_sources.DATA_SOURCES`). A new entry is
-one file that calls `register`; the config then selects it by name. README, "Extending".
+one file that calls `register`; the config then selects it by name. docs/extending.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Beta schedules by name (`config.diffusion.schedule`; README, "Extending").
+"""Beta schedules by name (`config.diffusion.schedule`; docs/extending.md).
 
 A schedule is `fn(num_timesteps, beta_start, beta_end) -> betas` (float64 [T], each in
 (0, 1)), registered in `BETA_SCHEDULES`. `diffusion.make_schedule` derives every other

@@ -1,4 +1,4 @@
-"""Denoising networks, by name (`config.model.name`; README, "Extending").
+"""Denoising networks, by name (`config.model.name`; docs/extending.md).
 
 One file per net family (`ddpm.py`: Ho et al.; `mirror.py`: the PyTorch project's), the
 blocks they share (`blocks.py`) and the layer implementations handed in from outside

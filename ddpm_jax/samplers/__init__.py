@@ -1,5 +1,5 @@
-"""Samplers by name, the sampling engine, and the settings that choose a sampler (README,
-"Extending").
+"""Samplers by name, the sampling engine, and the settings that choose a sampler
+(docs/extending.md).
 
 A sampler is one file that registers a `Sampler` in `SAMPLERS` (`base.py`); the engine
 (`engine.py`) runs any of them as one loop over its steps. Which timesteps it visits is a

@@ -185,7 +185,7 @@ def _check_eval(config: ml_collections.ConfigDict) -> None:
         path = e[field]
         if path and not epath.Path(path).exists():
             raise ConfigError(f"eval.{field}={path!r} does not exist; fix the path or set "
-                              "eval_every_steps=0 (see README, FID)")
+                              "eval_every_steps=0 (see docs/evaluation.md)")
 
 
 def _check_classes(config: ml_collections.ConfigDict) -> None:

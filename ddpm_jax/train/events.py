@@ -7,7 +7,7 @@ The built-in ones: the scalar log and progress line (`ScalarLog`), a sample grid
 (`Checkpoint`) and a profiler trace (`Profile`). Evaluators (events that judge the
 weights, timed apart from training) are registered by name in `EVALUATORS`: a new one is one
 file that registers a factory `fn(run) -> Event | None` (None: off for this config), and
-the loop runs it (README, "Extending").
+the loop runs it (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def fid_evaluator(run: Run) -> FIDEvaluator | None:
         return None
     if not (c.eval.inception_weights and c.eval.reference_stats):
         logging.warning("eval_every_steps=%d, but eval.inception_weights and eval.reference_stats "
-                        "are not both set: no FID during training (see README, FID)",
+                        "are not both set: no FID during training (see docs/evaluation.md)",
                         c.eval_every_steps)
         return None
     return FIDEvaluator(run)
