@@ -128,15 +128,10 @@ def load_pipeline(path: str, step: int | None = None, weights: str = "ema") -> P
 
 def load_model(path: str, step: int | None = None,
                weights: str = "ema") -> tuple[Model, ml_collections.ConfigDict]:
-    """(model, config) of a ddpm-jax workdir or a diffusers folder.
+    """(model, config) of a ddpm-jax workdir or a diffusers folder: `load_pipeline`'s.
 
     `step` picks a workdir's checkpoint (default the newest); `weights` is "ema" (the EMA
     when the run keeps one, else the raw weights) or "params".
     """
-    if _is_diffusers_folder(path):
-        if step is not None:
-            raise UserError(f"{path} is a diffusers folder, which has no steps; drop step")
-        config, params = convert.read_diffusers(path)
-    else:
-        config, params, _, _ = runs.load_run(path, step, weights)
-    return Model(config, params), config
+    pipeline = load_pipeline(path, step, weights)
+    return pipeline.model, pipeline.config
