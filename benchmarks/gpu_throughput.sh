@@ -7,8 +7,8 @@
 # bf16 CIFAR-10 and CelebA 64 at the paper's batch 128 first, as training runs them (calls
 # pipelined: the loop does not wait after each), then what explains them: each call waited on
 # (the per-call wait), four steps per call, batch 256 (a fuller chip) and float32.
-# Each run writes OUTDIR/NAME.json and OUTDIR/NAME.log. FLOPs are counted in a CPU-only child
-# process (the GPU's cost analysis leaves out cuDNN's convolutions).
+# Each run writes OUTDIR/NAME.json and OUTDIR/NAME.log. FLOPs are counted on the program
+# lowered for the host's CPU (the GPU's cost analysis leaves out cuDNN's convolutions).
 set -u
 out=${1:?usage: gpu_throughput.sh OUTDIR [SECONDS_PER_RUN]}
 limit=${2:-150}

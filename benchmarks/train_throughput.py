@@ -3,11 +3,11 @@
     python benchmarks/train_throughput.py --config=configs/cifar10.py --batch=8 \
         --config.model.dtype=bfloat16 --output=throughput.json
 
-FLOPs per step come from XLA's cost analysis of the train step's HLO before optimisation:
-the program as written, the whole of it before it is split over devices, the same on every
-backend, and no extra compile (on CPU close to the compiled program's count). Backends
-that analyse only the compiled program (the GPU's leaves out its cuDNN convolutions) get the
-count from a CPU-only child process. The peak is measured on the same backend with a chain of
+FLOPs per step come from XLA's cost analysis of the train step's program before
+optimisation, lowered for the host's CPU (`ddpm_jax.runtime.flops`, which the training loop's
+TensorBoard TFLOP/s use too): the program as written, the whole of it before it is split over
+devices, the same on every backend (a GPU's compiled program leaves out its cuDNN
+convolutions), and no extra compile. The peak is measured on the same backend with a chain of
 large jitted matmuls of random data in the config's compute dtype, times the device count.
 Model-FLOP utilisation = the network's FLOPs per step (counted with direct convolutions)
 x steps per second / peak. Where the step computes its 3x3 convolutions by Winograd
@@ -20,9 +20,6 @@ measurable; on the CPU it is not).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,12 +42,6 @@ flags.DEFINE_integer("pipelined_calls", 1,
                      "Calls dispatched back to back per timed unit, waited on once: the "
                      "training loop keeps one call in flight, so on a GPU or TPU >1 leaves "
                      "out the wait after each call that it does not pay.")
-flags.DEFINE_enum("count_flops_on", "auto", ["auto", "this", "cpu"],
-                  "Count FLOPs with this backend's cost analysis before optimisation "
-                  "('this'), in a CPU-only child process ('cpu': the same program), or "
-                  "'auto': this backend where it gives that analysis (CPU), else the CPU.")
-flags.DEFINE_bool("flops_only", False, "Print the step's FLOPs as JSON and exit "
-                  "(the child process of --count_flops_on=cpu).")
 FLAGS = flags.FLAGS
 
 
@@ -74,53 +65,6 @@ def measured_peak_flops(dtype: str, size: int) -> float:
     return 4 * 2 * size**3 / seconds
 
 
-def step_flops(step_fn, state, batch) -> float | None:
-    """FLOPs of one call of `step_fn` from XLA's cost analysis of its unoptimised HLO (the
-    whole program, before it is split over devices), or None where the backend gives none."""
-    analysis = step_fn.lower(state, batch).cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0]
-    return float(analysis["flops"]) if analysis else None
-
-
-def count_flops(config, mesh, state, batch, algorithm: str) -> tuple[float, float] | None:
-    """(network FLOPs, executed FLOPs) of one train step on this backend, or None.
-
-    Network FLOPs count every 3x3 convolution directly; executed FLOPs count the
-    `algorithm` the step runs (Winograd executes fewer). Counted on the step without chunks
-    or micro-batches: they run in a loop, whose body the analysis counts once.
-    """
-    flops_config = config.copy_and_resolve_references()
-    flops_config.compute_chunk_size, flops_config.grad_accum_steps = -1, 1
-    flops_config.conv_algorithm = algorithm
-    executed = step_flops(train.make_train_step(flops_config, mesh), state, batch)
-    if executed is None:
-        return None
-    if algorithm == "direct":
-        return executed, executed
-    flops_config.conv_algorithm = "direct"
-    return step_flops(train.make_train_step(flops_config, mesh), state, batch), executed
-
-
-def count_flops_on_cpu(algorithm: str) -> tuple[float, float]:
-    """`count_flops` in a CPU-only child process with as many (virtual) devices as here.
-
-    For backends whose cost analysis sees only the compiled program, which is not the
-    network's count: on the GPU the convolutions become cuDNN calls that it leaves out
-    (docs/performance-notes.md, "On a GPU"). The program before optimisation is the same on
-    every backend.
-    """
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={jax.device_count()}")
-    args = [sys.executable, *sys.argv, "--flops_only", f"--config.conv_algorithm={algorithm}"]
-    result = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"counting FLOPs on the CPU failed:\n{result.stderr[-3000:]}")
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
-    return counts["network"], counts["executed"]
-
-
 def main(argv):
     del argv
     config = FLAGS.config
@@ -132,21 +76,9 @@ def main(argv):
     # Random pixels: constant data can run faster than real data on some chips.
     local_batch = np.random.default_rng(0).integers(
         0, 256, (config.batch_size, size, size, 3), dtype=np.uint8)
-    batch = train.global_batch(local_batch, mesh)
     algorithm = ops.conv_algorithm(config)
-    if FLAGS.flops_only:
-        counts = count_flops(config, mesh, state, batch, algorithm)
-        print(json.dumps(counts and {"network": counts[0], "executed": counts[1]}))
-        return
-    counts = None
-    if FLAGS.count_flops_on != "cpu":
-        counts = count_flops(config, mesh, state, batch, algorithm)
-    if counts is None:
-        if FLAGS.count_flops_on == "this":
-            raise ValueError(f"the {jax.default_backend()} backend gives no cost analysis "
-                             "before optimisation: use --count_flops_on=auto or cpu")
-        counts = count_flops_on_cpu(algorithm)
-    flops, executed_flops = counts
+    flops = train.model_flops_per_step(config, mesh)
+    executed_flops = train.model_flops_per_step(config, mesh, algorithm)
     # Timed as training runs it: `steps_per_dispatch` steps per compiled call, and
     # `pipelined_calls` calls dispatched before waiting for the last.
     step_fns = train.step_functions(config, mesh)

@@ -39,7 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_dropout = 0.1
 
     # ---- logging, samples, checkpoints ---------------------------------------------
-    config.log_every_steps = 100  # loss, learning rate, grad norm, steps/s, images/s
+    config.log_every_steps = 100  # loss, learning rate, grad norm, steps/s, images/s, TFLOP/s
+    # Count the train step's FLOPs at start-up (XLA's cost analysis; seconds of tracing) to
+    # log model TFLOP/s per device and, where the device's peak is known, MFU.
+    config.log_model_flops = True
+    # MFU's denominator: the dense bfloat16 peak TFLOP/s per device; 0: the device kind's
+    # from ddpm_jax/runtime/flops.py (none known, as on a CPU: TFLOP/s only).
+    config.peak_tflops_per_device = 0.0
     # grid of EMA samples to TensorBoard and workdir/samples (and at the last step); 0: none
     config.sample_every_steps = 5000
     config.save_every_steps = 5000  # Orbax checkpoint under workdir/checkpoints

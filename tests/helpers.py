@@ -94,6 +94,7 @@ def tiny_config():
     config.sample.num_images = 4
     config.sample.num_steps = 5
     config.diffusion.prediction = "eps"  # the tests' closed forms are written for eps
+    config.log_model_flops = False  # seconds per run; tests/test_flops.py turns it on
     return config
 
 

@@ -14,6 +14,7 @@ from ddpm_jax.train.loop import (
     events_left,
     host_memory_parts,
     make_train_step,
+    model_flops_per_step,
     step_functions,
     steps_per_dispatch,
     train_and_evaluate,
@@ -33,6 +34,6 @@ __all__ = ["EVALUATORS", "Evaluator", "Event", "NonFiniteError", "StepFunctions"
            "absolute_path", "abstract_train_state", "create_mesh", "create_train_state",
            "event_intervals", "events_left", "example_randomness", "global_batch",
            "global_batches", "host_memory_parts", "images_to_model_space", "init_train_state",
-           "make_train_step", "replicated", "step_functions", "steps_per_dispatch",
+           "make_train_step", "model_flops_per_step", "replicated", "step_functions", "steps_per_dispatch",
            "train_and_evaluate", "train_state_from_params", "train_state_shapes",
            "train_state_shardings", "train_step"]

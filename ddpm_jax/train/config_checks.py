@@ -235,6 +235,10 @@ def validate(
                           f"{config.sample_every_steps!r}")
     if config.profile_steps < 0:
         raise ConfigError(f"profile_steps must be >= 0 (0: no trace), got {config.profile_steps}")
+    peak = config.get("peak_tflops_per_device", 0.0)
+    if isinstance(peak, bool) or not isinstance(peak, int | float) or peak < 0:
+        raise ConfigError("peak_tflops_per_device must be a number >= 0 (0: the device kind's "
+                          f"peak from ddpm_jax/runtime/flops.py), got {peak!r}")
     if config.keep_every_steps < 0:
         raise ConfigError(f"keep_every_steps must be >= 0 (0 keeps none), got {config.keep_every_steps}")
     if not 0.0 <= config.ema_decay < 1.0:

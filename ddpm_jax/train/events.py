@@ -28,7 +28,7 @@ from ddpm_jax import checkpointing, ema_snapshots, fid, image_utils, preemption,
 from ddpm_jax.core.errors import UserError
 from ddpm_jax.core.registry import Registry
 from ddpm_jax.progress import TrainingProgress, format_seconds
-from ddpm_jax.runtime import compiled_sampler
+from ddpm_jax.runtime import compiled_sampler, flops
 from ddpm_jax.samplers import SamplerSettings
 
 # What an in-loop evaluation logs to TensorBoard (kid only with reference features).
@@ -286,15 +286,34 @@ class EMASnapshot(Event):
             self.manager.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Performance:
+    """A step's model FLOPs (the whole global batch), the devices sharing them, and each
+    device's peak FLOP/s (None: unknown)."""
+
+    step_flops: float
+    device_count: int
+    peak_flops: float | None
+
+    def scalars(self, steps_per_second: float) -> dict[str, float]:
+        """Model TFLOP/s per device and, where the peak is known, MFU."""
+        achieved = flops.tflops_per_device(self.step_flops, steps_per_second, self.device_count)
+        if self.peak_flops is None:
+            return {"model_tflops_per_device": achieved}
+        return {"model_tflops_per_device": achieved, "mfu": achieved * 1e12 / self.peak_flops}
+
+
 class ScalarLog(Event):
-    """Writes the mean of every metric since the last write (and steps/s, images/s) every
-    `log_every_steps`, at the end and when the run stops, and logs a progress line."""
+    """Writes the mean of every metric since the last write (and steps/s, images/s and, with
+    a `performance`, model TFLOP/s per device and MFU) every `log_every_steps`, at the end
+    and when the run stops, and logs a progress line."""
 
     name = "scalars"
     at_stop = True
 
-    def __init__(self, run: Run, events_left: Callable[[int], dict[str, int]]):
-        self.run, self.events_left = run, events_left
+    def __init__(self, run: Run, events_left: Callable[[int], dict[str, int]],
+                 performance: Performance | None = None):
+        self.run, self.events_left, self.performance = run, events_left, performance
         self.every_steps = run.config.log_every_steps
         self.pending: list[dict[str, jax.Array]] = []
         self.last_loss: float | None = None  # mean loss of the last logging interval
@@ -318,6 +337,8 @@ class ScalarLog(Event):
         scalars["nonfinite"] = float(np.sum(per_step["nonfinite"]))  # skipped steps
         scalars["steps_per_sec"] = steps / elapsed
         scalars["images_per_sec"] = steps * self.run.config.batch_size / elapsed
+        if self.performance is not None:
+            scalars.update(self.performance.scalars(scalars["steps_per_sec"]))
         self.last_loss, self.last_loss_steps = scalars["loss"], steps
         self.run.writer.write_scalars(step, scalars)
         self.pending.clear()

@@ -32,7 +32,7 @@ from ddpm_jax import (
     workdir_lock,
 )
 from ddpm_jax.progress import TrainingProgress, format_seconds
-from ddpm_jax.runtime import compiled_step, memory, network, sharding
+from ddpm_jax.runtime import compiled_step, flops, memory, network, sharding
 from ddpm_jax.train import config_checks, events
 from ddpm_jax.train.state import (
     TrainState,
@@ -84,6 +84,41 @@ def step_functions(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     as many per call as the loop's events allow)."""
     return compiled_step.StepFunctions(_step_fn(config), abstract_train_state(config, mesh),
                                        config, mesh, steps_per_dispatch(config, more_intervals))
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         conv_algorithm: str = "direct") -> float:
+    """FLOPs of one train step of `config` over its global batch (`runtime.flops.step_flops`),
+    its 3x3 convolutions computed by `conv_algorithm`: "direct" gives the network's own
+    count, whichever algorithm the backend runs (Winograd executes fewer)."""
+    counted = config.copy_and_resolve_references()
+    counted.conv_algorithm = conv_algorithm
+    return flops.step_flops(_step_fn(counted), train_state_shapes(config),
+                            compiled_step.abstract_batch(config, mesh))
+
+
+def step_performance(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                     ) -> events.Performance | None:
+    """What the scalar log needs for model TFLOP/s per device and MFU (logged here once);
+    None when `log_model_flops` is off, or, with a warning, where the step's FLOPs cannot
+    be counted (training goes on)."""
+    if not config.get("log_model_flops", True):
+        return None
+    try:
+        step_flops = model_flops_per_step(config, mesh)
+    except Exception as error:  # a metric must never stop a run
+        logging.warning("could not count the train step's FLOPs (%s: %s); TensorBoard gets no "
+                        "model_tflops_per_device or mfu", type(error).__name__, error)
+        return None
+    kind = jax.devices()[0].device_kind
+    peak = flops.peak_flops_per_device(kind, config.get("peak_tflops_per_device", 0.0))
+    logging.info("model FLOPs per train step: %s GFLOP (XLA's cost analysis); %s",
+                 f"{step_flops / 1e9:,.4g}",
+                 f"peak {peak / 1e12:g} TFLOP/s per device ({kind}): TensorBoard gets "
+                 "model_tflops_per_device and mfu" if peak else
+                 f"no known peak for device kind {kind!r}: TensorBoard gets "
+                 "model_tflops_per_device (set peak_tflops_per_device for mfu)")
+    return events.Performance(step_flops, jax.device_count(), peak)
 
 
 def loop(state: TrainState, step_fns: compiled_step.StepFunctions, batches: Iterator,
@@ -195,6 +230,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
         step_fns.check_memory(host_memory_parts(config, prefetch, step_fns.per_call))
     if state is None:
         state = create_train_state(config, mesh)
+    performance = step_performance(config, mesh)
     initial_step = int(state.step)
     if watcher.should_stop():  # during start-up: nothing trained, so nothing to save
         manager.close()
@@ -216,7 +252,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
     finite = events.FiniteCheck(config)
     seen = [examples]  # position in the data stream, after the steps trained so far
     scalars = events.ScalarLog(run, lambda step: {
-        e.name: events_left(config, step, e.every_steps) for e in evaluators})
+        e.name: events_left(config, step, e.every_steps) for e in evaluators}, performance)
     checkpoint = events.Checkpoint(run, finite, lambda: seen[0])
     profile = events.Profile(run)
     snapshots = [events.EMASnapshot(run)] if is_power_ema(config) else []
