@@ -17,9 +17,10 @@ from typing import Any
 
 import jax
 
-# (pattern of `jax.Device.device_kind`, dense bfloat16 TFLOP/s per JAX device), from the
-# vendors' data sheets, without sparsity; the first match wins. TPU v2 and v3 show each of a
-# chip's two cores as a device, so theirs is half the chip's.
+# (pattern of `jax.Device.device_kind`, the vendor's dense bfloat16 peak per JAX device in
+# units of 1e12 FLOP/s, without sparsity); the first match wins, so specific names come
+# before general ones. TPU v2 and v3 show each of a chip's two cores as a device, so theirs
+# is half the chip's. The sources are listed in docs/training.md.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"\bH100 PCIe\b", 756.0),
     (r"\bH100 NVL\b", 835.0),

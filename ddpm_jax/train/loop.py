@@ -230,13 +230,13 @@ def _train(config: ml_collections.ConfigDict, workdir_path: epath.Path, workdir:
         step_fns.check_memory(host_memory_parts(config, prefetch, step_fns.per_call))
     if state is None:
         state = create_train_state(config, mesh)
-    performance = step_performance(config, mesh)
     initial_step = int(state.step)
     if watcher.should_stop():  # during start-up: nothing trained, so nothing to save
         manager.close()
         logging.warning("stopped before step %d, during start-up: nothing was trained or "
                         "written; rerun the same command to start", initial_step)
         return state
+    performance = step_performance(config, mesh)  # after the stop check: a stopped start skips it
     logging.info("starting at step %d of %d (example %d of the data stream)", initial_step,
                  config.num_train_steps, examples)
 
